@@ -1,0 +1,23 @@
+"""ntk_torch: exact empirical neural tangent kernels of PyTorch models.
+
+Public surface, grouped by purpose; everything else is private.
+"""
+
+from ntk_torch.empirical import (
+    EmpiricalNTK,
+    empirical_nngp,
+    empirical_ntk,
+    empirical_ntk_fn,
+    layerwise_ntk,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # empirical kernels
+    "EmpiricalNTK",
+    "empirical_nngp",
+    "empirical_ntk",
+    "empirical_ntk_fn",
+    "layerwise_ntk",
+]

@@ -1,0 +1,82 @@
+"""What the engines' cost estimates are made of: one profiled forward pass.
+
+A single-sample forward is run once under a FLOP counter and an allocation counter.
+Engines turn these per-sample numbers into FLOPs and peak bytes for a given block
+(see each engine's ``estimate``); ``auto`` compares those, and the memory guard
+refuses blocks that would not fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Sizes of one kernel block.
+
+    Attributes:
+        n1, n2: samples in the block (``n2 == n1`` when ``symmetric``).
+        symmetric: the block is ``K(x, x)``, so per-sample work on ``x2`` is shared.
+        mode: ``"full"``, ``"diagonal"`` or ``"trace"``.
+        n_out: ``O``, flattened outputs per sample.
+        n_params: ``P``, selected parameters (tied ones once).
+        n_groups: kernels returned (1, or the number of layers for ``layerwise_ntk``).
+        forward_flops: FLOPs of a one-sample forward pass.
+        activations: elements allocated by a one-sample forward pass.
+        itemsize: bytes per element of the parameters' dtype.
+    """
+
+    n1: int
+    n2: int
+    symmetric: bool
+    mode: str
+    n_out: int
+    n_params: int
+    n_groups: int
+    forward_flops: float
+    activations: float
+    itemsize: int
+
+    def with_sizes(self, n1: int, n2: int) -> "Problem":
+        return Problem(n1, n2, self.symmetric, self.mode, self.n_out, self.n_params,
+                       self.n_groups, self.forward_flops, self.activations, self.itemsize)
+
+    def output_bytes(self) -> float:
+        per_pair = {"full": self.n_out**2, "diagonal": self.n_out, "trace": 1}[self.mode]
+        return float(self.n1 * self.n2 * per_pair * self.n_groups * self.itemsize)
+
+
+@dataclass(frozen=True)
+class Cost:
+    flops: float
+    bytes: float
+
+
+class _AllocationCounter(TorchDispatchMode):
+    """Sums the elements of every tensor an operator returns (an upper bound on activations)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves, _ = tree_flatten(out)
+        self.elements += sum(t.numel() for t in leaves if isinstance(t, torch.Tensor))
+        return out
+
+
+def profile_forward(fm, params: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[float, float, int]:
+    """FLOPs, allocated elements and output size ``O`` of a forward pass on ``x[:1]``."""
+    sample = x[:1]
+    with torch.no_grad():
+        counter = _AllocationCounter()
+        with FlopCounterMode(display=False) as flops, counter:
+            out = fm(params, sample)
+    return float(max(flops.get_total_flops(), 1)), float(counter.elements), int(out.shape[1])

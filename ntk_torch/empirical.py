@@ -1,0 +1,293 @@
+"""Empirical NTK and NNGP of a PyTorch module.
+
+Notation: ``N1, N2`` samples, ``O`` flattened outputs per sample, ``P`` selected
+parameters. For outputs ``f(x) ∈ R^O`` and parameters ``θ``,
+
+    Θ[a, b, i, j] = Σ_p ∂f_i(x1_a)/∂θ_p · ∂f_j(x2_b)/∂θ_p.
+
+``mode="full"`` returns ``(N1, N2, O, O)``; ``"diagonal"`` the ``i == j`` entries,
+``(N1, N2, O)``; ``"trace"`` their mean over ``i`` (trace divided by ``O``), ``(N1, N2)``.
+The torch.func NTK tutorial's "trace" is the sum, ``O`` times larger.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ntk_torch import _engines
+from ntk_torch._checks import (
+    MODES,
+    check_batch_size,
+    check_choice,
+    check_inputs,
+    check_inputs_match_params,
+    check_memory_budget,
+    check_model_state,
+)
+from ntk_torch._engines import Problem
+from ntk_torch._functional import FunctionalModel, ParamSelection, functionalize
+from ntk_torch._tiling import default_memory_budget, symmetrize, tiled
+
+Mode = Literal["full", "diagonal", "trace"]
+Implementation = Literal["auto", "jacobian", "ntk_vp", "structured"]
+
+
+class EmpiricalNTK:
+    """A reusable empirical-NTK function of a model; see :func:`empirical_ntk_fn`.
+
+    Calling it reads the model's *current* parameter values, so it follows training.
+    ``params=`` in the call overrides some selected parameters with given tensors (for
+    instance a snapshot taken at initialisation) without touching the model.
+    """
+
+    def __init__(self, model: nn.Module, *, mode: Mode = "full", implementation: Implementation = "auto",
+                 params: ParamSelection = None, batch_size: int | None = None,
+                 memory_budget: float | None = None, layerwise: bool = False) -> None:
+        self.mode = check_choice("mode", mode, MODES)
+        self.implementation = check_choice("implementation", implementation, ("auto", *_engines.ENGINES))
+        self.batch_size = check_batch_size(batch_size)
+        self.memory_budget = check_memory_budget(memory_budget)
+        self.layerwise = layerwise
+        self.functional: FunctionalModel = functionalize(model, params)
+        self.last_implementation: str | None = None
+
+    def __call__(self, x1: torch.Tensor, x2: torch.Tensor | None = None, *,
+                 params: dict[str, torch.Tensor] | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+        fm = self.functional
+        check_inputs(x1, x2)
+        check_model_state(fm.module)
+        values = fm.params()
+        if params is not None:
+            unknown = sorted(set(params) - set(values))
+            if unknown:
+                raise ValueError(f"`params` overrides unknown or unselected parameters {unknown}")
+            values.update(params)
+        check_inputs_match_params(x1, values)
+        groups = fm.groups(self.layerwise)
+        kernels = self._compute(values, x1, x2, groups)
+        for group, k in kernels.items():
+            if not torch.isfinite(k).all():
+                bad = int((~torch.isfinite(k)).sum())
+                where = f" for layer {group!r}" if self.layerwise else ""
+                warnings.warn(f"the empirical NTK{where} has {bad} non-finite entries (NaN/inf): "
+                              "check the model's outputs and parameters on these inputs",
+                              RuntimeWarning, stacklevel=2)
+        return kernels if self.layerwise else kernels[""]
+
+    def _compute(self, values, x1, x2, groups) -> dict[str, torch.Tensor]:
+        fm = self.functional
+        n1 = x1.shape[0]
+        n2 = n1 if x2 is None else x2.shape[0]
+        reference = x1 if n1 else (x2 if x2 is not None else x1)
+        any_param = next(iter(values.values()))
+        if reference.shape[0] == 0:
+            with torch.no_grad():
+                n_out = fm(values, reference).shape[1]
+            return {g: _empty(n1, n2, n_out, self.mode, any_param) for g in groups}
+        flops, activations, n_out = _engines.profile_forward(fm, values, reference)
+        n_params = sum(values[n].numel() for n in fm.names)
+        b1 = min(self.batch_size or n1, n1) or 1
+        b2 = min(self.batch_size or n2, n2) or 1
+        problem = Problem(n1=b1, n2=b2, symmetric=x2 is None and b1 >= n1, mode=self.mode,
+                          n_out=n_out, n_params=n_params, n_groups=len(groups),
+                          forward_flops=flops, activations=activations,
+                          itemsize=any_param.element_size())
+        budget = self.memory_budget or default_memory_budget(any_param.device)
+        engine = self._resolve(problem, budget, n1, n2)
+        self.last_implementation = engine
+        module = _engines.ENGINES[engine]
+        if n1 == 0 or n2 == 0:
+            return {g: _empty(n1, n2, n_out, self.mode, any_param) for g in groups}
+
+        def block(xa, xb):
+            return module.compute(fm, values, xa, xb, self.mode, groups, problem=problem,
+                                  memory_budget=budget)
+
+        return tiled(block, x1, x2, self.batch_size)
+
+    def _resolve(self, problem: Problem, budget: float, n1: int, n2: int) -> str:
+        if self.implementation == "auto":
+            engine = _engines.choose(problem, budget)
+            if engine is not None:
+                return engine
+        else:
+            engine = self.implementation
+            if _engines.estimate(engine, problem).bytes <= budget:
+                return engine
+        raise MemoryError(_memory_message(self.implementation, problem, budget, n1, n2))
+
+
+def _empty(n1: int, n2: int, n_out: int, mode: str, like: torch.Tensor) -> torch.Tensor:
+    shape = {"full": (n1, n2, n_out, n_out), "diagonal": (n1, n2, n_out), "trace": (n1, n2)}[mode]
+    return like.new_zeros(shape)
+
+
+def _gb(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB"
+
+
+def _memory_message(implementation: str, problem: Problem, budget: float, n1: int, n2: int) -> str:
+    engines = list(_engines.ENGINES) if implementation == "auto" else [implementation]
+    need = min(_engines.estimate(e, problem).bytes for e in engines)
+    lines = [
+        f"the empirical NTK (implementation={implementation!r}, mode={problem.mode!r}, "
+        f"blocks of {problem.n1}x{problem.n2} samples, O={problem.n_out}, P={problem.n_params}) "
+        f"needs about {_gb(need)} but the memory budget is {_gb(budget)} "
+        f"(pass memory_budget=<bytes> to change it). What would fit:"
+    ]
+    for engine in _engines.ENGINES:
+        size = _largest_fitting_batch(engine, problem, budget, max(n1, n2))
+        if size:
+            lines.append(f"  implementation={engine!r} with batch_size={size}")
+    for mode in MODES:
+        if mode != problem.mode:
+            cheaper = Problem(**{**problem.__dict__, "mode": mode})
+            if any(_engines.estimate(e, cheaper).bytes <= budget for e in _engines.ENGINES):
+                lines.append(f"  mode={mode!r}")
+    if len(lines) == 1:
+        lines.append("  nothing: even one sample per block exceeds the budget; select fewer "
+                     "parameters with `params=` or raise `memory_budget`")
+    return "\n".join(lines)
+
+
+def _largest_fitting_batch(engine: str, problem: Problem, budget: float, n: int) -> int:
+    def fits(size: int) -> bool:
+        sub = Problem(**{**problem.__dict__, "n1": size, "n2": size, "symmetric": False})
+        return _engines.estimate(engine, sub).bytes <= budget
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, max(n, 1)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def empirical_ntk_fn(model: nn.Module, *, mode: Mode = "full", implementation: Implementation = "auto",
+                     params: ParamSelection = None, batch_size: int | None = None,
+                     memory_budget: float | None = None, layerwise: bool = False) -> EmpiricalNTK:
+    """A reusable ``(x1, x2=None) -> kernel`` function for ``model``.
+
+    Parameter selection and validation happen once; each call reads the model's current
+    parameter values. See :func:`empirical_ntk` for the arguments and shapes; with
+    ``layerwise=True`` calls return :func:`layerwise_ntk`'s dict.
+
+    Example:
+        >>> import torch, ntk_torch as nt
+        >>> ntk = nt.empirical_ntk_fn(torch.nn.Linear(3, 2), mode="trace")
+        >>> ntk(torch.ones(4, 3)).shape
+        torch.Size([4, 4])
+    """
+    return EmpiricalNTK(model, mode=mode, implementation=implementation, params=params,
+                        batch_size=batch_size, memory_budget=memory_budget, layerwise=layerwise)
+
+
+def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, *,
+                  mode: Mode = "full", implementation: Implementation = "auto",
+                  params: ParamSelection = None, batch_size: int | None = None,
+                  memory_budget: float | None = None) -> torch.Tensor:
+    """Empirical neural tangent kernel ``Θ(x1, x2) = J(x1) J(x2)ᵀ`` of ``model``.
+
+    Args:
+        model: maps ``(N, ...)`` to ``(N, *out)`` (or ``(N,)``); ``O = prod(out)``. Used in
+            its current train/eval mode: BatchNorm or Dropout in train mode is an error.
+        x1: inputs ``(N1, ...)``; integer tensors are fine (e.g. token ids).
+        x2: inputs ``(N2, ...)`` with ``x1``'s trailing shape; ``None`` means ``x1`` and
+            returns an exactly symmetric kernel, computing each block once.
+        mode: ``"full"`` -> ``(N1, N2, O, O)``; ``"diagonal"`` -> ``(N1, N2, O)``;
+            ``"trace"`` -> ``(N1, N2)``, the mean over outputs of the diagonal.
+        implementation: ``"jacobian"`` (per-sample Jacobians, fastest when ``N·O·P`` numbers
+            fit), ``"ntk_vp"`` (vjp/jvp products, small memory, ``~N1·N2·O`` passes),
+            ``"structured"`` (Gram matrices of layer inputs and cotangents) or ``"auto"``:
+            the fewest estimated FLOPs among those whose estimated peak memory fits.
+        params: ``None`` (every parameter with ``requires_grad``), parameter names, or a
+            predicate ``(name, param) -> bool``. Others are held fixed.
+        batch_size: compute in blocks of at most this many samples of ``x1`` and ``x2``;
+            the result is the same.
+        memory_budget: bytes one block may use; default half of the available memory of
+            the parameters' device. A block estimated above it raises ``MemoryError``
+            saying what would fit.
+
+    Returns:
+        ``(N1, N2, O, O)``, ``(N1, N2, O)`` or ``(N1, N2)`` by ``mode``, in the parameters'
+        dtype and on their device.
+
+    Example:
+        For ``nn.Linear(D, 1)``, ``Θ(x, x') = x·x' + 1``:
+
+        >>> import torch, ntk_torch as nt
+        >>> x = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+        >>> nt.empirical_ntk(torch.nn.Linear(2, 1), x, mode="trace")
+        tensor([[ 6.,  2.],
+                [ 2., 11.]])
+    """
+    return EmpiricalNTK(model, mode=mode, implementation=implementation, params=params,
+                        batch_size=batch_size, memory_budget=memory_budget)(x1, x2)
+
+
+def layerwise_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, *,
+                  mode: Mode = "full", implementation: Implementation = "auto",
+                  params: ParamSelection = None, batch_size: int | None = None,
+                  memory_budget: float | None = None) -> dict[str, torch.Tensor]:
+    """Per-layer empirical NTKs, keyed by the qualified name of the owning module.
+
+    ``Θ_l`` sums over the parameters registered directly on module ``l`` (``""`` for the
+    root module); ``Σ_l Θ_l`` is :func:`empirical_ntk`. Arguments and shapes as there.
+
+    Example:
+        >>> import torch, ntk_torch as nt
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> kernels = nt.layerwise_ntk(net, torch.randn(5, 3), mode="trace")
+        >>> sorted(kernels), kernels["0"].shape
+        (['0', '2'], torch.Size([5, 5]))
+    """
+    return EmpiricalNTK(model, mode=mode, implementation=implementation, params=params,
+                        batch_size=batch_size, memory_budget=memory_budget, layerwise=True)(x1, x2)
+
+
+def empirical_nngp(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, *,
+                   mode: Mode = "trace", batch_size: int | None = None) -> torch.Tensor:
+    """Inner products of the model's outputs, the empirical NNGP kernel.
+
+    ``K[a, b, i, j] = f_i(x1_a) · f_j(x2_b)``; modes and shapes as in :func:`empirical_ntk`
+    (``"trace"`` is the mean over outputs, ``(N1, N2)``). Averaged over random
+    initialisations it estimates the analytic NNGP kernel.
+
+    Example:
+        >>> import torch, ntk_torch as nt
+        >>> net = torch.nn.Linear(2, 3)
+        >>> x = torch.randn(4, 2)
+        >>> k = nt.empirical_nngp(net, x)
+        >>> torch.allclose(k, net(x).detach() @ net(x).detach().T / 3)
+        True
+    """
+    check_choice("mode", mode, MODES)
+    check_batch_size(batch_size)
+    check_inputs(x1, x2)
+    check_model_state(model)
+
+    def block(xa: torch.Tensor, xb: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            fa = _outputs(model, xa)
+            fb = fa if xb is None else _outputs(model, xb)
+        if mode == "full":
+            return {"": torch.einsum("ai,bj->abij", fa, fb)}
+        if mode == "diagonal":
+            return {"": fa[:, None, :] * fb[None, :, :]}
+        return {"": fa @ fb.T / fa.shape[1]}
+
+    return tiled(block, x1, x2, batch_size)[""]
+
+
+def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != x.shape[0]:
+        raise ValueError(f"`model` must return a Tensor of shape (N, ...) with N = {x.shape[0]}")
+    return out.reshape(out.shape[0], -1)
