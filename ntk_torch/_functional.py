@@ -7,6 +7,7 @@ works on the returned :class:`FunctionalModel`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Union
 
@@ -42,7 +43,8 @@ class FunctionalModel:
 
     def __call__(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Outputs ``(N, O)`` of the module at ``params`` (other parameters as they are)."""
-        out = functional_call(self.module, params, (x,), tie_weights=True, strict=False)
+        with _no_fused_attention():
+            out = functional_call(self.module, params, (x,), tie_weights=True, strict=False)
         if not isinstance(out, torch.Tensor):
             raise TypeError(
                 f"`model` must return a Tensor of shape (N, ...), got {type(out).__name__}; "
@@ -67,6 +69,30 @@ class FunctionalModel:
         for name in self.names:
             grouped.setdefault(self.owners[name], []).append(name)
         return {owner: tuple(names) for owner, names in grouped.items()}
+
+
+@contextmanager
+def _no_fused_attention():
+    """Run attention through its unfused, composite implementation.
+
+    In eval mode PyTorch routes ``nn.MultiheadAttention``/Transformer layers and
+    ``scaled_dot_product_attention`` through fused kernels that have no forward-mode
+    derivative (``jvp`` fails) and no vmap rule; the composite path computes the same
+    function from differentiable primitives.
+    """
+    with ExitStack() as stack:
+        mha = getattr(torch.backends, "mha", None)
+        if mha is not None and hasattr(mha, "set_fastpath_enabled"):
+            previous = mha.get_fastpath_enabled()
+            mha.set_fastpath_enabled(False)
+            stack.callback(mha.set_fastpath_enabled, previous)
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+        except ImportError:  # torch < 2.3 has no backend selection; nothing to switch
+            pass
+        else:
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        yield
 
 
 def functionalize(model: nn.Module, params: ParamSelection = None) -> FunctionalModel:

@@ -52,7 +52,11 @@ def compute(fm, params, x1, x2, mode, groups, *, problem=None, memory_budget=Non
     for group, names in groups.items():
         total = None
         for name in names:
-            k = contract(jac1[name].flatten(2), jac2[name].flatten(2), mode)
+            k = contract(_flat(jac1[name]), _flat(jac2[name]), mode)
             total = k if total is None else total + k
         out[group] = total
     return out
+
+
+def _flat(jac: torch.Tensor) -> torch.Tensor:
+    return jac.reshape(jac.shape[0], jac.shape[1], -1)  # scalar parameters too
