@@ -6,6 +6,7 @@ works on the returned :class:`FunctionalModel`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ class FunctionalModel:
                 f"`model` must return outputs of shape (N, ...) with N = {x.shape[0]} inputs, "
                 f"got {tuple(out.shape)}"
             )
-        return out.reshape(out.shape[0], -1)
+        return out.reshape(out.shape[0], math.prod(out.shape[1:]))
 
     def single(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Outputs ``(O,)`` for one input ``x`` without its batch dimension (for vmap)."""

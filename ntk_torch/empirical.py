@@ -290,4 +290,4 @@ def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = model(x)
     if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != x.shape[0]:
         raise ValueError(f"`model` must return a Tensor of shape (N, ...) with N = {x.shape[0]}")
-    return out.reshape(out.shape[0], -1)
+    return out.reshape(out.shape[0], math.prod(out.shape[1:]))

@@ -21,8 +21,9 @@ class Case:
 
     def build(self, dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
-        model = self.make_model().to(dtype)
-        # Move buffers/parameters away from their trivial init so every term matters.
+        model = self.make_model()
+        # Move buffers/parameters away from their trivial init so every term matters
+        # (before the dtype cast, so that every dtype gets the same values).
         with torch.no_grad():
             for name, buf in model.named_buffers():
                 if name.endswith("running_mean"):
@@ -33,7 +34,7 @@ class Case:
                 if isinstance(module, _NORMS):
                     for p in module.parameters(recurse=False):
                         p.add_(0.3 * torch.randn_like(p))
-        return model.eval()
+        return model.to(dtype).eval()
 
     def inputs(self, n: int, dtype: torch.dtype = torch.float64, seed: int = 1) -> torch.Tensor:
         x = self.make_inputs(n, torch.Generator().manual_seed(seed))
