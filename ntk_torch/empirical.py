@@ -129,7 +129,10 @@ def _empty(n1: int, n2: int, n_out: int, mode: str, like: torch.Tensor) -> torch
 
 
 def _gb(n_bytes: float) -> str:
-    return f"{n_bytes / 2**30:.2f} GiB"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= size:
+            return f"{n_bytes / size:.1f} {unit}"
+    return f"{n_bytes:.0f} bytes"
 
 
 def _memory_message(implementation: str, problem: Problem, budget: float, n1: int, n2: int) -> str:

@@ -1,0 +1,184 @@
+"""Bad input gets an error naming the argument, the expectation and what arrived."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import ntk_torch as nt
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize("make,what", [
+    (lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)), "BatchNorm1d"),
+    (lambda: nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.1), nn.Linear(4, 2)), "Dropout"),
+    (lambda: nn.Sequential(nn.Unflatten(1, (1, 3)), nn.Dropout1d(0.5), nn.Flatten(), nn.Linear(3, 2)),
+     "Dropout1d"),
+])
+def test_train_mode_batch_or_random_modules_are_refused(make, what):
+    model = make().train()
+    with pytest.raises(ValueError, match=rf"{what}.*train mode.*model\.eval\(\)"):
+        nt.empirical_ntk(model, torch.randn(4, 3))
+    with pytest.raises(ValueError, match="model.eval()"):
+        nt.empirical_nngp(model, torch.randn(4, 3))
+    nt.empirical_ntk(model.eval(), torch.randn(4, 3))  # eval mode is fine
+
+
+def test_multihead_attention_dropout_in_train_mode_is_refused():
+    model = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.1, batch_first=True)
+    model.dropout = nn.Identity()
+    model.dropout1 = nn.Identity()
+    model.dropout2 = nn.Identity()
+    with pytest.raises(ValueError, match=r"self_attn \(MultiheadAttention\).*dropout=0.1"):
+        nt.empirical_ntk(model, torch.randn(2, 3, 4))
+
+
+def test_dropout_with_p_zero_is_allowed_in_train_mode():
+    model = nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.0)).train()
+    assert nt.empirical_ntk(model, torch.randn(2, 3), mode="trace").shape == (2, 2)
+
+
+def test_batchnorm_without_running_stats_is_refused_even_in_eval():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False)).eval()
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        nt.empirical_ntk(model, torch.randn(4, 3))
+
+
+def test_random_ops_in_forward_are_refused():
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(x) + torch.randn_like(x[:, :2])
+
+    with pytest.raises(RuntimeError, match="random"):
+        nt.empirical_ntk(Noisy(), torch.randn(4, 3), implementation="jacobian")
+
+
+def test_mismatched_trailing_shapes():
+    with pytest.raises(ValueError, match=re.escape("`x2` must share `x1`'s trailing shape (3,), got (5,)")):
+        nt.empirical_ntk(mlp(), torch.randn(4, 3), torch.randn(2, 5))
+
+
+@pytest.mark.parametrize("bad", [[[1.0, 2.0, 3.0]], 3.0, None])
+def test_non_tensor_inputs(bad):
+    with pytest.raises(TypeError, match="`x1` must be a torch.Tensor"):
+        nt.empirical_ntk(mlp(), bad)
+
+
+def test_non_tensor_x2():
+    with pytest.raises(TypeError, match="`x2` must be a torch.Tensor.*got list"):
+        nt.empirical_ntk(mlp(), torch.randn(2, 3), [[1.0, 2.0, 3.0]])
+
+
+def test_zero_dimensional_input():
+    with pytest.raises(ValueError, match="`x1` must have a batch dimension"):
+        nt.empirical_ntk(mlp(), torch.tensor(1.0))
+
+
+def test_model_must_be_a_module():
+    with pytest.raises(TypeError, match="`model` must be a torch.nn.Module, got function"):
+        nt.empirical_ntk(lambda x: x, torch.randn(2, 3))
+
+
+def test_model_without_trainable_parameters():
+    model = mlp().requires_grad_(False)
+    with pytest.raises(ValueError, match="`model` has no trainable parameters"):
+        nt.empirical_ntk(model, torch.randn(2, 3))
+
+
+def test_unknown_mode_and_implementation():
+    with pytest.raises(ValueError, match=r"`mode` must be one of 'full', 'diagonal', 'trace', got 'sum'"):
+        nt.empirical_ntk(mlp(), torch.randn(2, 3), mode="sum")
+    with pytest.raises(ValueError, match=r"`implementation` must be one of 'auto', .*got 'fast'"):
+        nt.empirical_ntk(mlp(), torch.randn(2, 3), implementation="fast")
+    with pytest.raises(ValueError, match="`mode` must be one of"):
+        nt.empirical_nngp(mlp(), torch.randn(2, 3), mode="sum")
+
+
+def test_unknown_parameter_names():
+    with pytest.raises(ValueError, match=r"`params` names unknown parameter '9.weight'; the model has: 0.bias"):
+        nt.empirical_ntk(mlp(), torch.randn(2, 3), params=["9.weight"])
+    with pytest.raises(TypeError, match=r"got the string '0.weight'; use \['0.weight'\]"):
+        nt.empirical_ntk(mlp(), torch.randn(2, 3), params="0.weight")
+    with pytest.raises(ValueError, match="`params` predicate selected no parameters"):
+        nt.empirical_ntk(mlp(), torch.randn(2, 3), params=lambda name, p: False)
+
+
+def test_mixed_devices_and_dtypes():
+    with pytest.raises(ValueError, match="`x1` is on meta but the model's parameter '0.weight' is on cpu"):
+        nt.empirical_ntk(mlp(), torch.randn(2, 3, device="meta"))
+    with pytest.raises(ValueError, match="`x1` has dtype torch.float64 but the model's parameter"):
+        nt.empirical_ntk(mlp(), torch.randn(2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="`x2` must have `x1`'s dtype"):
+        nt.empirical_ntk(mlp(), torch.randn(2, 3), torch.randn(2, 3, dtype=torch.float64))
+
+
+def test_model_returning_non_tensor():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(x), x
+
+    with pytest.raises(TypeError, match="`model` must return a Tensor of shape \\(N, ...\\), got tuple"):
+        nt.empirical_ntk(Pair(), torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_bad_batch_size(bad):
+    with pytest.raises(ValueError, match=f"`batch_size` must be a positive int or None, got {bad!r}"):
+        nt.empirical_ntk(mlp(), torch.randn(2, 3), batch_size=bad)
+
+
+def test_memory_budget_error_says_what_fits():
+    model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 10))
+    x = torch.randn(64, 20)
+    budget = 2e6  # bytes; the full (64, 64, 10, 10) float32 kernel alone is 1.6 MB
+    with pytest.raises(MemoryError) as info:
+        nt.empirical_ntk(model, x, mode="full", implementation="jacobian", memory_budget=budget)
+    message = str(info.value)
+    assert "needs about" in message and "memory budget is" in message
+    suggestion = re.search(r"implementation='jacobian' with batch_size=(\d+)", message)
+    assert suggestion, message
+    batch_size = int(suggestion.group(1))
+    assert 1 <= batch_size < 64
+    # Following the advice works and gives the same kernel.
+    tiled = nt.empirical_ntk(model, x, mode="full", implementation="jacobian", memory_budget=budget,
+                             batch_size=batch_size)
+    whole = nt.empirical_ntk(model, x, mode="full", implementation="jacobian", memory_budget=float("inf"))
+    torch.testing.assert_close(tiled, whole)
+
+
+def test_memory_budget_error_suggests_a_cheaper_mode():
+    # Many samples, few parameters: the (N, N, O, O) output is what does not fit.
+    model, x = nn.Linear(3, 10), torch.randn(200, 3)
+    with pytest.raises(MemoryError, match=r"(?s)needs about 15.\d MiB.*mode='diagonal'.*mode='trace'"):
+        nt.empirical_ntk(model, x, mode="full", memory_budget=4 * 2**20)
+    assert nt.empirical_ntk(model, x, mode="trace", memory_budget=4 * 2**20).shape == (200, 200)
+
+
+def test_memory_budget_must_be_positive():
+    with pytest.raises(ValueError, match="`memory_budget` must be a positive number of bytes"):
+        nt.empirical_ntk(mlp(), torch.randn(2, 3), memory_budget=-1)
+
+
+def test_non_finite_kernel_warns():
+    model = mlp()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        nt.empirical_ntk(model, torch.randn(2, 3), mode="trace")
+    assert any("non-finite entries" in str(w.message) for w in caught)
