@@ -164,7 +164,7 @@ def test_memory_budget_error_says_what_fits():
 def test_memory_budget_error_suggests_a_cheaper_mode():
     # Many samples, few parameters: the (N, N, O, O) output is what does not fit.
     model, x = nn.Linear(3, 10), torch.randn(200, 3)
-    with pytest.raises(MemoryError, match=r"(?s)needs about 15.\d MiB.*mode='diagonal'.*mode='trace'"):
+    with pytest.raises(MemoryError, match=r"(?s)needs about 1\d\.\d MiB.*mode='diagonal'.*mode='trace'"):
         nt.empirical_ntk(model, x, mode="full", memory_budget=4 * 2**20)
     assert nt.empirical_ntk(model, x, mode="trace", memory_budget=4 * 2**20).shape == (200, 200)
 
