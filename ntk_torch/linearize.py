@@ -1,0 +1,144 @@
+"""The first-order Taylor expansion of a model in its parameters, as a trainable module.
+
+For parameters ``θ`` and a snapshot ``θ0``, the linearized model is
+
+    f_lin(x; θ) = f(x; θ0) + J(x; θ0) (θ − θ0),       J = ∂f/∂θ at θ0,
+
+linear in ``θ`` and as nonlinear in ``x`` as the network. Gradient descent on it is kernel
+gradient descent with the fixed empirical NTK ``Θ = J Jᵀ`` at ``θ0`` (Lee et al. 2019,
+"Wide neural networks of any depth evolve as linear models under gradient descent"), so
+training it alongside the real network separates what the kernel explains from what
+feature learning adds.
+
+The product ``J (θ − θ0)`` is one forward-mode pass (``torch.func.jvp``): it never builds
+``J``, and costs about two to three forward passes.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+
+from ntk_torch._checks import check_model_state
+from ntk_torch._functional import ParamSelection, _no_fused_attention, functionalize
+
+
+class LinearizedModel(nn.Module):
+    """``f(x; θ0) + J(x; θ0)(θ − θ0)`` of a copy of a model; see :func:`linearize`.
+
+    Attributes:
+        model: the private copy. Its linearized parameters hold ``θ`` (trainable, initialised
+            at ``θ0``); the others are frozen (``requires_grad=False``) and, with its buffers,
+            enter as the constants they were at :func:`linearize` time.
+        names: the linearized parameter names, in ``named_parameters()`` order.
+    """
+
+    def __init__(self, model: nn.Module, params: ParamSelection = None) -> None:
+        super().__init__()
+        selected = functionalize(model, params).names
+        try:
+            clone = copy.deepcopy(model)
+        except Exception as error:  # noqa: BLE001 - re-raised with the user's context
+            raise TypeError(
+                f"linearize needs a private copy of `model` ({type(model).__name__}) so that "
+                f"training never touches the original, but copy.deepcopy failed: {error}"
+            ) from error
+        named = dict(clone.named_parameters())
+        for name in selected:
+            if not named[name].is_floating_point():
+                raise TypeError(f"parameter {name!r} has dtype {named[name].dtype}; only floating "
+                                "parameters can be linearized, deselect it with `params=`")
+        for name, p in named.items():
+            # A parameter left out of the linearization is a constant of f_lin; freezing it
+            # keeps optimizers over `.parameters()` from moving it through f(x; θ0).
+            if name not in selected:
+                p.requires_grad_(False)
+            else:
+                p.requires_grad_(True)
+        self.model = clone
+        self.names: tuple[str, ...] = selected
+        # θ0 as persistent buffers: they follow .to()/.double() and state_dict with the copy.
+        self.theta0 = nn.Module()
+        for i, name in enumerate(selected):
+            self.theta0.register_buffer(str(i), named[name].detach().clone())
+
+    def initial_params(self) -> dict[str, torch.Tensor]:
+        """``θ0``: parameter name -> the snapshot the expansion is taken at."""
+        return {name: getattr(self.theta0, str(i)) for i, name in enumerate(self.names)}
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's call signature; returns what the model returns (tensors, or tuples,
+        lists and dicts of them), each output ``f(x; θ0) + J(x; θ0)(θ − θ0)``."""
+        check_model_state(self.model)
+        theta0 = self.initial_params()
+        current = dict(self.model.named_parameters())
+        # The tangent carries θ's autograd graph, so a backward pass reaches θ through the
+        # (linear) jvp output; θ0 is a buffer and receives no gradient.
+        tangent = {name: current[name] - theta0[name] for name in self.names}
+
+        def at(params: dict[str, torch.Tensor]) -> Any:
+            return functional_call(self.model, params, args, kwargs, tie_weights=True, strict=False)
+
+        with _no_fused_attention():
+            value, derivative = jvp(at, (theta0,), (tangent,))
+        return _add(value, derivative)
+
+    def extra_repr(self) -> str:
+        return f"linearized parameters: {len(self.names)}"
+
+
+def _add(a: Any, b: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return a + b
+    if isinstance(a, (tuple, list)):
+        items = [_add(x, y) for x, y in zip(a, b)]
+        return type(a)(*items) if hasattr(a, "_fields") else type(a)(items)
+    if isinstance(a, dict):
+        return type(a)((key, _add(a[key], b[key])) for key in a)
+    raise TypeError(f"`model` returned {type(a).__name__}; linearize supports tensors and "
+                    "tuples, lists and dicts of tensors")
+
+
+def linearize(model: nn.Module, *, params: ParamSelection = None) -> LinearizedModel:
+    """A trainable module computing the model's first-order Taylor expansion at its current
+    parameters.
+
+    ``f_lin(x; θ) = f(x; θ0) + J(x; θ0)(θ − θ0)`` with ``θ0`` the current parameter values
+    and ``J`` the ``(N, O, P)`` Jacobian of the outputs. The result owns a deep copy of
+    ``model``: its parameters are ``θ`` (initialised at ``θ0``) and are what any
+    ``torch.optim`` optimizer trains; ``θ0`` is kept in buffers. ``model`` itself is never
+    modified. At ``θ = θ0`` the outputs and their Jacobian equal the model's; the empirical
+    NTK of ``f_lin`` is the model's NTK at ``θ0`` for every ``θ``.
+
+    Args:
+        model: any ``nn.Module``. Its train/eval mode is respected: BatchNorm or Dropout in
+            train mode is an error (the expansion of a batch-dependent or random function
+            is not defined); call ``model.eval()`` first.
+        params: which parameters to linearize: ``None`` (every parameter with
+            ``requires_grad``), parameter names, or a predicate ``(name, param) -> bool``.
+            The others, and all buffers, are constants: frozen in the copy.
+
+    Returns:
+        A :class:`LinearizedModel` called exactly like ``model`` (positional and keyword
+        arguments), returning outputs of the model's shapes.
+
+    Example:
+        A network and its linearization agree at ``θ0``; after a step only ``f_lin`` stays
+        linear in ``θ``:
+
+        >>> import torch, ntk_torch as nt
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> lin = nt.linearize(net)
+        >>> x = torch.randn(5, 2)
+        >>> torch.allclose(lin(x), net(x))
+        True
+        >>> opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+        >>> lin(x).pow(2).sum().backward(); opt.step()
+        >>> sorted(lin.state_dict())[:2]
+        ['model.0.bias', 'model.0.weight']
+    """
+    return LinearizedModel(model, params)
