@@ -3,6 +3,7 @@
 Public surface, grouped by purpose; everything else is private.
 """
 
+from ntk_torch import nn
 from ntk_torch.empirical import (
     EmpiricalNTK,
     empirical_nngp,
@@ -20,4 +21,6 @@ __all__ = [
     "empirical_ntk",
     "empirical_ntk_fn",
     "layerwise_ntk",
+    # parameterized layers
+    "nn",
 ]
