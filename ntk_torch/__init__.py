@@ -3,7 +3,7 @@
 Public surface, grouped by purpose; everything else is private.
 """
 
-from ntk_torch import nn
+from ntk_torch import data, nn
 from ntk_torch.empirical import (
     EmpiricalNTK,
     empirical_nngp,
@@ -21,6 +21,8 @@ __all__ = [
     "empirical_ntk",
     "empirical_ntk_fn",
     "layerwise_ntk",
+    # data
+    "data",
     # parameterized layers
     "nn",
 ]
