@@ -3,7 +3,7 @@
 Public surface, grouped by purpose; everything else is private.
 """
 
-from ntk_torch import data, nn
+from ntk_torch import data, metrics, nn
 from ntk_torch.empirical import (
     EmpiricalNTK,
     empirical_nngp,
@@ -11,6 +11,7 @@ from ntk_torch.empirical import (
     empirical_ntk_fn,
     layerwise_ntk,
 )
+from ntk_torch.tracking import KernelTracker
 
 __version__ = "0.1.0"
 
@@ -25,4 +26,7 @@ __all__ = [
     "data",
     # parameterized layers
     "nn",
+    # training dynamics: kernel drift, feature and weight change
+    "KernelTracker",
+    "metrics",
 ]
