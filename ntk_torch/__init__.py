@@ -11,6 +11,18 @@ from ntk_torch.empirical import (
     empirical_ntk_fn,
     layerwise_ntk,
 )
+from ntk_torch import predict
+from ntk_torch.kernels import Eigenmodes, eigenmodes, natural_ntk, prior_logprob
+from ntk_torch.linearize import LinearizedModel, linearize
+from ntk_torch.predict import (
+    FlowPrediction,
+    Gaussian,
+    conditional,
+    gp_posterior,
+    gradient_flow_mse,
+    kernel_regression,
+    ntk_gp_posterior,
+)
 from ntk_torch.tracking import KernelTracker
 
 __version__ = "0.1.0"
@@ -29,4 +41,19 @@ __all__ = [
     # training dynamics: kernel drift, feature and weight change
     "KernelTracker",
     "metrics",
+    # kernel toolkit: linearized nets, predictions, eigenmodes, priors
+    "Eigenmodes",
+    "FlowPrediction",
+    "Gaussian",
+    "LinearizedModel",
+    "conditional",
+    "eigenmodes",
+    "gp_posterior",
+    "gradient_flow_mse",
+    "kernel_regression",
+    "linearize",
+    "natural_ntk",
+    "ntk_gp_posterior",
+    "predict",
+    "prior_logprob",
 ]
