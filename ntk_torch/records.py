@@ -11,7 +11,8 @@ Types survive a round trip: ``layer``, ``metric``, ``parameterization``, ``activ
 and ``implementation`` are always strings (a Sequential layer named ``"0"`` stays
 ``"0"``); ``width``, ``seed``, ``step``, ``depth`` are ints; ``value`` is a float (NaN
 included). Other columns are read as int, else float, else str. An empty CSV cell means
-"absent" for numeric columns and ``""`` for string columns.
+"absent", except in ``layer``, where ``""`` names the root module (as in
+:func:`ntk_torch.layerwise_ntk`), so a record without a ``layer`` reads back with ``""``.
 """
 
 from __future__ import annotations
@@ -116,10 +117,12 @@ def read_csv(path: str | os.PathLike) -> list[Record]:
     for row in rows:
         record: Record = {}
         for key, text in row.items():
-            if key in STRING_FIELDS:
-                record[key] = text
+            if key == "layer":
+                record[key] = text  # "" is a real layer: parameters on the root module
             elif text == "":
                 continue
+            elif key in STRING_FIELDS:
+                record[key] = text
             elif key in INT_FIELDS:
                 record[key] = int(text)
             elif key in FLOAT_FIELDS:
