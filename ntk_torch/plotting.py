@@ -1,0 +1,122 @@
+"""Figures from long-format records (:mod:`ntk_torch.records`); measuring lives elsewhere.
+
+matplotlib is imported inside each function, and figures are drawn on an Agg canvas
+without pyplot, so importing :mod:`ntk_torch` never loads matplotlib or changes the
+user's backend. Every function writes a PNG and returns its path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ntk_torch import records as _records
+
+# Fields that locate a number inside one run; every other field identifies the run.
+_WITHIN_RUN = ("step", "layer", "metric", "value")
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def _run_key(record: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple((k, record[k]) for k in _records.columns([record]) if k not in _WITHIN_RUN)
+
+
+def _label(key: tuple[tuple[str, Any], ...]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in key)
+
+
+def _save(fig: Any, path: str | os.PathLike) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_drift(records: Iterable[dict[str, Any]], path: str | os.PathLike, *, title: str | None = None,
+               layers: Sequence[str] | None = None, log: bool = True) -> Path:
+    """Kernel drift and per-layer feature change over training steps, as one PNG.
+
+    Four panels against ``step``: the whole-model (``layer == "total"``)
+    ``kernel_distance``, ``kernel_relative_change`` and ``kernel_velocity``, and every
+    layer's ``feature_relative_change``. Records may hold several runs: fields other than
+    step/layer/metric/value (``width``, ``parameterization``, ``seed``, ...) identify a run,
+    which gets its own colour; layers are told apart by line style.
+
+    Args:
+        records: long-format records, e.g. :attr:`ntk_torch.KernelTracker.records`.
+        path: the PNG to write (parent folders are created).
+        title: figure title.
+        layers: the layers to show in the feature panel (default: all, in first-seen order).
+        log: logarithmic y axes (zeros, as at the reference step, are then not drawn).
+
+    Returns:
+        ``path`` as a :class:`pathlib.Path`.
+
+    Raises:
+        ValueError: if ``records`` has no ``kernel_distance`` or ``feature_relative_change``
+            records to draw.
+
+    Example:
+        >>> import os, tempfile
+        >>> recs = [{"step": s, "layer": "total", "metric": "kernel_distance", "value": 0.1 * s}
+        ...         for s in range(3)]
+        >>> path = plot_drift(recs, os.path.join(tempfile.mkdtemp(), "drift.png"))
+        >>> path.stat().st_size > 0
+        True
+    """
+    from matplotlib.figure import Figure
+
+    rows = list(records)
+    panels = [("kernel_distance", "kernel distance to init  1 − cos(K_t, K_0)"),
+              ("kernel_relative_change", "kernel relative change  ‖K_t − K_0‖/‖K_0‖"),
+              ("kernel_velocity", "kernel velocity  d(K_t, K_t')/(t − t')"),
+              ("feature_relative_change", "feature change  ‖h_t − h_0‖/‖h_0‖")]
+    wanted = {m for m, _ in panels}
+    if not any(r.get("metric") in wanted for r in rows):
+        raise ValueError(
+            "`records` has no kernel_distance, kernel_relative_change, kernel_velocity or "
+            "feature_relative_change records to plot (expected KernelTracker records)"
+        )
+    run_keys: dict[tuple, None] = {}
+    for r in rows:
+        if r.get("metric") in wanted:
+            run_keys.setdefault(_run_key(r), None)
+    runs = list(run_keys)
+    feature_rows = [r for r in rows if r.get("metric") == "feature_relative_change"]
+    layer_names = list(layers) if layers is not None else _records.unique(feature_rows, "layer")
+
+    fig = Figure(figsize=(11, 7.5), layout="constrained")
+    axes = fig.subplots(2, 2).ravel()
+    colours = [f"C{i % 10}" for i in range(len(runs))]
+    for ax, (metric, heading) in zip(axes, panels):
+        per_layer = metric == "feature_relative_change"
+        drawn = False
+        for run, colour in zip(runs, colours):
+            in_run = [r for r in rows if r.get("metric") == metric and _run_key(r) == run]
+            for i, layer in enumerate(layer_names if per_layer else ["total"]):
+                points = sorted((r["step"], r["value"]) for r in in_run if r.get("layer") == layer)
+                if not points:
+                    continue
+                steps, values = zip(*points)
+                parts = [_label(run)] + ([f"layer {layer or '<root>'}"] if per_layer else [])
+                ax.plot(steps, values, color=colour, marker=".", markersize=4,
+                        linestyle=_LINESTYLES[i % len(_LINESTYLES)] if per_layer else "-",
+                        label=", ".join(p for p in parts if p) or None)
+                drawn = True
+        ax.set_title(heading, fontsize=10)
+        ax.set_xlabel("step")
+        if drawn:
+            if log:
+                ax.set_yscale("log", nonpositive="mask")
+            if ax.get_legend_handles_labels()[1] and (per_layer or len(runs) > 1):
+                ax.legend(fontsize=7, ncol=2 if per_layer and len(runs) * len(layer_names) > 8 else 1)
+        else:
+            ax.text(0.5, 0.5, f"no {metric} records", ha="center", va="center", transform=ax.transAxes)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
