@@ -53,7 +53,8 @@ class Gaussian(NamedTuple):
         c = self.covariance
         if c.dim() == 2:
             return c.diagonal()
-        return c.diagonal(dim1=0, dim2=1).diagonal(dim1=0, dim2=1).T
+        # (M, M, O, O) -> (O, O, M) -> (M, O)
+        return c.diagonal(dim1=0, dim2=1).diagonal(dim1=0, dim2=1)
 
 
 class FlowPrediction(NamedTuple):
