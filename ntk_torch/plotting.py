@@ -120,3 +120,76 @@ def plot_drift(records: Iterable[dict[str, Any]], path: str | os.PathLike, *, ti
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def plot_eigenmodes(x: Any, modes: Any, path: str | os.PathLike, *, n_modes: int = 4,
+                    title: str | None = None) -> Path:
+    """Leading eigenvectors of a kernel on 1-D inputs, and its spectrum, as one PNG.
+
+    Left: the first ``n_modes`` eigenvectors as functions of the input, labelled with their
+    eigenvalues (the functions gradient flow fits first). Right: all eigenvalues on a log
+    scale, the drawn ones marked.
+
+    Args:
+        x: the ``N`` scalar inputs the kernel was computed on, ``(N,)`` or ``(N, 1)``.
+        modes: :func:`ntk_torch.eigenmodes` of an ``(N, N)`` kernel (or a full kernel with
+            ``O = 1``): ``values`` ``(N,)`` descending, ``vectors`` ``(N, N)``.
+        path: the PNG to write (parent folders are created).
+        n_modes: how many leading modes to draw (at most ``N``).
+        title: figure title.
+
+    Returns:
+        ``path`` as a :class:`pathlib.Path`.
+
+    Example:
+        >>> import os, tempfile, torch, ntk_torch as nt
+        >>> x = torch.linspace(-1, 1, 9)
+        >>> k = torch.exp(-(x[:, None] - x[None, :]) ** 2)
+        >>> path = plot_eigenmodes(x, nt.eigenmodes(k), os.path.join(tempfile.mkdtemp(), "m.png"))
+        >>> path.stat().st_size > 0
+        True
+    """
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    values, vectors = modes
+    xs = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=float)
+    if xs.ndim == 2 and xs.shape[1] == 1:
+        xs = xs[:, 0]
+    vec = np.asarray(vectors.detach().cpu() if hasattr(vectors, "detach") else vectors, dtype=float)
+    if vec.ndim == 3 and vec.shape[1] == 1:
+        vec = vec[:, 0, :]
+    lam = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values, dtype=float)
+    if xs.ndim != 1:
+        raise ValueError(f"`x` must hold scalar inputs, shape (N,) or (N, 1), got {tuple(np.shape(x))}")
+    if vec.ndim != 2 or vec.shape[0] != xs.shape[0] or lam.shape != (vec.shape[1],):
+        raise ValueError(
+            f"`modes` must be eigenmodes of an (N, N) kernel on the N = {xs.shape[0]} inputs "
+            f"(values (n,), vectors (N, n)), got values {lam.shape} and vectors {tuple(np.shape(vectors))}"
+        )
+    if isinstance(n_modes, bool) or not isinstance(n_modes, int) or not 1 <= n_modes <= vec.shape[1]:
+        raise ValueError(f"`n_modes` must be an int in [1, {vec.shape[1]}], got {n_modes!r}")
+
+    order = np.argsort(xs, kind="stable")
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    left, right = fig.subplots(1, 2, width_ratios=(3, 2))
+    for j in range(n_modes):
+        left.plot(xs[order], vec[order, j], marker="." if xs.size <= 60 else None,
+                  label=f"mode {j + 1}: λ = {lam[j]:.3g}")
+    left.axhline(0.0, color="0.7", linewidth=0.8)
+    left.set_xlabel("input x")
+    left.set_ylabel("eigenvector entry")
+    left.set_title("leading eigenmodes", fontsize=10)
+    left.legend(fontsize=8)
+    index = np.arange(1, lam.size + 1)
+    positive = lam > 0
+    right.semilogy(index[positive], lam[positive], ".", color="0.4", label="eigenvalues")
+    shown = positive & (index <= n_modes)
+    right.semilogy(index[shown], lam[shown], "o", color="C3", label="drawn modes")
+    right.set_xlabel("index j")
+    right.set_ylabel("λ_j")
+    right.set_title("spectrum (positive eigenvalues)", fontsize=10)
+    right.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
