@@ -70,7 +70,10 @@ class EmpiricalNTK:
             values.update(params)
         check_inputs_match_params(x1, values)
         groups = fm.groups(self.layerwise)
-        kernels = self._compute(values, x1, x2, groups)
+        # Unselected parameters are the model's own tensors; without no_grad the kernel would
+        # keep an autograd graph to them. torch.func transforms ignore the outer no_grad.
+        with torch.no_grad():
+            kernels = self._compute(values, x1, x2, groups)
         for group, k in kernels.items():
             if not torch.isfinite(k).all():
                 bad = int((~torch.isfinite(k)).sum())
@@ -90,14 +93,14 @@ class EmpiricalNTK:
             with torch.no_grad():
                 n_out = fm(values, reference).shape[1]
             return {g: _empty(n1, n2, n_out, self.mode, any_param) for g in groups}
-        flops, activations, n_out = _engines.profile_forward(fm, values, reference)
+        flops, activations, n_out, structure = _engines.profile_forward(fm, values, reference)
         n_params = sum(values[n].numel() for n in fm.names)
         b1 = min(self.batch_size or n1, n1) or 1
         b2 = min(self.batch_size or n2, n2) or 1
         problem = Problem(n1=b1, n2=b2, symmetric=x2 is None and b1 >= n1, mode=self.mode,
                           n_out=n_out, n_params=n_params, n_groups=len(groups),
                           forward_flops=flops, activations=activations,
-                          itemsize=any_param.element_size())
+                          itemsize=any_param.element_size(), structure=structure)
         budget = self.memory_budget or default_memory_budget(any_param.device)
         engine = self._resolve(problem, budget, n1, n2)
         self.last_implementation = engine

@@ -121,6 +121,7 @@ def test_parameter_selection_by_names_and_predicate():
     expected = naive_ntk(model, x, None, "full", ["2.weight"])
     assert_close(by_name, expected)
     assert_close(by_predicate, expected)
+    assert not by_name.requires_grad, "the kernel must not hold a graph to unselected parameters"
 
 
 def test_tied_parameter_counts_once_under_any_of_its_names():
