@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from ntk_torch._engines import jacobian, ntk_vp
+from ntk_torch._engines import jacobian, ntk_vp, structured
 from ntk_torch._engines._cost import Cost, Problem, profile_forward
 
-ENGINES: dict[str, ModuleType] = {"jacobian": jacobian, "ntk_vp": ntk_vp}
+ENGINES: dict[str, ModuleType] = {"jacobian": jacobian, "ntk_vp": ntk_vp, "structured": structured}
 
 
 def register(name: str, module: ModuleType) -> None:

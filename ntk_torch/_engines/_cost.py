@@ -8,12 +8,14 @@ refuses blocks that would not fit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
+
+from ntk_torch._engines._structure import Structure, discover
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class Problem:
         forward_flops: FLOPs of a one-sample forward pass.
         activations: elements allocated by a one-sample forward pass.
         itemsize: bytes per element of the parameters' dtype.
+        structure: what the structured engine found in a probe pass (``_structure``), or
+            None when not probed.
     """
 
     n1: int
@@ -42,10 +46,10 @@ class Problem:
     forward_flops: float
     activations: float
     itemsize: int
+    structure: Structure | None = None
 
     def with_sizes(self, n1: int, n2: int) -> "Problem":
-        return Problem(n1, n2, self.symmetric, self.mode, self.n_out, self.n_params,
-                       self.n_groups, self.forward_flops, self.activations, self.itemsize)
+        return replace(self, n1=n1, n2=n2)
 
     def output_bytes(self) -> float:
         per_pair = {"full": self.n_out**2, "diagonal": self.n_out, "trace": 1}[self.mode]
@@ -72,11 +76,13 @@ class _AllocationCounter(TorchDispatchMode):
         return out
 
 
-def profile_forward(fm, params: dict[str, torch.Tensor], x: torch.Tensor) -> tuple[float, float, int]:
-    """FLOPs, allocated elements and output size ``O`` of a forward pass on ``x[:1]``."""
+def profile_forward(fm, params: dict[str, torch.Tensor],
+                    x: torch.Tensor) -> tuple[float, float, int, Structure]:
+    """FLOPs, allocated elements, output size ``O`` and layer structure, from ``x[:1]``."""
     sample = x[:1]
     with torch.no_grad():
         counter = _AllocationCounter()
         with FlopCounterMode(display=False) as flops, counter:
             out = fm(params, sample)
-    return float(max(flops.get_total_flops(), 1)), float(counter.elements), int(out.shape[1])
+    structure = discover(fm, params, sample)
+    return float(max(flops.get_total_flops(), 1)), float(counter.elements), int(out.shape[1]), structure

@@ -1,0 +1,206 @@
+"""Per-layer rules of the structured engine: features, cotangents, and their contraction.
+
+Every structured unit (see ``_structure.Unit``) has a per-sample gradient, output ``i``,
+
+    g[a, i] = Σ_t D[a, i, t] ⊗ A[a, t]        A: (N, T, G, k_in), D: (N, O, T, G, k_out)
+
+per group ``G`` (conv groups; channels of a norm layer), with ``A`` the layer's input
+feature (plus a constant-1 column for a bias: the bias is a weight on input 1) and ``D``
+the cotangent of output ``i`` at the layer's output. Its kernel block
+
+    K[a, b, i, j] = Σ_g Σ_{t,s} (A[a,t,g] · A'[b,s,g]) (D[a,i,t,g] · D'[b,j,s,g])
+
+is computed one of two ways, whichever has fewer FLOPs (Novak et al. 2022, "Fast Finite
+Width Neural Tangent Kernel", structured derivatives):
+
+- ``"gram"``: the Gram matrix of inputs ``GA[a,b,g,t,s]``, then cotangent products; never
+  forms a parameter-sized tensor. Cheapest for few positions (dense layers, ``T = 1``).
+- ``"explicit"``: per-sample gradients ``(N, O, G·k_out·k_in)`` of this layer only, then
+  their inner products. Cheapest when ``T²`` exceeds the layer's parameter count
+  (convolutions on large images), and done in blocks of samples to bound memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ntk_torch._engines._structure import Site, Unit, layer_sizes
+
+# ---------------------------------------------------------------------------------------
+# Capture: what a hook keeps of a layer's input (runs inside vmap over samples).
+
+
+def input_feature(kind: str, module: nn.Module, inp: torch.Tensor) -> torch.Tensor:
+    """What the weight gradient needs from the layer's input at one call."""
+    if kind == "layernorm":
+        return F.layer_norm(inp, module.normalized_shape, None, None, module.eps)
+    if kind == "groupnorm":
+        return F.group_norm(inp, module.num_groups, None, None, module.eps)
+    if kind == "batchnorm":
+        shape = (1, -1) + (1,) * (inp.dim() - 2)
+        mean = module.running_mean.view(shape)
+        var = module.running_var.view(shape)
+        return (inp - mean) / torch.sqrt(var + module.eps)
+    return inp  # linear, conv (unfolded later, outside vmap), embedding (indices)
+
+
+# ---------------------------------------------------------------------------------------
+# Layouts: captured tensors -> A (N, T, G, k) and D (N, O, T, G, k_out).
+
+
+def features(site: Site, module: nn.Module, feat: torch.Tensor) -> torch.Tensor:
+    """``(N, T, G, k_in)`` from the captured ``(N, *in_shape)`` (indices ``(N, T)`` for embeddings)."""
+    n = feat.shape[0]
+    positions, groups, k_in, _ = layer_sizes(module, site)
+    if site.kind == "linear":
+        return feat.reshape(n, positions, 1, k_in)
+    if site.kind == "conv":
+        return _patches(module, feat).reshape(n, positions, groups, k_in)
+    if site.kind == "embedding":
+        return feat.reshape(n, positions)
+    if site.kind == "layernorm":
+        return feat.reshape(n, positions, groups, 1)
+    return feat.movedim(2, -1).reshape(n, positions, groups, 1)  # channels on dim 1 of a sample
+
+
+def cotangents(site: Site, module: nn.Module, cot: torch.Tensor) -> torch.Tensor:
+    """``(N, O, T, G, k_out)`` from the captured ``(N, O, *out_shape)``."""
+    n, n_out = cot.shape[:2]
+    positions, groups, _, k_out = layer_sizes(module, site)
+    if site.kind == "conv":
+        nd = len(module.kernel_size)
+        c_out = module.out_channels
+        cot = cot.reshape(n, n_out, -1, c_out, math.prod(site.out_shape[-nd:])).transpose(-1, -2)
+        return cot.reshape(n, n_out, positions, groups, k_out)
+    if site.kind in ("groupnorm", "batchnorm"):
+        cot = cot.movedim(3, -1)
+    return cot.reshape(n, n_out, positions, groups, k_out)
+
+
+def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``(N, T, C·prod(kernel))`` receptive fields of every output position, in its order."""
+    n = x.shape[0]
+    nd = len(module.kernel_size)
+    x = x.reshape(-1, *x.shape[-nd - 1:])  # (N·lead, C, *spatial)
+    # The module pads exactly like this before a padding-free convolution (string padding
+    # included: _reversed_padding_repeated_twice holds the asymmetric 'same' amounts).
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    x = F.pad(x, list(module._reversed_padding_repeated_twice), mode=mode)
+    kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+    if nd == 1:
+        x = x.unsqueeze(-2)
+        kernel, dilation, stride = (1, *kernel), (1, *dilation), (1, *stride)
+    cols = F.unfold(x, kernel, dilation=dilation, padding=0, stride=stride)  # (N·lead, Ck, L)
+    return cols.reshape(n, -1, cols.shape[1], cols.shape[2]).transpose(-1, -2).reshape(n, -1, cols.shape[1])
+
+
+def with_bias(unit: Unit, a: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Append the constant-1 column of a bias (or make it, for a bias-only unit)."""
+    n, t, g = like.shape[0], like.shape[2], like.shape[3]
+    if unit.bias is None:
+        return a
+    ones = like.new_ones(n, t, g, 1)
+    return ones if unit.weight is None else torch.cat([a.to(like.dtype), ones], dim=-1)
+
+
+def one_hot(indices: torch.Tensor, mask: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(N, T, 1, V)`` rows an embedding lookup reads; padding positions are zero."""
+    return (F.one_hot(indices, vocab).to(dtype) * mask[..., None]).unsqueeze(2)
+
+
+# ---------------------------------------------------------------------------------------
+# Costs: FLOPs and working elements of each strategy for one block.
+
+
+def strategy_costs(unit: Unit, n1: int, n2: int, symmetric: bool, n_out: int,
+                   mode: str) -> dict[str, tuple[float, float]]:
+    """``{strategy: (flops, working elements)}`` for one unit and one kernel block."""
+    t, g, ki, ko, o = unit.positions, unit.groups, unit.k_in, unit.k_out, n_out
+    pairs = float(n1) * n2
+    sides = n1 if symmetric else n1 + n2
+    gram_inputs = pairs * g * t * t * (1 if unit.vocab else 2 * ki)
+    if mode == "full":
+        if t == 1 and g == 1:
+            gram = gram_inputs + pairs * o * o * (2 * ko + 1)
+            work = pairs * (1 + o * o)
+        else:
+            gram = gram_inputs + 2 * pairs * g * t * o * ko * (t + o)
+            work = pairs * g * t * (t + o * ko)
+    elif mode == "diagonal":
+        gram = gram_inputs + 2 * pairs * g * t * o * ko * (t + 1)
+        work = pairs * g * t * (t + o * ko) if t > 1 or g > 1 else pairs * (1 + o)
+    else:
+        gram = gram_inputs + pairs * g * t * t * (2 * o * ko + 1)
+        work = 2 * pairs * g * t * t
+    p = unit.n_params
+    make = 2.0 * sides * o * t * g * ki * ko
+    contract = 2.0 * pairs * (o * o if mode == "full" else o) * p
+    onehot = sides * t * unit.vocab
+    explicit_work = sides * o * p + onehot
+    return {"gram": (gram, work), "explicit": (make + contract, explicit_work)}
+
+
+def choose_strategy(unit: Unit, n1: int, n2: int, symmetric: bool, n_out: int, mode: str) -> str:
+    costs = strategy_costs(unit, n1, n2, symmetric, n_out, mode)
+    return min(costs, key=lambda s: costs[s][0])
+
+
+# ---------------------------------------------------------------------------------------
+# Contractions. A1/A2 are (N, T, G, k_in) float features, or for embeddings (N, T) indices
+# with (N, T) masks; D1/D2 (N, O, T, G, k_out). Results in ``mode``'s shape.
+
+
+def gram_of_inputs(unit: Unit, a1, a2, m1=None, m2=None) -> torch.Tensor:
+    """``GA[a, b, g, t, s]`` of shape ``(N1, N2, G, T, T)``."""
+    if unit.vocab:  # one-hot rows: the inner product is index equality
+        same = (a1[:, None, :, None] == a2[None, :, None, :]) & (m1[:, None, :, None] & m2[None, :, None, :])
+        return same.unsqueeze(2)
+    if a1.shape[1] == 1 and a1.shape[2] == 1:
+        return (a1[:, 0, 0] @ a2[:, 0, 0].T)[:, :, None, None, None]
+    return torch.einsum("atgk,bsgk->abgts", a1, a2)
+
+
+def gram_kernel(ga: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, mode: str) -> torch.Tensor:
+    """Kernel from ``GA (N1, N2, G, T, T)`` and cotangents, never forming parameter-sized tensors."""
+    n1, n_out, t, g, ko = d1.shape
+    n2 = d2.shape[0]
+    ga = ga.to(d1.dtype)
+    if t == 1 and g == 1:
+        ga = ga.reshape(n1, n2)
+        if mode == "full":
+            gd = (d1.reshape(n1 * n_out, ko) @ d2.reshape(n2 * n_out, ko).T)
+            return ga[:, :, None, None] * gd.view(n1, n_out, n2, n_out).permute(0, 2, 1, 3)
+        if mode == "diagonal":
+            gd = torch.bmm(d1.reshape(n1, n_out, ko).transpose(0, 1), d2.reshape(n2, n_out, ko).permute(1, 2, 0))
+            return ga[:, :, None] * gd.permute(1, 2, 0)
+        return ga * (d1.reshape(n1, -1) @ d2.reshape(n2, -1).T) / n_out
+    if mode == "full":
+        m = torch.einsum("abgts,bjsgo->abgtjo", ga, d2)
+        return torch.einsum("aitgo,abgtjo->abij", d1, m)
+    if mode == "diagonal":
+        m = torch.einsum("abgts,bisgo->abgtio", ga, d2)
+        return torch.einsum("aitgo,abgtio->abi", d1, m)
+    gd = torch.einsum("aitgo,bisgo->abgts", d1, d2)
+    return (ga * gd).sum((2, 3, 4)) / n_out
+
+
+def per_sample_gradients(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``(N, O, G·k_out·k_in)``: the unit's per-sample gradient of every output."""
+    n, n_out = d.shape[:2]
+    return torch.einsum("aitgo,atgk->aigok", d, a).reshape(n, n_out, -1)
+
+
+def explicit_kernel(ja: torch.Tensor, jb: torch.Tensor, mode: str) -> torch.Tensor:
+    """Kernel from per-sample gradients ``ja (N1, O, p)`` and ``jb (N2, O, p)``."""
+    n1, n_out, _ = ja.shape
+    n2 = jb.shape[0]
+    if mode == "full":
+        k = ja.reshape(n1 * n_out, -1) @ jb.reshape(n2 * n_out, -1).T
+        return k.view(n1, n_out, n2, n_out).permute(0, 2, 1, 3)
+    if mode == "diagonal":
+        return torch.bmm(ja.transpose(0, 1), jb.permute(1, 2, 0)).permute(1, 2, 0)
+    return (ja.reshape(n1, -1) @ jb.reshape(n2, -1).T) / n_out
