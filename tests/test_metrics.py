@@ -68,6 +68,20 @@ def test_diagonal_layout_equals_full_with_zero_cross_outputs():
     assert float(metrics.kernel_alignment(d1, y)) == pytest.approx(expected, rel=1e-12)
 
 
+def test_distance_keeps_its_digits_for_tiny_drift_in_float32():
+    # d ≈ 1e-9 is far below float32's 1 − cos resolution (~1e-7); the float64 cosine is the
+    # oracle. Per-entry rounding (6e-8 relative) against a ~4e-5 relative change bounds the
+    # float32 error at a few 1e-3.
+    k = _random_psd(30, 30, seed=13)
+    e = torch.randn(30, 30, generator=torch.Generator().manual_seed(14), dtype=DT)
+    k2 = k + 3e-5 * k.norm() / e.norm() * (e + e.T) / 2
+    a, b = k.numpy().ravel(), k2.numpy().ravel()
+    expected = 1 - a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+    assert 1e-10 < expected < 1e-8
+    assert float(metrics.kernel_distance(k.float(), k2.float())) == pytest.approx(expected, rel=2e-2)
+    assert float(metrics.kernel_distance(k.float(), k.float())) == 0.0
+
+
 def test_one_output_full_kernel_equals_trace_kernel():
     k = _random_psd(5, 2, seed=5)
     full = k[:, :, None, None]
