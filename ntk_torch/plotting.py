@@ -23,8 +23,10 @@ def _run_key(record: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple((k, record[k]) for k in _records.columns([record]) if k not in _WITHIN_RUN)
 
 
-def _label(key: tuple[tuple[str, Any], ...]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in key)
+def _labels(runs: list[tuple[tuple[str, Any], ...]]) -> list[str]:
+    """``"width=64"``-style labels naming only the fields that differ between runs."""
+    varying = {k for run in runs for k, v in run if any(dict(other).get(k) != v for other in runs)}
+    return [", ".join(f"{k}={v}" for k, v in run if k in varying) for run in runs]
 
 
 def _save(fig: Any, path: str | os.PathLike) -> Path:
@@ -87,6 +89,7 @@ def plot_drift(records: Iterable[dict[str, Any]], path: str | os.PathLike, *, ti
         if r.get("metric") in wanted:
             run_keys.setdefault(_run_key(r), None)
     runs = list(run_keys)
+    labels = _labels(runs)
     feature_rows = [r for r in rows if r.get("metric") == "feature_relative_change"]
     layer_names = list(layers) if layers is not None else _records.unique(feature_rows, "layer")
 
@@ -96,14 +99,14 @@ def plot_drift(records: Iterable[dict[str, Any]], path: str | os.PathLike, *, ti
     for ax, (metric, heading) in zip(axes, panels):
         per_layer = metric == "feature_relative_change"
         drawn = False
-        for run, colour in zip(runs, colours):
+        for run, label, colour in zip(runs, labels, colours):
             in_run = [r for r in rows if r.get("metric") == metric and _run_key(r) == run]
             for i, layer in enumerate(layer_names if per_layer else ["total"]):
                 points = sorted((r["step"], r["value"]) for r in in_run if r.get("layer") == layer)
                 if not points:
                     continue
                 steps, values = zip(*points)
-                parts = [_label(run)] + ([f"layer {layer or '<root>'}"] if per_layer else [])
+                parts = [label] + ([f"layer {layer or '<root>'}"] if per_layer else [])
                 ax.plot(steps, values, color=colour, marker=".", markersize=4,
                         linestyle=_LINESTYLES[i % len(_LINESTYLES)] if per_layer else "-",
                         label=", ".join(p for p in parts if p) or None)
