@@ -66,7 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.widths = [w for w in args.widths if w <= 64] or [16, 64]
         if len(args.widths) < 2:
             args.widths = [16, 64]
-        args.steps, args.every, args.probe, args.train, args.batch = 20, 5, 16, 200, 64
+        args.steps, args.every, args.probe = min(args.steps, 20), min(args.every, 5), min(args.probe, 16)
+        args.train, args.batch = min(args.train, 200), min(args.batch, 64)
     for name in ("depth", "steps", "batch", "every", "train"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
