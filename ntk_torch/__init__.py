@@ -3,7 +3,7 @@
 Public surface, grouped by purpose; everything else is private.
 """
 
-from ntk_torch import data, metrics, nn
+from ntk_torch import analytic, data, metrics, nn
 from ntk_torch.empirical import (
     EmpiricalNTK,
     empirical_nngp,
@@ -36,7 +36,8 @@ __all__ = [
     "layerwise_ntk",
     # data
     "data",
-    # parameterized layers
+    # parameterized layers and their infinite-width kernels
+    "analytic",
     "nn",
     # training dynamics: kernel drift, feature and weight change
     "KernelTracker",
