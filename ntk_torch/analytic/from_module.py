@@ -122,7 +122,7 @@ def _leaf(name: str, module: nn.Module) -> L.Layer:
             raise ValueError(f"analytic.kernel cannot read layer {name!r} ({module!r}): only "
                              "global average pooling, nn.AdaptiveAvgPool2d(1), is supported")
         return L.global_average_pool()
-    if isinstance(module, (*ACTIVATION_TYPES, ntk_nn.Elementwise)):
+    if isinstance(module, (*ACTIVATION_TYPES, ntk_nn.Elementwise, nn.PReLU)):
         try:
             return L.activation(dual(module))
         except TypeError as err:

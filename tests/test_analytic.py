@@ -1,0 +1,533 @@
+"""ntk_torch.analytic against independent oracles.
+
+- Closed-form duals against a direct 2-d Gauss–Legendre integration of the bivariate
+  normal split at the activations' kinks (numpy, hand-written derivatives).
+- The adaptive Gauss–Hermite fallback against the same oracle: 1e-6 on smooth functions.
+- Identities between activations and between ``kernel(MLP)`` and ``mlp_kernel``.
+- Exactness on models linear in their parameters, whose empirical NTK is deterministic.
+- Monte Carlo: the mean over seeds of the empirical kernels of wide networks converges to
+  the analytic kernel, within a few standard errors estimated from the seed-to-seed spread.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy import special
+from torch import nn
+
+import ntk_torch as nt
+from ntk_torch import analytic
+from ntk_torch.analytic import activations as A
+from ntk_torch.nn import MLP, Conv2d, Dense, Elementwise
+from tests.conftest import assert_close
+
+DT = torch.float64
+
+# --------------------------------------------------------------------------- oracle
+
+_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(96)
+
+
+def _half_line(scale: float) -> tuple[np.ndarray, np.ndarray]:
+    # Gauss–Legendre on [0, 12·scale]: the normal's tail beyond 12 std is below 1e-32, and
+    # 96 nodes reproduce E[uv] = c and the exact GELU kernel to about 1e-14.
+    length = 12 * scale
+    return (_GL_NODES + 1) * length / 2, _GL_WEIGHTS * length / 2
+
+
+def bivariate_expectation(f, g, c: float, v1: float, v2: float) -> float:
+    """E[f(u) g(v)] for (u, v) ~ N(0, [[v1, c], [c, v2]]), |c| < √(v1 v2).
+
+    Integrates the density over the four quadrants separately so that functions with a
+    kink at 0 (ReLU, |·|) are smooth on each piece.
+    """
+    det = v1 * v2 - c * c
+    total = 0.0
+    for su in (1.0, -1.0):
+        for sv in (1.0, -1.0):
+            u, wu = _half_line(math.sqrt(v1))
+            v, wv = _half_line(math.sqrt(v2))
+            uu, vv = np.meshgrid(su * u, sv * v, indexing="ij")
+            density = np.exp(-(v2 * uu**2 - 2 * c * uu * vv + v1 * vv**2) / (2 * det))
+            density /= 2 * math.pi * math.sqrt(det)
+            total += float(np.einsum("i,j,ij->", wu, wv, f(uu) * g(vv) * density))
+    return total
+
+
+def degenerate_expectation(f, g, sign: float, v1: float, v2: float) -> float:
+    """E[f(u) g(v)] when v = sign·√(v2/v1)·u exactly (correlation ±1)."""
+    total = 0.0
+    for s in (1.0, -1.0):
+        z, w = _half_line(1.0)
+        z = s * z
+        total += float(np.sum(w * f(math.sqrt(v1) * z) * g(sign * math.sqrt(v2) * z)
+                              * np.exp(-z**2 / 2) / math.sqrt(2 * math.pi)))
+    return total
+
+
+def _leaky(alpha):
+    return (lambda x: np.where(x > 0, x, alpha * x)), (lambda x: np.where(x > 0, 1.0, alpha))
+
+
+NUMPY_ACTIVATIONS = {
+    "relu": _leaky(0.0),
+    "leaky_relu(0.2)": _leaky(0.2),
+    "abs": _leaky(-1.0),
+    "identity": (lambda x: x, lambda x: np.ones_like(x)),
+    "erf": (special.erf, lambda x: 2 / math.sqrt(math.pi) * np.exp(-x**2)),
+    "gelu": (lambda x: x * special.ndtr(x),
+             lambda x: special.ndtr(x) + x * np.exp(-x**2 / 2) / math.sqrt(2 * math.pi)),
+    "tanh": (np.tanh, lambda x: 1 / np.cosh(x) ** 2),
+    "sigmoid": (special.expit, lambda x: special.expit(x) * (1 - special.expit(x))),
+    "softplus": (lambda x: np.logaddexp(0, x), special.expit),
+    "silu": (lambda x: x * special.expit(x),
+             lambda x: special.expit(x) * (1 + x * (1 - special.expit(x)))),
+    "sin": (np.sin, np.cos),
+}
+
+CLOSED_FORMS = {
+    "relu": A.relu,
+    "leaky_relu(0.2)": A.leaky_relu(0.2),
+    "abs": A.leaky_relu(-1.0),
+    "identity": A.identity,
+    "erf": A.erf,
+    "gelu": A.gelu,
+}
+
+VARIANCES = ((1.0, 1.0), (0.5, 2.0), (3.0, 0.2), (4.0, 4.0))
+CORRELATIONS = [-0.95, -0.5, 0.0, 0.3, 0.8, 0.95]
+
+
+@functools.lru_cache(maxsize=None)
+def oracle_grid(name: str, variances=tuple(VARIANCES)):
+    """(c, v1, v2, T, T') over the grid, the correlations ±1 included."""
+    f, df = NUMPY_ACTIVATIONS[name]
+    rows = []
+    for v1, v2 in variances:
+        for rho in CORRELATIONS:
+            c = rho * math.sqrt(v1 * v2)
+            rows.append((c, v1, v2, bivariate_expectation(f, f, c, v1, v2),
+                         bivariate_expectation(df, df, c, v1, v2)))
+        for sign in (1.0, -1.0):
+            rows.append((sign * math.sqrt(v1 * v2), v1, v2, degenerate_expectation(f, f, sign, v1, v2),
+                         degenerate_expectation(df, df, sign, v1, v2)))
+    return [torch.tensor(col, dtype=DT) for col in zip(*rows)]
+
+
+def assert_dual_matches(dual, name, rtol, variances=VARIANCES):
+    c, v1, v2, t, dt = oracle_grid(name, variances)
+    got_t, got_dt = dual(c, v1, v2)
+    assert_close(got_t, t, rtol)
+    assert_close(got_dt, dt, rtol)
+
+
+# ------------------------------------------------------------------ closed forms
+
+
+@pytest.mark.parametrize("name", sorted(CLOSED_FORMS))
+def test_closed_forms_match_direct_integration(name):
+    # The oracle's own error is ~1e-14 (96-node Gauss–Legendre per half-line).
+    assert_dual_matches(CLOSED_FORMS[name], name, rtol=1e-10)
+
+
+def test_oracle_reproduces_known_moments():
+    # E[uv] = c and E[relu(u)²] = v/2 pin down the oracle itself.
+    c, v1, v2, t, _ = oracle_grid("identity")
+    assert_close(t, c, 1e-12)
+    f, _ = NUMPY_ACTIVATIONS["relu"]
+    assert degenerate_expectation(f, f, 1.0, 3.0, 3.0) == pytest.approx(1.5, rel=1e-13)
+
+
+@pytest.mark.parametrize("name", ["tanh", "sigmoid", "softplus", "silu", "sin", "erf", "gelu"])
+def test_quadrature_is_accurate_to_1e6_on_smooth_activations(name):
+    phi = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "softplus": nn.Softplus(),
+           "silu": nn.SiLU(), "sin": torch.sin, "erf": torch.erf, "gelu": nn.GELU()}[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no convergence warning at these variances
+        assert_dual_matches(A.quadrature(phi), name, rtol=1e-6)
+
+
+def test_quadrature_agrees_with_closed_forms_on_a_random_grid():
+    g = torch.Generator().manual_seed(0)
+    v1 = torch.rand(7, 1, generator=g, dtype=DT) * 3 + 0.1
+    v2 = torch.rand(1, 9, generator=g, dtype=DT) * 3 + 0.1
+    c = (torch.rand(7, 9, generator=g, dtype=DT) * 2 - 1) * (v1 * v2).sqrt()
+    for closed, phi in ((A.erf, torch.erf), (A.gelu, nn.GELU()), (A.relu, None)):
+        if phi is None:
+            continue
+        t, dt = closed(c, v1, v2)
+        qt, qdt = A.quadrature(phi)(c, v1, v2)
+        assert qt.shape == (7, 9)
+        assert_close(qt, t, 1e-6)
+        assert_close(qdt, dt, 1e-6)
+
+
+def test_quadrature_warns_on_non_smooth_activations():
+    one = torch.ones(3, dtype=DT)
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        A.quadrature(nn.Hardtanh())(0.5 * one, one, one)
+
+
+def test_quadrature_with_fixed_degree_is_exact_for_polynomials():
+    # Degree K integrates polynomials of degree < 2K exactly: E[u³ v³] = 9 c v1 v2 + 6 c³.
+    c, v1, v2 = (torch.tensor([x], dtype=DT) for x in (0.3, 1.2, 0.7))
+    t, dt = A.quadrature(lambda x: x**3, degree=4)(c, v1, v2)
+    assert_close(t, 9 * c * v1 * v2 + 6 * c**3, 1e-13)
+    assert_close(dt, 9 * (v1 * v2 + 2 * c**2), 1e-13)  # E[3u² 3v²]
+
+
+def test_leaky_relu_is_a_combination_of_relus():
+    # φ_α(u) = relu(u) - α relu(-u), so T_α(c) = (1 + α²) J(c) - 2α J(-c) with J relu's
+    # dual, and φ_α'(u) = step(u) + α step(-u) gives T_α' = (1 + α²) J'(c) + 2α J'(-c).
+    g = torch.Generator().manual_seed(1)
+    v1, v2 = torch.rand(5, generator=g, dtype=DT) + 0.2, torch.rand(5, generator=g, dtype=DT) + 0.2
+    c = (torch.rand(5, generator=g, dtype=DT) * 2 - 1) * (v1 * v2).sqrt()
+    j, dj = A.relu(c, v1, v2)
+    jm, djm = A.relu(-c, v1, v2)
+    for alpha in (-1.0, 0.0, 0.2, 1.0):
+        t, dt = A.leaky_relu(alpha)(c, v1, v2)
+        assert_close(t, (1 + alpha**2) * j - 2 * alpha * jm)
+        assert_close(dt, (1 + alpha**2) * dj + 2 * alpha * djm)
+
+
+@pytest.mark.parametrize("spec, name", [
+    (nn.ReLU(), "relu"), ("relu", "relu"), (torch.relu, "relu"), (nn.LeakyReLU(0.0), "leaky_relu(0)"),
+    (nn.LeakyReLU(0.1), "leaky_relu(0.1)"), ("abs", "leaky_relu(-1)"), (torch.abs, "leaky_relu(-1)"),
+    ("erf", "erf"), (torch.erf, "erf"), (Elementwise(torch.erf), "erf"), ("gelu", "gelu"),
+    (nn.GELU(approximate="tanh"), "quadrature(GELU(approximate='tanh'))"),
+    ("tanh", "quadrature(Tanh())"), (torch.sin, "quadrature(sin)"),
+])
+def test_dual_resolution(spec, name):
+    assert A.dual(spec).name == name
+
+
+# ------------------------------------------------------------------ identities
+
+
+def _x(n=5, d=3, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=DT)
+
+
+def test_leaky_relu_with_slope_zero_equals_relu():
+    x = _x()
+    a = analytic.mlp_kernel(x, depth=3, activation=nn.LeakyReLU(0.0), bias_std=0.3)
+    b = analytic.mlp_kernel(x, depth=3, activation="relu", bias_std=0.3)
+    assert_close(a.nngp, b.nngp)
+    assert_close(a.ntk, b.ntk)
+
+
+def test_abs_equals_leaky_relu_with_slope_minus_one():
+    x = _x()
+    a = analytic.mlp_kernel(x, depth=2, activation="abs", weight_std=1.3)
+    b = analytic.mlp_kernel(x, depth=2, activation=nn.LeakyReLU(-1.0), weight_std=1.3)
+    assert_close(a.ntk, b.ntk)
+    assert_close(a.nngp, b.nngp)
+
+
+@pytest.mark.parametrize("activation", ["identity", nn.LeakyReLU(1.0)])
+def test_identity_activation_gives_the_linear_kernel(activation):
+    # Linear network, NTK parameterization: Σˡ = σ_w^{2(l+1)} K + β² Σ_{j<=l} σ_w^{2j},
+    # Θ^L = Σ_l Σ^L-with-layer-l-as-the-trained-one = Σ_{l=0}^{L} σ_w^{2(L-l)} Σˡ.
+    x, sw, b, depth = _x(), 1.3, 0.4, 3
+    k0 = x @ x.T / x.shape[1]
+    sigmas = [sw ** (2 * (l + 1)) * k0 + b**2 * sum(sw ** (2 * j) for j in range(l + 1))
+              for l in range(depth + 1)]
+    theta = sum(sw ** (2 * (depth - l)) * sigmas[l] for l in range(depth + 1))
+    k = analytic.mlp_kernel(x, depth=depth, activation=activation, weight_std=sw, bias_std=b)
+    assert_close(k.nngp, sigmas[-1])
+    assert_close(k.ntk, theta)
+
+
+@pytest.mark.parametrize("parameterization", ["ntk", "standard", "mup"])
+@pytest.mark.parametrize("activation, bias", [("relu", True), ("erf", False), ("gelu", True),
+                                              (nn.Tanh(), True)])
+def test_kernel_of_mlp_equals_mlp_kernel(parameterization, activation, bias):
+    x1, x2 = _x(4, 3, 0), _x(3, 3, 1)
+    net = MLP(3, 40, 2, 2, activation=activation, parameterization=parameterization,
+              weight_std=1.2, bias_std=0.3, bias=bias)
+    a = analytic.kernel(net, x1, x2)
+    b = analytic.mlp_kernel(x1, x2, depth=2, activation=activation, weight_std=1.2, bias_std=0.3,
+                            parameterization=parameterization, width=40, bias=bias)
+    assert a.ntk.shape == (4, 3) and a.nngp.shape == (4, 3)
+    assert_close(a.nngp, b.nngp)
+    assert_close(a.ntk, b.ntk)
+
+
+def test_ntk_parameterization_does_not_depend_on_width():
+    x = _x()
+    a = analytic.mlp_kernel(x, depth=2, bias_std=0.2, width=10)
+    b = analytic.mlp_kernel(x, depth=2, bias_std=0.2)
+    assert_close(a.ntk, b.ntk)
+
+
+def test_standard_ntk_grows_linearly_with_width():
+    # Θ = n·A + B in the standard parameterization: second differences in n vanish.
+    x = _x()
+    k = [analytic.mlp_kernel(x, depth=2, parameterization="standard", width=n).ntk for n in (10, 20, 30)]
+    assert float((k[2] - 2 * k[1] + k[0]).abs().max()) <= 1e-12 * float(k[2].abs().max())
+    assert float((k[1] - k[0]).abs().min()) > 0
+
+
+def test_mup_nngp_vanishes_like_one_over_width():
+    x = _x()
+    a = analytic.mlp_kernel(x, depth=2, parameterization="mup", width=100).nngp
+    b = analytic.mlp_kernel(x, depth=2, parameterization="mup", width=400).nngp
+    assert_close(b, a / 4)
+
+
+def test_symmetry_blocks_and_x2():
+    x = _x(9)
+    net = MLP(3, 10, 3, 1, activation="gelu", bias_std=0.5)
+    full = analytic.kernel(net, x)
+    assert torch.equal(full.ntk, full.ntk.T)
+    blocked = analytic.kernel(net, x, batch_size=2)
+    cross = analytic.kernel(net, x, x.clone(), batch_size=4)
+    for k in (blocked, cross):
+        assert_close(k.ntk, full.ntk)
+        assert_close(k.nngp, full.nngp)
+
+
+# ------------------------------------------------- models linear in their parameters
+
+
+@pytest.mark.parametrize("layer", [
+    nn.Linear(4, 3),
+    Dense(4, 3, parameterization="ntk", weight_std=1.5, bias_std=0.5),
+    Dense(4, 3, parameterization="mup", role="input", weight_std=1.5, bias_std=0.5),
+    Dense(4, 3, parameterization="standard", bias=False),
+])
+def test_linear_layer_ntk_is_exact(layer):
+    # J does not depend on the weights, so the empirical NTK equals its expectation.
+    layer = layer.double()
+    x = _x(5, 4)
+    expected = nt.empirical_ntk(layer, x, mode="trace")
+    assert_close(analytic.kernel(layer, x).ntk, expected)
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(2, 3, 3, padding="same"),
+    nn.Conv2d(2, 3, (2, 3), padding="same", dilation=(1, 2)),
+    nn.Conv2d(2, 3, 2, padding=0),
+    nn.Conv2d(2, 3, 3, padding=(1, 0), bias=False),
+    Conv2d(2, 3, 2, parameterization="ntk", weight_std=1.4, bias_std=0.3),
+    Conv2d(2, 3, 3, parameterization="standard", padding="valid"),
+])
+def test_single_convolution_ntk_is_exact(conv):
+    # The per-output NTK of a conv layer is the mean over output pixels of the patch
+    # inner products: deterministic, so analytic and empirical agree to rounding.
+    conv = conv.double()
+    x = torch.randn(3, 2, 5, 4, generator=torch.Generator().manual_seed(3), dtype=DT)
+    expected = nt.empirical_ntk(conv, x, mode="trace")
+    assert_close(analytic.kernel(conv, x).ntk, expected)
+
+
+def test_frozen_parameters_contribute_no_ntk():
+    layer = nn.Linear(4, 2).double()
+    layer.bias.requires_grad_(False)
+    x = _x(5, 4)
+    assert_close(analytic.kernel(layer, x).ntk, x @ x.T)  # the bias's +1 is gone
+    assert_close(analytic.kernel(layer, x).ntk, nt.empirical_ntk(layer, x, mode="trace"))
+
+
+def test_conv_nngp_matches_patch_inner_products():
+    # Σ(p, p') = m² s² Σ_{c,δ} x_c(p+δ) x'_c(p'+δ) + m_b² s_b², via unfold, after pooling.
+    conv = Conv2d(2, 5, 3, parameterization="standard", weight_std=1.3, bias_std=0.7)
+    x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(4), dtype=DT)
+    patches = torch.nn.functional.unfold(x, 3, padding=1)  # (N, C·9, P)
+    pair = torch.einsum("akp,bkq->abpq", patches, patches)
+    expected = conv.init_std**2 * pair.mean(dim=(2, 3)) + conv.bias_std**2
+    model = nn.Sequential(conv, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    assert_close(analytic.kernel(model, x).nngp, expected)
+
+
+# ------------------------------------------------------------------ numerics
+
+
+@pytest.mark.parametrize("activation", ["relu", "erf", "gelu", "tanh", nn.LeakyReLU(0.1)])
+def test_depth_100_and_zero_inputs_stay_finite(activation):
+    x = _x(4)
+    x[1] = 0.0
+    x[2] = x[3]  # correlation exactly 1, where rounding would leave [-1, 1]
+    k = analytic.mlp_kernel(x, depth=100, activation=activation, weight_std=1.4, bias_std=0.1)
+    assert torch.isfinite(k.ntk).all() and torch.isfinite(k.nngp).all()
+    assert k.ntk.dtype == torch.float64
+    assert float(k.ntk.diagonal().min()) > 0
+
+
+def test_zero_input_without_bias_has_zero_kernel():
+    x = _x(3)
+    x[0] = 0.0
+    k = analytic.mlp_kernel(x, depth=3, weight_std=1.5)
+    assert torch.count_nonzero(k.ntk[0]) == 0 and torch.count_nonzero(k.nngp[:, 0]) == 0
+    assert not torch.isnan(k.ntk).any()
+
+
+def test_float32_inputs_are_computed_in_float64_unless_asked():
+    x = _x().float()
+    assert analytic.mlp_kernel(x, depth=2).ntk.dtype == torch.float64
+    k32 = analytic.mlp_kernel(x, depth=2, dtype=torch.float32)
+    assert k32.ntk.dtype == torch.float32
+    assert_close(k32.ntk, analytic.mlp_kernel(x, depth=2).ntk.float(), 1e-5)
+
+
+def test_empty_inputs():
+    k = analytic.kernel(MLP(3, 4, 1, 1), torch.zeros(0, 3, dtype=DT), _x(2))
+    assert k.ntk.shape == (0, 2) and k.nngp.shape == (0, 2)
+
+
+def test_model_is_not_changed():
+    net = MLP(3, 4, 2, 1)
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    analytic.kernel(net, _x())
+    assert net.training
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+# ------------------------------------------------------------------ Monte Carlo
+
+
+def monte_carlo(build, x: torch.Tensor, seeds: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empirical NTK and NNGP (``mode="trace"``) of ``seeds`` independent initialisations."""
+    ntks, nngps = [], []
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        model = build().double().eval()
+        ntks.append(nt.empirical_ntk(model, x, mode="trace"))
+        nngps.append(nt.empirical_nngp(model, x, mode="trace"))
+    return torch.stack(ntks), torch.stack(nngps)
+
+
+def assert_within_standard_errors(samples: torch.Tensor, expected: torch.Tensor, z: float = 5.0) -> None:
+    """Every entry of the sample mean within ``z`` standard errors of ``expected``.
+
+    The standard error is the seed-to-seed standard deviation over √S. With S >= 32 the
+    t-distribution is close to normal, and |Z| > 5 has probability 6e-7 per entry. The mean
+    kernel of a finite network differs from the limit by O(1/width) (exactly 0 for one
+    hidden layer and Gaussian weights) while SE ~ 1/√(width·S), so with S <= width/4 the
+    bias stays within one SE.
+    """
+    s = samples.shape[0]
+    mean = samples.mean(0)
+    se = samples.std(0) / math.sqrt(s)
+    se = se.clamp_min(1e-12 * float(expected.abs().max()))
+    scores = (mean - expected).abs() / se
+    if float(scores.max()) > z:
+        worst = scores.flatten().topk(min(5, scores.numel())).indices
+        rows = "\n".join(f"  entry {int(i)}: mean {mean.flatten()[i]:.6g} ± {se.flatten()[i]:.2g}, "
+                         f"analytic {expected.flatten()[i]:.6g}" for i in worst)
+        raise AssertionError(f"{float(scores.max()):.2f} standard errors off:\n{rows}")
+
+
+MC_SEEDS = 48
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parameterization, activation, depth", [
+    ("ntk", "relu", 1), ("ntk", "erf", 2), ("standard", "relu", 2), ("standard", "gelu", 1),
+    ("mup", "relu", 2), ("mup", nn.Tanh(), 1),
+])
+def test_monte_carlo_mlp(parameterization, activation, depth):
+    x = _x(5, 4, seed=5)
+    build = lambda: MLP(4, 256, depth, 2, activation=activation, parameterization=parameterization,  # noqa: E731
+                        weight_std=1.2, bias_std=0.3)
+    ntks, nngps = monte_carlo(build, x, MC_SEEDS)
+    k = analytic.kernel(build(), x)
+    assert_within_standard_errors(ntks, k.ntk)
+    assert_within_standard_errors(nngps, k.nngp)
+
+
+@pytest.mark.slow
+def test_monte_carlo_plain_sequential_with_default_init():
+    # PyTorch's uniform init reaches Gaussian pre-activations by the central limit theorem
+    # over the fan-in, so the input dimension is taken wide too (its non-Gaussianity
+    # biases the mean kernel by O(1/d)).
+    x = _x(5, 128, seed=6)
+    build = lambda: nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Dropout(0.2),  # noqa: E731
+                                  nn.Linear(256, 256), nn.Tanh(), nn.Identity(), nn.Linear(256, 1))
+    ntks, nngps = monte_carlo(build, x, MC_SEEDS)
+    k = analytic.kernel(build(), x)
+    assert_within_standard_errors(ntks, k.ntk)
+    assert_within_standard_errors(nngps, k.nngp)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", ["pool", "flatten"])
+def test_monte_carlo_small_cnn(head):
+    x = torch.randn(4, 2, 5, 5, generator=torch.Generator().manual_seed(7), dtype=DT)
+    if head == "pool":  # plain layers, default init
+        build = lambda: nn.Sequential(  # noqa: E731
+            nn.Conv2d(2, 128, 3, padding="same"), nn.ReLU(), nn.Conv2d(128, 128, 3, padding=1),
+            nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 1))
+    else:  # ntk_torch layers, an even kernel and a quadrature activation
+        build = lambda: nn.Sequential(  # noqa: E731
+            Conv2d(2, 128, 3, bias_std=0.2), nn.ReLU(), Conv2d(128, 64, 2, padding="same"),
+            nn.SiLU(), nn.Flatten(), Dense(64 * 25, 1, parameterization="standard"))
+    ntks, nngps = monte_carlo(build, x, MC_SEEDS)
+    k = analytic.kernel(build(), x)
+    assert_within_standard_errors(ntks, k.ntk)
+    assert_within_standard_errors(nngps, k.nngp)
+
+
+# ------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize("model, match", [
+    (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)),
+     "cannot read layer '1' \\(BatchNorm1d\\); supported layers"),
+    (nn.Sequential(nn.Linear(3, 4), nn.PReLU(), nn.Linear(4, 1)), "'1'.*has parameters"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3, stride=2)), "only stride 1.*got stride \\(2, 2\\)"),
+    (nn.Sequential(nn.Flatten(0)), "only nn.Flatten\\(start_dim=1, end_dim=-1\\)"),
+    (nn.Sequential(nn.AdaptiveAvgPool2d(2)), "only global average pooling"),
+    (nn.Sequential(nn.Sequential(nn.Linear(3, 4), nn.Softmax(dim=1))), "'0.1' \\(Softmax\\)"),
+])
+def test_unsupported_layers_are_named(model, match):
+    with pytest.raises(ValueError, match=match):
+        analytic.kernel(model, _x())
+
+
+@pytest.mark.parametrize("model, x, match", [
+    (nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Tanh(), nn.Linear(4, 1)), _x(),
+     "layer '2' \\(Tanh\\): the activation .* needs Gaussian pre-activations"),
+    (nn.Sequential(nn.ReLU(), nn.Linear(3, 1)), _x(), "layer '0' \\(ReLU\\)"),
+    (nn.Sequential(nn.Linear(5, 1)), _x(), "layer '0' \\(Linear\\): this dense layer expects 5 input features, but the previous layers give 3"),
+    (nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Linear(4, 1)), torch.randn(2, 2, 4, 4),
+     "layer '1' \\(Linear\\): a dense layer needs vector inputs.*nn.Flatten"),
+    (nn.Sequential(nn.Conv2d(2, 3, 3)), _x(), "needs inputs of shape \\(N, C, H, W\\)"),
+    (nn.Sequential(nn.Conv2d(2, 3, 5)), torch.randn(2, 2, 4, 4), "does not fit images of size \\(4, 4\\)"),
+    (nn.Sequential(nn.Linear(3, 1)), torch.randn(2, 3, 4), "inputs must have shape \\(N, features\\)"),
+])
+def test_inconsistent_models_are_named(model, x, match):
+    with pytest.raises(ValueError, match=match):
+        analytic.kernel(model, x)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="`model` must be a torch.nn.Module"):
+        analytic.kernel(lambda x: x, _x())
+    with pytest.raises(ValueError, match="`x2` must share `x1`'s trailing shape \\(3,\\), got \\(4,\\)"):
+        analytic.kernel(nn.Linear(3, 1), _x(), _x(2, 4))
+    with pytest.raises(TypeError, match="`x1` must be a torch.Tensor"):
+        analytic.kernel(nn.Linear(3, 1), [[1.0, 2.0, 3.0]])
+    with pytest.raises(ValueError, match="`batch_size` must be a positive int"):
+        analytic.kernel(nn.Linear(3, 1), _x(), batch_size=0)
+    with pytest.raises(TypeError, match="`dtype` must be a floating torch.dtype"):
+        analytic.kernel(nn.Linear(3, 1), _x(), dtype=torch.int64)
+    with pytest.raises(ValueError, match="`width` is required with parameterization='standard'"):
+        analytic.mlp_kernel(_x(), depth=2, parameterization="standard")
+    with pytest.raises(ValueError, match="`parameterization` must be one of"):
+        analytic.mlp_kernel(_x(), depth=2, parameterization="NTK")
+    with pytest.raises(ValueError, match="`depth` must be an int >= 0, got -1"):
+        analytic.mlp_kernel(_x(), depth=-1)
+    with pytest.raises(ValueError, match="`x1` must be a tensor of shape \\(N1, d\\), got \\(2, 3, 4\\)"):
+        analytic.mlp_kernel(torch.randn(2, 3, 4), depth=1)
+    with pytest.raises(ValueError, match="`activation` must be one of"):
+        analytic.mlp_kernel(_x(), depth=1, activation="swishy")
+    with pytest.raises(ValueError, match="must be elementwise"):
+        analytic.mlp_kernel(_x(), depth=1, activation=lambda t: t.sum(-1, keepdim=True))
