@@ -117,7 +117,8 @@ def plot_drift(records: Iterable[dict[str, Any]], path: str | os.PathLike, *, ti
             if log:
                 ax.set_yscale("log", nonpositive="mask")
             if ax.get_legend_handles_labels()[1] and (per_layer or len(runs) > 1):
-                ax.legend(fontsize=7, ncol=2 if per_layer and len(runs) * len(layer_names) > 8 else 1)
+                ax.legend(fontsize=7, handlelength=3.5 if per_layer else 2,
+                          ncol=2 if per_layer and len(runs) * len(layer_names) > 8 else 1)
         else:
             ax.text(0.5, 0.5, f"no {metric} records", ha="center", va="center", transform=ax.transAxes)
     if title:
