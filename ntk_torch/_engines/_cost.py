@@ -63,7 +63,11 @@ class Cost:
 
 
 class _AllocationCounter(TorchDispatchMode):
-    """Sums the elements of every tensor an operator returns (an upper bound on activations)."""
+    """Sums the elements of every new tensor an operator returns (an upper bound on activations).
+
+    Views (``weight.t()`` inside ``linear``, reshapes) share their input's storage and
+    allocate nothing; counting them would charge a parameter-sized tensor per layer.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -71,9 +75,19 @@ class _AllocationCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs, _ = tree_flatten((args, kwargs or {}))
+        shared = {_storage(t) for t in inputs if isinstance(t, torch.Tensor)}
         leaves, _ = tree_flatten(out)
-        self.elements += sum(t.numel() for t in leaves if isinstance(t, torch.Tensor))
+        self.elements += sum(t.numel() for t in leaves
+                             if isinstance(t, torch.Tensor) and _storage(t) not in shared)
         return out
+
+
+def _storage(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. sparse)
+        return id(t)
 
 
 def profile_forward(fm, params: dict[str, torch.Tensor],

@@ -82,17 +82,17 @@ class Site:
 class Unit:
     """Structured parameters sharing their calls: one weight and/or one bias.
 
-    The unit's per-sample gradient, flattened, is ``Σ_t D_t ⊗ A_t`` with ``A_t`` of
-    ``groups x k_in`` (the layer's input feature, plus a constant 1 column for a bias)
-    and ``D_t`` of ``groups x k_out`` (the cotangent), over ``positions`` positions per
-    sample summed over all ``sites``.
+    The weight's per-sample gradient is ``Σ_t D_t ⊗ A_t`` with ``A_t`` of ``groups x k_in``
+    (the layer's input feature) and ``D_t`` of ``groups x k_out`` (the cotangent), over
+    ``positions`` positions per sample summed over all ``sites``; the bias's is ``Σ_t D_t``
+    (a weight on a constant input 1).
 
     Attributes:
         kind: rule of the layers (all sites share it).
         weight, bias: selected parameter names (canonical), or None.
         sites: indices into :attr:`Structure.sites`, in call order.
         positions: ``T``, positions per sample over all sites.
-        groups, k_in, k_out: block sizes as above (``k_in`` includes the bias column).
+        groups, k_in, k_out: block sizes as above (``k_in`` is 0 without a weight).
         vocab: rows of an embedding (its input feature is one-hot of this size), else 0.
     """
 
@@ -112,7 +112,7 @@ class Unit:
 
     @property
     def n_params(self) -> int:
-        return self.groups * self.k_in * self.k_out
+        return self.groups * self.k_out * (self.k_in + (self.bias is not None))
 
 
 @dataclass(frozen=True)
@@ -264,7 +264,7 @@ def _feature_elements(module: nn.Module, site: Site) -> int:
     positions, groups, k_in, _ = layer_sizes(module, site)
     if site.kind == "embedding":
         return positions  # the indices
-    return positions * groups * (k_in + 1)
+    return positions * groups * k_in
 
 
 def _unit(layers: dict[str, nn.Module], sites: tuple[Site, ...], idx: tuple[int, ...],
@@ -277,7 +277,6 @@ def _unit(layers: dict[str, nn.Module], sites: tuple[Site, ...], idx: tuple[int,
         positions += t
     if weight is None:
         k_in = 0
-    k_in += bias is not None
     vocab = module.num_embeddings if kind == "embedding" else 0
     return Unit(kind=kind, weight=weight, bias=bias, sites=idx, positions=positions,
                 groups=groups, k_in=k_in, k_out=k_out, vocab=vocab)

@@ -86,25 +86,20 @@ def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
     nd = len(module.kernel_size)
     x = x.reshape(-1, *x.shape[-nd - 1:])  # (N·lead, C, *spatial)
-    # The module pads exactly like this before a padding-free convolution (string padding
-    # included: _reversed_padding_repeated_twice holds the asymmetric 'same' amounts).
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    x = F.pad(x, list(module._reversed_padding_repeated_twice), mode=mode)
+    # The module pads like this (string padding included: _reversed_padding_repeated_twice
+    # holds the asymmetric 'same' amounts); unfold pads symmetric zeros itself, without a copy.
+    pads = list(module._reversed_padding_repeated_twice)  # last dimension first
+    padding = tuple(pads[2 * i] for i in reversed(range(nd)))
+    if module.padding_mode != "zeros" or pads[0::2] != pads[1::2]:
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, pads, mode=mode)
+        padding = (0,) * nd
     kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
     if nd == 1:
         x = x.unsqueeze(-2)
-        kernel, dilation, stride = (1, *kernel), (1, *dilation), (1, *stride)
-    cols = F.unfold(x, kernel, dilation=dilation, padding=0, stride=stride)  # (N·lead, Ck, L)
+        kernel, dilation, stride, padding = (1, *kernel), (1, *dilation), (1, *stride), (0, *padding)
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (N·lead, Ck, L)
     return cols.reshape(n, -1, cols.shape[1], cols.shape[2]).transpose(-1, -2).reshape(n, -1, cols.shape[1])
-
-
-def with_bias(unit: Unit, a: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """Append the constant-1 column of a bias (or make it, for a bias-only unit)."""
-    n, t, g = like.shape[0], like.shape[2], like.shape[3]
-    if unit.bias is None:
-        return a
-    ones = like.new_ones(n, t, g, 1)
-    return ones if unit.weight is None else torch.cat([a.to(like.dtype), ones], dim=-1)
 
 
 def one_hot(indices: torch.Tensor, mask: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
@@ -122,7 +117,7 @@ def strategy_costs(unit: Unit, n1: int, n2: int, symmetric: bool, n_out: int,
     t, g, ki, ko, o = unit.positions, unit.groups, unit.k_in, unit.k_out, n_out
     pairs = float(n1) * n2
     sides = n1 if symmetric else n1 + n2
-    gram_inputs = pairs * g * t * t * (1 if unit.vocab else 2 * ki)
+    gram_inputs = pairs * g * t * t * (1 if unit.vocab else 2 * ki + 1)
     if mode == "full":
         if t == 1 and g == 1:
             gram = gram_inputs + pairs * o * o * (2 * ko + 1)
@@ -137,10 +132,9 @@ def strategy_costs(unit: Unit, n1: int, n2: int, symmetric: bool, n_out: int,
         gram = gram_inputs + pairs * g * t * t * (2 * o * ko + 1)
         work = 2 * pairs * g * t * t
     p = unit.n_params
-    make = 2.0 * sides * o * t * g * ki * ko
+    make = 2.0 * sides * o * t * g * ko * (ki + (unit.bias is not None))
     contract = 2.0 * pairs * (o * o if mode == "full" else o) * p
-    onehot = sides * t * unit.vocab
-    explicit_work = sides * o * p + onehot
+    explicit_work = sides * (o * p + t * unit.vocab)
     return {"gram": (gram, work), "explicit": (make + contract, explicit_work)}
 
 
@@ -150,25 +144,29 @@ def choose_strategy(unit: Unit, n1: int, n2: int, symmetric: bool, n_out: int, m
 
 
 # ---------------------------------------------------------------------------------------
-# Contractions. A1/A2 are (N, T, G, k_in) float features, or for embeddings (N, T) indices
-# with (N, T) masks; D1/D2 (N, O, T, G, k_out). Results in ``mode``'s shape.
+# Contractions. ``a`` is the weight's feature (N, T, G, k_in), for embeddings a pair of
+# (N, T) indices and masks, or None without a weight; ``d`` is (N, O, T, G, k_out).
 
 
-def gram_of_inputs(unit: Unit, a1, a2, m1=None, m2=None) -> torch.Tensor:
-    """``GA[a, b, g, t, s]`` of shape ``(N1, N2, G, T, T)``."""
+def gram_of_inputs(unit: Unit, a1, a2, n1: int, n2: int, like: torch.Tensor) -> torch.Tensor:
+    """``GA[a, b, g, t, s]`` of shape ``(N1, N2, G, T, T)``, plus 1 for a bias."""
+    if unit.weight is None:
+        return like.new_ones(()).expand(n1, n2, unit.groups, unit.positions, unit.positions)
     if unit.vocab:  # one-hot rows: the inner product is index equality
-        same = (a1[:, None, :, None] == a2[None, :, None, :]) & (m1[:, None, :, None] & m2[None, :, None, :])
-        return same.unsqueeze(2)
-    if a1.shape[1] == 1 and a1.shape[2] == 1:
-        return (a1[:, 0, 0] @ a2[:, 0, 0].T)[:, :, None, None, None]
-    return torch.einsum("atgk,bsgk->abgts", a1, a2)
+        (i1, m1), (i2, m2) = a1, a2
+        same = (i1[:, None, :, None] == i2[None, :, None, :]) & (m1[:, None, :, None] & m2[None, :, None, :])
+        ga = same.unsqueeze(2).to(like.dtype)
+    elif a1.shape[1] == 1 and a1.shape[2] == 1:
+        ga = (a1[:, 0, 0] @ a2[:, 0, 0].T)[:, :, None, None, None]
+    else:
+        ga = torch.einsum("atgk,bsgk->abgts", a1, a2)
+    return ga + 1 if unit.bias is not None else ga
 
 
 def gram_kernel(ga: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, mode: str) -> torch.Tensor:
     """Kernel from ``GA (N1, N2, G, T, T)`` and cotangents, never forming parameter-sized tensors."""
     n1, n_out, t, g, ko = d1.shape
     n2 = d2.shape[0]
-    ga = ga.to(d1.dtype)
     if t == 1 and g == 1:
         ga = ga.reshape(n1, n2)
         if mode == "full":
@@ -188,19 +186,34 @@ def gram_kernel(ga: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, mode: str)
     return (ga * gd).sum((2, 3, 4)) / n_out
 
 
-def per_sample_gradients(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``(N, O, G·k_out·k_in)``: the unit's per-sample gradient of every output."""
+def weight_gradients(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``(O, N, G·k_out·k_in)``: per-sample weight gradients ``Σ_t D[a,i,t] ⊗ A[a,t]``.
+
+    With one group, one batched matrix product per output on strided views of ``d``
+    (whatever its memory layout, BLAS reads it transposed or not, without a copy).
+    """
+    n, n_out, _, g, ko = d.shape
+    ki = a.shape[-1]
+    if g == 1:
+        out = d.new_empty(n_out, n, ko, ki)
+        for i in range(n_out):
+            torch.bmm(d[:, i, :, 0, :].transpose(1, 2), a[:, :, 0, :], out=out[i])
+        return out.view(n_out, n, ko * ki)
+    return torch.einsum("aitgo,atgk->iagok", d, a).reshape(n_out, n, g * ko * ki)
+
+
+def bias_gradients(d: torch.Tensor) -> torch.Tensor:
+    """``(O, N, G·k_out)``: per-sample bias gradients ``Σ_t D[a,i,t]``."""
     n, n_out = d.shape[:2]
-    return torch.einsum("aitgo,atgk->aigok", d, a).reshape(n, n_out, -1)
+    return d.sum(2).transpose(0, 1).reshape(n_out, n, -1)
 
 
 def explicit_kernel(ja: torch.Tensor, jb: torch.Tensor, mode: str) -> torch.Tensor:
-    """Kernel from per-sample gradients ``ja (N1, O, p)`` and ``jb (N2, O, p)``."""
-    n1, n_out, _ = ja.shape
-    n2 = jb.shape[0]
+    """Kernel from outputs-first per-sample gradients ``ja (O, N1, p)``, ``jb (O, N2, p)``."""
+    n_out, n1, _ = ja.shape
+    n2 = jb.shape[1]
     if mode == "full":
-        k = ja.reshape(n1 * n_out, -1) @ jb.reshape(n2 * n_out, -1).T
-        return k.view(n1, n_out, n2, n_out).permute(0, 2, 1, 3)
-    if mode == "diagonal":
-        return torch.bmm(ja.transpose(0, 1), jb.permute(1, 2, 0)).permute(1, 2, 0)
-    return (ja.reshape(n1, -1) @ jb.reshape(n2, -1).T) / n_out
+        k = ja.reshape(n_out * n1, -1) @ jb.reshape(n_out * n2, -1).T
+        return k.view(n_out, n1, n_out, n2).permute(1, 3, 0, 2)
+    k = torch.bmm(ja, jb.transpose(1, 2))  # (O, N1, N2)
+    return k.permute(1, 2, 0) if mode == "diagonal" else k.sum(0) / n_out
