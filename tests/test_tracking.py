@@ -203,7 +203,7 @@ def _train_digits(parameterization: str, width: int, depth: int, seed: int, lr: 
     t = one_hot(y)
     torch.manual_seed(seed)
     net = nt.nn.MLP(64, width, depth, 10, parameterization=parameterization)
-    tracker = nt.KernelTracker(net, x[:32], every=steps, top_k=0, **tracker_kwargs)
+    tracker = nt.KernelTracker(net, x[:16], every=steps, top_k=0, **tracker_kwargs)
     opt = torch.optim.SGD(net.parameters(), lr=lr)
     for step in range(steps + 1):
         tracker.update(step)
