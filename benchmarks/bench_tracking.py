@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--probe", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--implementation", default="auto")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
@@ -66,7 +67,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def train(args: argparse.Namespace, width: int, data: dict[str, torch.Tensor], tracked: bool) -> dict:
+def train(args: argparse.Namespace, width: int, data: dict[str, torch.Tensor],
+          tracked: bool) -> dict:
     """One training run; wall time, per-call tracker times and the final parameters."""
     torch.manual_seed(args.seed)
     model = nt.nn.MLP(64, width, args.depth, 10, parameterization="ntk").to(args.device)
@@ -101,7 +103,8 @@ def train(args: argparse.Namespace, width: int, data: dict[str, torch.Tensor], t
 def kernel_seconds(args: argparse.Namespace, width: int, probe: torch.Tensor) -> float:
     torch.manual_seed(args.seed)
     model = nt.nn.MLP(64, width, args.depth, 10, parameterization="ntk").to(args.device).eval()
-    ntk = nt.empirical_ntk_fn(model, mode="trace", implementation=args.implementation, layerwise=True)
+    ntk = nt.empirical_ntk_fn(model, mode="trace", implementation=args.implementation,
+                              layerwise=True)
     ntk(probe)  # warm-up
     times = []
     for _ in range(max(3, args.repeats)):
@@ -155,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             "identical_parameters": identical,
         }
         summary.append(result)
-        rows += [{"width": width, "metric": k, "value": float(v)} for k, v in result.items() if k != "width"]
+        rows += [{"width": width, "metric": k, "value": float(v)}
+                 for k, v in result.items() if k != "width"]
 
     args.out.mkdir(parents=True, exist_ok=True)
     rec.to_csv(rows, args.out / "results.csv")
@@ -171,9 +175,11 @@ def main(argv: list[str] | None = None) -> int:
               "kernel s", "skip call s", "step s", "identical"]
     print("".join(f"{h:>13}" for h in header))
     for r in summary:
-        print(f"{r['width']:>13}{r['untracked_s']:>13.3f}{r['tracked_s']:>13.3f}{r['slowdown']:>12.1f}x"
+        print(f"{r['width']:>13}{r['untracked_s']:>13.3f}{r['tracked_s']:>13.3f}"
+              f"{r['slowdown']:>12.1f}x"
               f"{r['records_per_run']:>13}{r['per_record_s']:>13.4f}{r['kernel_s']:>13.4f}"
-              f"{r['skip_call_s']:>13.2e}{r['untracked_step_s']:>13.2e}{str(r['identical_parameters']):>13}")
+              f"{r['skip_call_s']:>13.2e}{r['untracked_step_s']:>13.2e}"
+              f"{str(r['identical_parameters']):>13}")
     print(f"results in {args.out}/")
     return 0 if all(r["identical_parameters"] for r in summary) else 1
 

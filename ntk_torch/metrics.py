@@ -46,7 +46,8 @@ def _check_tensor(name: str, value: object) -> torch.Tensor:
 def _check_kernel(name: str, k: object) -> torch.Tensor:
     """A square kernel in one of the three layouts; returns it unchanged."""
     k = _check_tensor(name, k)
-    ok = k.dim() in (2, 3, 4) and k.shape[0] == k.shape[1] and (k.dim() != 4 or k.shape[2] == k.shape[3])
+    square = k.dim() in (2, 3, 4) and k.shape[0] == k.shape[1]
+    ok = square and (k.dim() != 4 or k.shape[2] == k.shape[3])
     if not ok:
         raise ValueError(
             f"`{name}` must be a square kernel of shape (N, N), (N, N, O) or (N, N, O, O), "
@@ -57,14 +58,16 @@ def _check_kernel(name: str, k: object) -> torch.Tensor:
 
 def _check_same_shape(name1: str, a: torch.Tensor, name2: str, b: torch.Tensor) -> None:
     if a.shape != b.shape:
-        raise ValueError(f"`{name2}` must have `{name1}`'s shape {tuple(a.shape)}, got {tuple(b.shape)}")
+        raise ValueError(
+            f"`{name2}` must have `{name1}`'s shape {tuple(a.shape)}, got {tuple(b.shape)}")
     if a.device != b.device:
         raise ValueError(f"`{name2}` must be on `{name1}`'s device {a.device}, got {b.device}")
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     # 0/0 and x/0 become NaN on purpose (documented in the module docstring).
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), den.new_tensor(math.nan))
+    safe = den.clamp_min(torch.finfo(den.dtype).tiny)
+    return torch.where(den > 0, num / safe, den.new_tensor(math.nan))
 
 
 def as_matrix(k: torch.Tensor) -> torch.Tensor:
@@ -161,7 +164,8 @@ def _targets(y: object, n: int, n_out: int | None, like: torch.Tensor) -> torch.
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"`y` must be a torch.Tensor of shape (N,) or (N, C), got {_describe(y)}")
     if y.dim() not in (1, 2) or y.shape[0] != n:
-        raise ValueError(f"`y` must have shape (N,) or (N, C) with N = {n} as in `k`, got {tuple(y.shape)}")
+        raise ValueError(
+            f"`y` must have shape (N,) or (N, C) with N = {n} as in `k`, got {tuple(y.shape)}")
     if y.device != like.device:
         raise ValueError(f"`y` must be on `k`'s device {like.device}, got {y.device}")
     if y.is_floating_point():
@@ -314,8 +318,10 @@ def spectrum(k: torch.Tensor, num: int | None = None) -> torch.Tensor:
     """
     k = _check_kernel("k", k)
     size = k.shape[0] * (1 if k.dim() == 2 else k.shape[2])
-    if num is not None and (isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= size):
-        raise ValueError(f"`num` must be an int in [1, {size}] for a kernel of shape {tuple(k.shape)}, got {num!r}")
+    bad = isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= size
+    if num is not None and bad:
+        raise ValueError(f"`num` must be an int in [1, {size}] for a kernel of shape "
+                         f"{tuple(k.shape)}, got {num!r}")
     values = _eigenvalues(k)
     return values if num is None else values[:num]
 

@@ -39,8 +39,9 @@ def _save(fig: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def plot_drift(records: Iterable[dict[str, Any]], path: str | os.PathLike, *, title: str | None = None,
-               layers: Sequence[str] | None = None, log: bool = True) -> Path:
+def plot_drift(records: Iterable[dict[str, Any]], path: str | os.PathLike, *,
+               title: str | None = None, layers: Sequence[str] | None = None,
+               log: bool = True) -> Path:
     """Kernel drift and per-layer feature change over training steps, as one PNG.
 
     Four panels against ``step``: the whole-model (``layer == "total"``)
@@ -120,7 +121,8 @@ def plot_drift(records: Iterable[dict[str, Any]], path: str | os.PathLike, *, ti
                 ax.legend(fontsize=7, handlelength=3.5 if per_layer else 2,
                           ncol=2 if per_layer and len(runs) * len(layer_names) > 8 else 1)
         else:
-            ax.text(0.5, 0.5, f"no {metric} records", ha="center", va="center", transform=ax.transAxes)
+            ax.text(0.5, 0.5, f"no {metric} records", ha="center", va="center",
+                    transform=ax.transAxes)
     if title:
         fig.suptitle(title)
     return _save(fig, path)

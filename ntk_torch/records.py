@@ -34,7 +34,8 @@ STRING_FIELDS = frozenset({"layer", "metric", "parameterization", "activation", 
 INT_FIELDS = frozenset({"width", "depth", "seed", "step"})
 FLOAT_FIELDS = frozenset({"value"})
 
-__all__ = ["FIELDS", "Record", "columns", "read_csv", "read_json", "select", "to_csv", "to_json", "unique"]
+__all__ = ["FIELDS", "Record", "columns", "read_csv", "read_json", "select", "to_csv", "to_json",
+           "unique"]
 
 
 def _scalar(key: str, value: Any) -> Any:
@@ -47,14 +48,16 @@ def _scalar(key: str, value: Any) -> Any:
         return float(value)
     if hasattr(value, "item") and tuple(getattr(value, "shape", (None,))) == ():  # 0-d tensor/array
         return _scalar(key, value.item())
-    raise TypeError(f"record field {key!r} must be a scalar (str, int, float), got {type(value).__name__} {value!r}")
+    raise TypeError(f"record field {key!r} must be a scalar (str, int, float), "
+                    f"got {type(value).__name__} {value!r}")
 
 
 def _clean(records: Iterable[Record]) -> list[Record]:
     out = []
     for i, record in enumerate(records):
         if not isinstance(record, dict):
-            raise TypeError(f"`records` must contain dicts, got {type(record).__name__} at position {i}")
+            raise TypeError(
+                f"`records` must contain dicts, got {type(record).__name__} at position {i}")
         out.append({str(k): _scalar(str(k), v) for k, v in record.items()})
     return out
 
@@ -96,7 +99,9 @@ def to_csv(records: Iterable[Record], path: str | os.PathLike) -> Path:
         writer = csv.DictWriter(f, fieldnames=columns(rows), restval="")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: ("" if v is None else repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+            # repr() writes the shortest string that reads back as the same float.
+            writer.writerow({k: "" if v is None else repr(v) if isinstance(v, float) else v
+                             for k, v in row.items()})
     return path
 
 
@@ -157,7 +162,8 @@ def read_json(path: str | os.PathLike) -> list[Record]:
     """Records written by :func:`to_json`; ``null`` in float fields reads back as NaN."""
     rows = json.loads(Path(path).read_text())
     if not isinstance(rows, list):
-        raise ValueError(f"{os.fspath(path)!r} must hold a JSON list of records, got {type(rows).__name__}")
+        raise ValueError(
+            f"{os.fspath(path)!r} must hold a JSON list of records, got {type(rows).__name__}")
     for row in rows:
         for key in FLOAT_FIELDS:
             if key in row and row[key] is None:

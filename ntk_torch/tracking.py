@@ -22,6 +22,8 @@ from ntk_torch._checks import MODES, _describe, check_choice, check_module
 from ntk_torch._functional import ParamSelection
 from ntk_torch.empirical import Implementation, Mode, empirical_ntk_fn
 
+_Tensors = dict[str, torch.Tensor]
+
 TOTAL = "total"
 """The ``layer`` of whole-model records (a real module's name is never ``"total"``)."""
 
@@ -93,7 +95,8 @@ class KernelTracker:
         >>> import torch, ntk_torch as nt
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>
-        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        >>> nn = torch.nn
+        >>> net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1))
         >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
         >>> tracker = nt.KernelTracker(net, x, y, every=5)
         >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -107,9 +110,10 @@ class KernelTracker:
         0.0
     """
 
-    def __init__(self, model: nn.Module, probe_x: torch.Tensor, probe_y: torch.Tensor | None = None, *,
-                 every: int = 1, mode: Mode = "trace", implementation: Implementation = "auto",
-                 layers: Iterable[str] | None = None, params: ParamSelection = None, top_k: int = 5,
+    def __init__(self, model: nn.Module, probe_x: torch.Tensor,
+                 probe_y: torch.Tensor | None = None, *, every: int = 1, mode: Mode = "trace",
+                 implementation: Implementation = "auto", layers: Iterable[str] | None = None,
+                 params: ParamSelection = None, top_k: int = 5,
                  batch_size: int | None = None) -> None:
         check_module("model", model)
         self.model = model
@@ -205,10 +209,10 @@ class KernelTracker:
                 differ from those the state was recorded with.
         """
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-            raise ValueError(
-                f"`state` must be a KernelTracker.state_dict() of version {_STATE_VERSION}, "
-                f"got {_describe(state) if not isinstance(state, dict) else 'version ' + repr(state.get('version'))}"
-            )
+            got = (f"version {state.get('version')!r}" if isinstance(state, dict)
+                   else _describe(state))
+            raise ValueError(f"`state` must be a KernelTracker.state_dict() of version "
+                             f"{_STATE_VERSION}, got {got}")
         config = state["config"]
         mine = {"mode": self.mode, "layers": list(self.layers), "top_k": self.top_k,
                 "params": list(self._param_names)}
@@ -224,7 +228,8 @@ class KernelTracker:
                 saved is not None and current is not None and saved.shape == current.shape
                 and saved.dtype == current.dtype and torch.equal(saved.to(current.device), current))
             if not same:
-                raise ValueError(f"`state` was recorded on a different `{name}` than this tracker's")
+                raise ValueError(
+                    f"`state` was recorded on a different `{name}` than this tracker's")
         device = self.probe_x.device
         self.records = [dict(r) for r in state["records"]]
         self._reference = _clone_tree(state["reference"], device)
@@ -236,7 +241,7 @@ class KernelTracker:
 
     # -- measurement ------------------------------------------------------------------
 
-    def _measure(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def _measure(self) -> tuple[_Tensors, _Tensors, _Tensors]:
         with _measuring(self.model):
             features = _capture(self.model, self.probe_x, self.layers)
             kernels = dict(self._ntk(self.probe_x))
@@ -245,8 +250,8 @@ class KernelTracker:
             weights = {n: named[n].detach() for n in self._param_names}
         return kernels, features, weights
 
-    def _records(self, step: int, kernels: dict[str, torch.Tensor], features: dict[str, torch.Tensor],
-                 weights: dict[str, torch.Tensor]) -> list[_records.Record]:
+    def _records(self, step: int, kernels: _Tensors, features: _Tensors,
+                 weights: _Tensors) -> list[_records.Record]:
         ref = self._reference
         out: list[_records.Record] = []
 
@@ -268,7 +273,8 @@ class KernelTracker:
         kernel_metrics(TOTAL)
         if self._previous is not None:
             elapsed = step - self._previous["step"]
-            add(TOTAL, "kernel_velocity", metrics.kernel_distance(kernels[TOTAL], self._previous["kernel"]) / elapsed)
+            moved = metrics.kernel_distance(kernels[TOTAL], self._previous["kernel"])
+            add(TOTAL, "kernel_velocity", moved / elapsed)
         top = metrics.spectrum(kernels[TOTAL])
         for i, value in enumerate(top[: self.top_k].tolist(), start=1):
             add(TOTAL, f"eigenvalue_{i}", value)
@@ -289,7 +295,8 @@ def _measuring(model: nn.Module) -> Iterator[None]:
     """Eval mode, no autograd graph, and the RNG state and per-module modes restored."""
     modes = [(m, m.training) for m in model.modules()]
     cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    cuda_rng = torch.cuda.get_rng_state_all() if cuda else None
     try:
         model.eval()
         with torch.no_grad():
@@ -323,11 +330,13 @@ def _capture(model: nn.Module, x: torch.Tensor, layers: tuple[str, ...]) -> dict
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             tensor = _first_tensor(output)
             if tensor is None:
-                raise TypeError(f"layer {name!r} ({type(module).__name__}) returned no tensor to track")
+                raise TypeError(
+                    f"layer {name!r} ({type(module).__name__}) returned no tensor to track")
             if tensor.dim() == 0 or tensor.shape[0] != x.shape[0]:
                 raise ValueError(
-                    f"layer {name!r} ({type(module).__name__}) returned shape {tuple(tensor.shape)}, "
-                    f"expected features (N, ...) with N = {x.shape[0]} probe samples; leave it out of `layers`"
+                    f"layer {name!r} ({type(module).__name__}) returned shape "
+                    f"{tuple(tensor.shape)}, expected features (N, ...) with N = {x.shape[0]} "
+                    "probe samples; leave it out of `layers`"
                 )
             # Clone: a later in-place op (ReLU(inplace=True)) would overwrite the stored output.
             seen[name].append(tensor.detach().reshape(tensor.shape[0], -1).clone())
@@ -344,7 +353,8 @@ def _capture(model: nn.Module, x: torch.Tensor, layers: tuple[str, ...]) -> dict
     if missing:
         raise ValueError(f"layers {missing} were not called by the model's forward on `probe_x`; "
                          "leave them out of `layers`")
-    return {name: outs[0] if len(outs) == 1 else torch.cat(outs, dim=1) for name, outs in seen.items()}
+    return {name: outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+            for name, outs in seen.items()}
 
 
 def _clone_tree(tree: Any, device: torch.device | None = None) -> Any:
@@ -366,7 +376,8 @@ def _check_probe_x(x: Any) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"`probe_x` must be a torch.Tensor of shape (N, ...), got {_describe(x)}")
     if x.dim() == 0 or x.shape[0] < 2:
-        raise ValueError(f"`probe_x` must hold N >= 2 samples, shape (N, ...), got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"`probe_x` must hold N >= 2 samples, shape (N, ...), got shape {tuple(x.shape)}")
     return x.detach()
 
 
@@ -374,24 +385,29 @@ def _check_probe_y(y: Any, n: int) -> torch.Tensor | None:
     if y is None:
         return None
     if not isinstance(y, torch.Tensor):
-        raise TypeError(f"`probe_y` must be a torch.Tensor (N,) or (N, C) or None, got {_describe(y)}")
+        raise TypeError(
+            f"`probe_y` must be a torch.Tensor (N,) or (N, C) or None, got {_describe(y)}")
     if y.dim() not in (1, 2) or y.shape[0] != n:
-        raise ValueError(f"`probe_y` must have shape (N,) or (N, C) with N = {n} as `probe_x`, got {tuple(y.shape)}")
+        raise ValueError(f"`probe_y` must have shape (N,) or (N, C) with N = {n} as `probe_x`, "
+                         f"got {tuple(y.shape)}")
     return y.detach()
 
 
-def _check_layers(model: nn.Module, layers: Iterable[str] | None, owners: tuple[str, ...]) -> tuple[str, ...]:
+def _check_layers(model: nn.Module, layers: Iterable[str] | None,
+                  owners: tuple[str, ...]) -> tuple[str, ...]:
     if layers is None:
         chosen = owners
     else:
         if isinstance(layers, str):
-            raise TypeError(f"`layers` must be an iterable of module names, got the string {layers!r}; use [{layers!r}]")
+            raise TypeError(f"`layers` must be an iterable of module names, got the string "
+                            f"{layers!r}; use [{layers!r}]")
         chosen = tuple(layers)
         known = dict(model.named_modules())
         for name in chosen:
             if not isinstance(name, str) or name not in known:
                 names = ", ".join(repr(n) for n in list(known)[:12])
-                raise ValueError(f"`layers` names unknown module {name!r}; the model's modules are: {names}")
+                raise ValueError(
+                    f"`layers` names unknown module {name!r}; the model's modules are: {names}")
         if len(set(chosen)) != len(chosen):
             raise ValueError(f"`layers` must not repeat names, got {list(chosen)}")
     if TOTAL in chosen:

@@ -50,14 +50,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--depth", type=int, default=2, help="hidden layers (>= 1)")
     parser.add_argument("--steps", type=int, default=300, help="SGD steps")
     parser.add_argument("--batch", type=int, default=128, help="mini-batch size")
-    parser.add_argument("--every", type=int, default=25, help="tracker records every this many steps")
+    parser.add_argument("--every", type=int, default=25,
+                        help="the tracker records every this many steps")
     parser.add_argument("--probe", type=int, default=64, help="held-out digits in the probe batch")
-    parser.add_argument("--train", type=int, default=1200, help="training digits (the rest are test)")
+    parser.add_argument("--train", type=int, default=1200,
+                        help="training digits (the rest are test)")
     parser.add_argument("--lr-ntk", type=float, default=1.0)
     parser.add_argument("--lr-standard", type=float, default=0.05)
     parser.add_argument("--lr-mup", type=float, default=0.5)
-    parser.add_argument("--implementation", default="auto", help="auto, jacobian, ntk_vp or structured")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--implementation", default="auto",
+                        help="auto, jacobian, ntk_vp or structured")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
@@ -66,7 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.widths = [w for w in args.widths if w <= 64] or [16, 64]
         if len(args.widths) < 2:
             args.widths = [16, 64]
-        args.steps, args.every, args.probe = min(args.steps, 20), min(args.every, 5), min(args.probe, 16)
+        args.steps, args.every = min(args.steps, 20), min(args.every, 5)
+        args.probe = min(args.probe, 16)
         args.train, args.batch = min(args.train, 200), min(args.batch, 64)
     for name in ("depth", "steps", "batch", "every", "train"):
         if getattr(args, name) < 1:
@@ -76,7 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if min(args.widths) < 1:
         parser.error(f"--widths must be positive, got {args.widths}")
     if args.train + args.probe > 1797:
-        parser.error(f"--train + --probe must not exceed the 1797 digits, got {args.train} + {args.probe}")
+        parser.error(f"--train + --probe must not exceed the 1797 digits, "
+                     f"got {args.train} + {args.probe}")
     return args
 
 
@@ -118,8 +124,8 @@ def summarize(records: list[rec.Record], steps: int) -> list[rec.Record]:
     rows = []
     for parameterization in rec.unique(records, "parameterization"):
         for width in rec.unique(rec.select(records, parameterization=parameterization), "width"):
-            final = {(r["layer"], r["metric"]): r["value"] for r in
-                     rec.select(records, parameterization=parameterization, width=width, step=steps)}
+            run = rec.select(records, parameterization=parameterization, width=width, step=steps)
+            final = {(r["layer"], r["metric"]): r["value"] for r in run}
             hidden = sorted(layer for layer, metric in final if metric == "feature_relative_change"
                             and layer.startswith("hidden"))
             rows.append({
@@ -150,8 +156,10 @@ def plot_width_scaling(path: Path, summary: list[rec.Record]) -> None:
     widths = sorted(rec.unique(summary, "width"))
     for ax, (key, heading, slope) in zip(fig.subplots(1, 3), panels):
         for parameterization in rec.unique(summary, "parameterization"):
-            rows = sorted(rec.select(summary, parameterization=parameterization), key=lambda r: r["width"])
-            ax.loglog([r["width"] for r in rows], [r[key] for r in rows], "o-", label=parameterization)
+            rows = sorted(rec.select(summary, parameterization=parameterization),
+                          key=lambda r: r["width"])
+            ax.loglog([r["width"] for r in rows], [r[key] for r in rows], "o-",
+                      label=parameterization)
         ntk = sorted(rec.select(summary, parameterization="ntk"), key=lambda r: r["width"])
         if ntk:
             w0, v0 = ntk[0]["width"], ntk[0][key]
@@ -173,8 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     x, y = nt.data.load_digits(seed=args.seed)
     x, y = x.to(args.device), y.to(args.device)
-    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(args.seed)).to(args.device)
-    train, probe_idx, test = perm[:args.train], perm[args.train:args.train + args.probe], perm[args.train:]
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(args.seed))
+    perm = perm.to(args.device)
+    # The probe is the first --probe test digits: held out of training, part of the test set.
+    train, test = perm[:args.train], perm[args.train:]
+    probe_idx = test[:args.probe]
     x_train, t_train = x[train], nt.data.one_hot(y[train]).to(args.device)
     probe, probe_y = x[probe_idx], y[probe_idx]
     x_test, y_test = x[test], y[test]
@@ -212,10 +223,12 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"kernel drift of depth-{args.depth} ReLU MLPs on digits: {args.steps} SGD steps, "
           f"batch {args.batch}, probe {args.probe}, {seconds:.1f} s")
-    header = ["param", "width", "train loss", "test acc", "K dist", "K rel chg", "hidden chg", "W rel chg"]
+    header = ["param", "width", "train loss", "test acc", "K dist", "K rel chg", "hidden chg",
+              "W rel chg"]
     print("".join(f"{h:>11}" for h in header))
     for r in summary:
-        print(f"{r['parameterization']:>11}{r['width']:>11}{r['train_loss']:>11.4f}{r['test_accuracy']:>11.3f}"
+        print(f"{r['parameterization']:>11}{r['width']:>11}{r['train_loss']:>11.4f}"
+              f"{r['test_accuracy']:>11.3f}"
               f"{r['kernel_distance']:>11.2e}{r['kernel_relative_change']:>11.2e}"
               f"{r['hidden_feature_change']:>11.2e}{r['weight_relative_change']:>11.2e}")
     print(f"results in {args.out}/")

@@ -73,8 +73,9 @@ def test_quick_run_writes_consistent_results(tmp_path, capsys):
 
     summary = rec.read_csv(out / "summary.csv")
     for row in summary:
-        final = {(r["layer"], r["metric"]): r["value"] for r in
-                 rec.select(records, parameterization=row["parameterization"], width=row["width"], step=20)}
+        run = rec.select(records, parameterization=row["parameterization"], width=row["width"],
+                         step=20)
+        final = {(r["layer"], r["metric"]): r["value"] for r in run}
         assert row["kernel_distance"] == final["total", "kernel_distance"]
         assert row["hidden_feature_change"] == final["hidden1", "feature_relative_change"]
         assert 0 <= row["test_accuracy"] <= 1

@@ -82,7 +82,8 @@ def test_records_match_naive_jacobian_oracle_on_snapshots():
 
     def features(model, layer):
         out = {}
-        handle = dict(model.named_modules())[layer].register_forward_hook(lambda m, a, o: out.setdefault("h", o))
+        module = dict(model.named_modules())[layer]
+        handle = module.register_forward_hook(lambda m, a, o: out.setdefault("h", o))
         model(probe)
         handle.remove()
         return out["h"].detach()
@@ -97,12 +98,13 @@ def test_records_match_naive_jacobian_oracle_on_snapshots():
         for layer in (TOTAL, "0", "2"):
             k, k0 = kernel(model, layer), kernel(m0, layer)
             cos = (k * k0).sum() / (k.norm() * k0.norm())
-            assert _values(got, layer=layer, metric="kernel_distance")[step] == pytest.approx(float(1 - cos), abs=1e-12)
-            assert _values(got, layer=layer, metric="kernel_relative_change")[step] == pytest.approx(
-                float((k - k0).norm() / k0.norm()), rel=1e-9, abs=1e-14)
+            value = _values(got, layer=layer, metric="kernel_distance")[step]
+            assert value == pytest.approx(float(1 - cos), abs=1e-12)
+            value = _values(got, layer=layer, metric="kernel_relative_change")[step]
+            assert value == pytest.approx(float((k - k0).norm() / k0.norm()), rel=1e-9, abs=1e-14)
             w, w0 = weights(model, layer), weights(m0, layer)
-            assert _values(got, layer=layer, metric="weight_relative_change")[step] == pytest.approx(
-                float((w - w0).norm() / w0.norm()), rel=1e-12, abs=1e-15)
+            value = _values(got, layer=layer, metric="weight_relative_change")[step]
+            assert value == pytest.approx(float((w - w0).norm() / w0.norm()), rel=1e-12, abs=1e-15)
         k = kernel(model, TOTAL)
         onehot = one_hot(probe_y, 3, DT)
         h = torch.eye(5, dtype=DT) - 1 / 5
@@ -111,21 +113,24 @@ def test_records_match_naive_jacobian_oracle_on_snapshots():
             float((kc * yc).sum() / (kc.norm() * yc.norm())), rel=1e-10)
         eig = torch.linalg.eigvalsh(k).flip(0)
         for i in range(3):
-            assert _values(got, layer=TOTAL, metric=f"eigenvalue_{i + 1}")[step] == pytest.approx(float(eig[i]), rel=1e-9)
+            value = _values(got, layer=TOTAL, metric=f"eigenvalue_{i + 1}")[step]
+            assert value == pytest.approx(float(eig[i]), rel=1e-9)
         for layer in ("0", "1", "2"):
             f, f0 = features(model, layer), features(m0, layer)
-            assert _values(got, layer=layer, metric="feature_relative_change")[step] == pytest.approx(
-                float((f - f0).norm() / f0.norm()), rel=1e-12, abs=1e-15)
+            value = _values(got, layer=layer, metric="feature_relative_change")[step]
+            assert value == pytest.approx(float((f - f0).norm() / f0.norm()), rel=1e-12, abs=1e-15)
             assert _values(got, layer=layer, metric="feature_cka")[step] == pytest.approx(
                 float(metrics.linear_cka(f0, f)), rel=1e-12)
     # Velocity: distance between consecutive records over the steps between them.
     for prev, step in ((0, 2), (2, 4)):
         k, kp = kernel(snapshots[step], TOTAL), kernel(snapshots[prev], TOTAL)
         cos = (k * kp).sum() / (k.norm() * kp.norm())
-        assert _values(got, layer=TOTAL, metric="kernel_velocity")[step] == pytest.approx(float(1 - cos) / 2, abs=1e-12)
+        value = _values(got, layer=TOTAL, metric="kernel_velocity")[step]
+        assert value == pytest.approx(float(1 - cos) / 2, abs=1e-12)
     assert 0 not in _values(got, layer=TOTAL, metric="kernel_velocity")
     # The layer without parameters gets feature records only.
-    assert {r["metric"] for r in records.select(got, layer="1")} == {"feature_relative_change", "feature_cka"}
+    only_features = {"feature_relative_change", "feature_cka"}
+    assert {r["metric"] for r in records.select(got, layer="1")} == only_features
     assert _values(got, layer=TOTAL, metric="kernel_distance")[4] > 1e-6  # it did move
 
 
@@ -215,20 +220,23 @@ def _train_digits(parameterization: str, width: int, depth: int, seed: int, lr: 
 def test_wider_ntk_mlps_drift_less():
     # Lazy training: the relative kernel change scales like 1/√width (Jacot et al. 2018;
     # Lee et al. 2019). 16x the width -> about 4x less; ask for 2x on every seed pair.
-    narrow = [_train_digits("ntk", 32, 1, s, 1.0, 30)[(TOTAL, "kernel_relative_change")] for s in range(3)]
-    wide = [_train_digits("ntk", 512, 1, s, 1.0, 30)[(TOTAL, "kernel_relative_change")] for s in range(3)]
+    key = (TOTAL, "kernel_relative_change")
+    narrow = [_train_digits("ntk", 32, 1, s, 1.0, 30)[key] for s in range(3)]
+    wide = [_train_digits("ntk", 512, 1, s, 1.0, 30)[key] for s in range(3)]
     assert max(wide) < 0.5 * min(narrow), (narrow, wide)
     assert min(wide) > 0  # it moved at all
 
 
 def test_mup_hidden_features_keep_moving_with_width_ntk_features_freeze():
-    # The NTK restricted to the readout keeps the kernel cheap; features are tracked for every layer.
+    # The NTK restricted to the readout keeps the kernel cheap; features are tracked everywhere.
     kwargs = dict(params=["readout.weight"], layers=["hidden0", "hidden1", "readout"])
     change = {}
     for parameterization, lr in (("ntk", 1.0), ("mup", 0.5)):
         for width in (32, 512):
-            runs = [_train_digits(parameterization, width, 2, s, lr, 30, **kwargs) for s in range(2)]
-            change[parameterization, width] = sum(r[("hidden1", "feature_relative_change")] for r in runs) / 2
+            runs = [_train_digits(parameterization, width, 2, s, lr, 30, **kwargs)
+                    for s in range(2)]
+            change[parameterization, width] = sum(
+                r[("hidden1", "feature_relative_change")] for r in runs) / 2
     # NTK: Θ(1/√n) feature change -> 4x less at 16x the width; ask for 2x.
     assert change["ntk", 512] < 0.5 * change["ntk", 32], change
     # μP: Θ(1) feature change, the same at both widths up to finite-width corrections.
@@ -282,7 +290,8 @@ def test_training_with_tracker_is_bit_identical_to_without():
     state_a, state_b = opt_plain.state_dict()["state"], opt_tracked.state_dict()["state"]
     for key in state_a:
         for field in state_a[key]:
-            assert torch.equal(torch.as_tensor(state_a[key][field]), torch.as_tensor(state_b[key][field]))
+            a, b = torch.as_tensor(state_a[key][field]), torch.as_tensor(state_b[key][field])
+            assert torch.equal(a, b), (key, field)
     assert torch.equal(rng_plain, rng_tracked)
     assert tracked.training and not tracked.frozen_eval.training and tracked.body[3].training
 
@@ -308,7 +317,8 @@ def _resumable_run(stop_at: int | None, total: int = 20):
             tracker.update(step)
             _sgd_step(net, opt, x, target)
         buffer = io.BytesIO()
-        torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "tracker": tracker.state_dict()}, buffer)
+        torch.save({"model": net.state_dict(), "opt": opt.state_dict(),
+                    "tracker": tracker.state_dict()}, buffer)
         buffer.seek(0)
         checkpoint = torch.load(buffer, weights_only=False)
         # A fresh process: new objects, loaded from the checkpoint.
@@ -398,7 +408,8 @@ def test_update_schedule_and_errors():
         nt.KernelTracker(net, x[:4], layers=["body"])
     with pytest.raises(ValueError, match="N >= 2"):
         nt.KernelTracker(net, x[:1])
-    with pytest.raises(ValueError, match=r"`probe_y` must have shape \(N,\) or \(N, C\) with N = 4"):
+    expected = r"`probe_y` must have shape \(N,\) or \(N, C\) with N = 4"
+    with pytest.raises(ValueError, match=expected):
         nt.KernelTracker(net, x[:4], labels[:3])
     with pytest.raises(ValueError, match="`mode` must be one of"):
         nt.KernelTracker(net, x[:4], mode="sum")
