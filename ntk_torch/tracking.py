@@ -167,12 +167,13 @@ class KernelTracker:
                 f"{self._previous['step']}, got {step}"
             )
         kernels, features, weights = self._measure()
-        total_kernel = kernels[TOTAL]
-        if self._reference is None:
-            self._reference = {"step": step, "kernels": kernels, "features": features,
-                               "weights": {n: w.clone() for n, w in weights.items()}}
-        new = self._records(step, kernels, features, weights)
-        self._previous = {"step": step, "kernel": total_kernel}
+        reference = self._reference or {
+            "step": step, "kernels": kernels, "features": features,
+            "weights": {n: w.clone() for n, w in weights.items()}}
+        new = self._records(step, kernels, features, weights, reference)
+        # Commit only once every metric was computed, so a failure leaves the state as it was.
+        self._reference = reference
+        self._previous = {"step": step, "kernel": kernels[TOTAL]}
         self.records.extend(new)
         return new
 
@@ -250,9 +251,8 @@ class KernelTracker:
             weights = {n: named[n].detach() for n in self._param_names}
         return kernels, features, weights
 
-    def _records(self, step: int, kernels: _Tensors, features: _Tensors,
-                 weights: _Tensors) -> list[_records.Record]:
-        ref = self._reference
+    def _records(self, step: int, kernels: _Tensors, features: _Tensors, weights: _Tensors,
+                 ref: dict[str, Any]) -> list[_records.Record]:
         out: list[_records.Record] = []
 
         def add(layer: str, metric: str, value: torch.Tensor | float) -> None:
@@ -390,6 +390,9 @@ def _check_probe_y(y: Any, n: int) -> torch.Tensor | None:
     if y.dim() not in (1, 2) or y.shape[0] != n:
         raise ValueError(f"`probe_y` must have shape (N,) or (N, C) with N = {n} as `probe_x`, "
                          f"got {tuple(y.shape)}")
+    if bool((y == y[:1]).all()):
+        raise ValueError("`probe_y` is the same for every probe sample, so the kernel-target "
+                         "alignment is undefined; pick a probe with several targets or pass None")
     return y.detach()
 
 

@@ -390,6 +390,25 @@ def test_records_with_nan_and_extra_fields_round_trip(tmp_path):
         records.to_csv([{"value": torch.ones(2)}], tmp_path / "bad.csv")
 
 
+def test_failed_measurement_leaves_the_tracker_as_it_was():
+    class WithUnused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = _small_mlp()
+            self.unused = nn.Linear(4, 4).to(DT)  # registered but never called by forward
+
+        def forward(self, x):
+            return self.body(x)
+
+    net = WithUnused()
+    x, _ = _data()
+    tracker = nt.KernelTracker(net, x[:4], layers=["body.0", "unused"])
+    with pytest.raises(ValueError, match=r"layers \['unused'\] were not called"):
+        tracker.update(0)
+    assert tracker.records == [] and tracker.reference_step is None and tracker.last_step is None
+    assert all(not m._forward_hooks for m in net.modules())
+
+
 def test_update_schedule_and_errors():
     net = _small_mlp()
     x, labels = _data()
@@ -411,5 +430,7 @@ def test_update_schedule_and_errors():
     expected = r"`probe_y` must have shape \(N,\) or \(N, C\) with N = 4"
     with pytest.raises(ValueError, match=expected):
         nt.KernelTracker(net, x[:4], labels[:3])
+    with pytest.raises(ValueError, match="`probe_y` is the same for every probe sample"):
+        nt.KernelTracker(net, x[:4], torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="`mode` must be one of"):
         nt.KernelTracker(net, x[:4], mode="sum")
