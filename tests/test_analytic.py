@@ -407,8 +407,8 @@ def monte_carlo(build, x: torch.Tensor, seeds: int) -> tuple[torch.Tensor, torch
 def assert_within_standard_errors(samples: torch.Tensor, expected: torch.Tensor, z: float = 5.0) -> None:
     """Every entry of the sample mean within ``z`` standard errors of ``expected``.
 
-    The standard error is the seed-to-seed standard deviation over √S. With S >= 32 the
-    t-distribution is close to normal, and |Z| > 5 has probability 6e-7 per entry. The mean
+    The standard error is the seed-to-seed standard deviation over √S. With S = 32 the
+    t-distribution (31 degrees of freedom) gives |t| > 5 a probability of 2e-5 per entry. The mean
     kernel of a finite network differs from the limit by O(1/width) (exactly 0 for one
     hidden layer and Gaussian weights) while SE ~ 1/√(width·S), so with S <= width/4 the
     bias stays within one SE.
@@ -425,13 +425,12 @@ def assert_within_standard_errors(samples: torch.Tensor, expected: torch.Tensor,
         raise AssertionError(f"{float(scores.max()):.2f} standard errors off:\n{rows}")
 
 
-MC_SEEDS = 48
+MC_SEEDS = 32
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("parameterization, activation, depth", [
-    ("ntk", "relu", 1), ("ntk", "erf", 2), ("standard", "relu", 2), ("standard", "gelu", 1),
-    ("mup", "relu", 2), ("mup", nn.Tanh(), 1),
+    ("ntk", "erf", 2), ("standard", "gelu", 1), ("mup", "relu", 2),
 ])
 def test_monte_carlo_mlp(parameterization, activation, depth):
     x = _x(5, 4, seed=5)
@@ -463,8 +462,8 @@ def test_monte_carlo_small_cnn(head):
     x = torch.randn(4, 2, 5, 5, generator=torch.Generator().manual_seed(7), dtype=DT)
     if head == "pool":  # plain layers, default init
         build = lambda: nn.Sequential(  # noqa: E731
-            nn.Conv2d(2, 128, 3, padding="same"), nn.ReLU(), nn.Conv2d(128, 128, 3, padding=1),
-            nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 1))
+            nn.Conv2d(2, 64, 3, padding="same"), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 1))
     else:  # ntk_torch layers, an even kernel and a quadrature activation
         build = lambda: nn.Sequential(  # noqa: E731
             Conv2d(2, 128, 3, bias_std=0.2), nn.ReLU(), Conv2d(128, 64, 2, padding="same"),

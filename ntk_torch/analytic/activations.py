@@ -259,9 +259,8 @@ def quadrature(phi: Callable[[Tensor], Tensor], degree: int | None = DEFAULT_DEG
     estimate is the difference from the previous degree times the last contraction factor
     of those differences (geometric convergence, which smooth activations show); tests
     check the promised 1e-6 against direct 2-d integration. If no degree qualifies, 256 is
-    used,
-    with a ``RuntimeWarning`` reporting the estimate when it exceeds 1e-6. Degrees are
-    memoised per largest variance (rounded up to a power of ``2^(1/4)``).
+    used, with a ``RuntimeWarning`` reporting the estimate when it exceeds 1e-6. Degrees
+    are memoised per largest variance (rounded up to a power of ``2^(1/4)``).
 
     Args:
         phi: elementwise tensor function (module or callable), differentiable by autograd.
