@@ -161,3 +161,107 @@ CASES: dict[str, Case] = {
     ]
 }
 
+
+
+# Cases for the structured engine's rules (appended; every engine test covers them too).
+
+
+class ConvPaddings(nn.Module):
+    """String padding ('same' with an even kernel pads asymmetrically, 'valid') and
+    non-zero padding modes, in 1-d and 2-d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.same_even = nn.Conv1d(2, 3, 4, padding="same", dilation=2)
+        self.reflect = nn.Conv1d(3, 2, 3, padding=1, padding_mode="reflect", stride=2)
+        self.valid = nn.Conv2d(2, 3, (2, 3), padding="valid")
+        self.circular = nn.Conv2d(3, 2, 3, padding=(1, 2), padding_mode="circular", stride=(1, 2))
+        self.same2d = nn.Conv2d(2, 2, (2, 4), padding="same", padding_mode="replicate", bias=False)
+        self.head = nn.Linear(2 * 4 + 2 * 4 * 3 + 2 * 5 * 5, 2)
+
+    def forward(self, x):  # x: (N, 2, 5, 5)
+        seq = torch.tanh(self.reflect(torch.tanh(self.same_even(x.flatten(2)[..., :8]))))
+        img = torch.tanh(self.circular(torch.tanh(self.valid(x))))
+        same = self.same2d(x)
+        return self.head(torch.cat([seq.flatten(1), img.flatten(1), same.flatten(1)], 1))
+
+
+class LinearPositions(nn.Module):
+    """A Linear over two leading position dimensions, a head on their mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):  # x: (N, 2, 3, 4)
+        return self.head(torch.tanh(self.inner(x)).mean((1, 2)))
+
+
+class PaddedEmbedding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 3, padding_idx=0)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.embed(tokens)).sum(1))
+
+
+class ConvTwice(nn.Module):
+    """One Conv1d applied at two call sites of different lengths (positions concatenated)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 2, 3, padding=1)
+        self.head = nn.Linear(2 * 6 + 2 * 3, 2)
+
+    def forward(self, x):  # x: (N, 2, 6)
+        a = torch.tanh(self.conv(x))
+        b = torch.tanh(self.conv(a[..., ::2]))
+        return self.head(torch.cat([a.flatten(1), b.flatten(1)], 1))
+
+
+class SharedWeightLinears(nn.Module):
+    """Two Linear modules holding one weight Parameter, each with its own bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.second = nn.Linear(4, 4)
+        self.second.weight = self.first.weight
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.second(torch.tanh(self.first(x)))))
+
+
+class RawUseOfLayerWeight(nn.Module):
+    """A Linear's weight also used outside the layer's call: it must take the fallback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x)) + torch.sin(x @ self.fc.weight.T)
+        return self.head(h)
+
+
+CASES.update({
+    c.name: c
+    for c in [
+        Case("conv_paddings", ConvPaddings, _normal(2, 5, 5)),
+        Case("linear_positions", LinearPositions, _normal(2, 3, 4)),
+        Case("embedding_padding_idx", PaddedEmbedding,
+             lambda n, g: torch.randint(0, 7, (n, 4), generator=g) * (torch.rand(n, 4, generator=g) > 0.3)),
+        Case("conv_called_twice", ConvTwice, _normal(2, 6)),
+        Case("batchnorm1d_sequence",
+             lambda: nn.Sequential(nn.Conv1d(2, 3, 2), nn.BatchNorm1d(3), nn.Tanh(), nn.Flatten(),
+                                   nn.Linear(12, 2)),
+             _normal(2, 5)),
+        Case("shared_weight_linears", SharedWeightLinears, _normal(4)),
+        Case("raw_use_of_layer_weight", RawUseOfLayerWeight, _normal(3)),
+    ]
+})

@@ -4,9 +4,16 @@ Each engine module provides ``estimate(problem) -> Cost`` (FLOPs, peak bytes of 
 block) and ``compute(fm, params, x1, x2, mode, groups, *, problem, memory_budget)``
 returning ``{group: block}`` where ``x2=None`` means ``x2 = x1``.
 
-``auto`` takes, among the engines whose estimated peak memory fits the budget, the one
-with the fewest estimated FLOPs; FLOPs are counted from one profiled forward pass
-(``torch.utils.flop_counter``) and the engines' formulas in their docstrings.
+Cost model of ``auto``: among the engines whose estimated peak memory fits the budget,
+the one with the smallest predicted time
+
+    seconds = FLOPs / (THROUGHPUT · EFFICIENCY) + OVERHEAD_S
+
+where FLOPs come from one profiled forward pass (``torch.utils.flop_counter``) and the
+engine's formula (its docstring), ``THROUGHPUT`` is a nominal matmul rate, and each
+engine module states its ``EFFICIENCY`` (fraction of that rate its work runs at) and
+``OVERHEAD_S`` (fixed seconds per call), measured on the benchmark set
+(``benchmarks/bench_empirical.py``). Ties go to the earlier engine in ``ENGINES``.
 """
 
 from __future__ import annotations
@@ -27,13 +34,27 @@ def estimate(name: str, problem: Problem) -> Cost:
     return ENGINES[name].estimate(problem)
 
 
+# Nominal float32 matmul rate (FLOP/s); only ratios between engines and against the
+# fixed overheads matter, so it need not match the machine.
+THROUGHPUT = 2e10
+
+
+def predicted_seconds(name: str, problem: Problem) -> float:
+    """Predicted time of one block with engine ``name`` (see the module docstring)."""
+    module = ENGINES[name]
+    efficiency = getattr(module, "EFFICIENCY", 1.0)
+    overhead = getattr(module, "OVERHEAD_S", 1e-3)
+    return estimate(name, problem).flops / (THROUGHPUT * efficiency) + overhead
+
+
 def choose(problem: Problem, memory_budget: float | None) -> str | None:
-    """Cheapest engine by estimated FLOPs among those that fit; None if none fits."""
-    costs = {name: estimate(name, problem) for name in ENGINES}
-    fitting = [n for n, c in costs.items() if memory_budget is None or c.bytes <= memory_budget]
+    """Fastest predicted engine among those whose memory fits; None if none fits."""
+    fitting = [n for n in ENGINES
+               if memory_budget is None or estimate(n, problem).bytes <= memory_budget]
     if not fitting:
         return None
-    return min(fitting, key=lambda n: costs[n].flops)
+    return min(fitting, key=lambda n: predicted_seconds(n, problem))
 
 
-__all__ = ["ENGINES", "Cost", "Problem", "choose", "estimate", "profile_forward", "register"]
+__all__ = ["ENGINES", "THROUGHPUT", "Cost", "Problem", "choose", "estimate", "predicted_seconds",
+           "profile_forward", "register"]

@@ -13,6 +13,10 @@ from torch.func import jacrev, vmap
 
 from ntk_torch._engines._cost import Cost, Problem
 
+# Batched backward passes and one large matmul per parameter tensor.
+EFFICIENCY = 1.0
+OVERHEAD_S = 1e-3
+
 
 def estimate(problem: Problem) -> Cost:
     p = problem

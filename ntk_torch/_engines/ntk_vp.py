@@ -15,6 +15,10 @@ from torch.func import jvp, vjp, vmap
 
 from ntk_torch._engines._cost import Cost, Problem
 
+# Many small vjp/jvp passes under vmap: about half the matmul-bound engines' rate.
+EFFICIENCY = 0.5
+OVERHEAD_S = 1e-3
+
 
 def _chunk_bytes(p: Problem, chunk: int) -> float:
     # c·O parameter-space vectors, and c·O forward-mode passes over n1 samples.

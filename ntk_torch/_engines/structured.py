@@ -51,8 +51,14 @@ from ntk_torch._engines._structured_rules import (
     weight_gradients,
 )
 
-# Working memory of one contraction step; larger layers are done in blocks of samples.
+# A probe pass, hooks and a few small products per layer add a fixed cost.
+EFFICIENCY = 1.0
+OVERHEAD_S = 2e-3
+
+# Working memory of one contraction step (at most a quarter of the budget, at least
+# MIN_WORK_BYTES); larger layers are done in blocks of samples.
 WORK_BYTES = 256 * 2**20
+MIN_WORK_BYTES = 2**20
 
 
 def estimate(problem: Problem) -> Cost:
@@ -90,7 +96,7 @@ def compute(fm, params, x1, x2, mode, groups, *, problem=None, memory_budget=Non
     xs = x1 if x2 is None else torch.cat([x1, x2])
     feats, cots, fb_jac = _capture(fm, params, xs, structure)
     dtype = next(iter(params.values())).dtype
-    work = WORK_BYTES if memory_budget is None else max(min(WORK_BYTES, memory_budget / 4), 2**20)
+    work = WORK_BYTES if memory_budget is None else max(min(WORK_BYTES, memory_budget / 4), MIN_WORK_BYTES)
     work_elements = work / torch.finfo(dtype).bits * 8
 
     group_of = {name: g for g, names in groups.items() for name in names}

@@ -1,0 +1,324 @@
+"""The structured engine and ``implementation="auto"``.
+
+Oracles: the naive per-sample ``torch.autograd.grad`` Jacobian in float64 (every catalog
+case, every mode, tiled or not, ``x2=None`` or not, each contraction strategy forced);
+the jacobian engine in float32; and, for what the engine must not do (materialise
+``(N, O, P)``, leave hooks on the module), direct inspection.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import ntk_torch as nt
+from ntk_torch import _engines
+from ntk_torch._engines import Problem, structured
+from ntk_torch._engines._structure import discover
+from ntk_torch._functional import functionalize
+from ntk_torch._tiling import transpose_pairs
+from tests.cases import CASES
+from tests.conftest import RTOL, assert_close
+from tests.oracle import naive_ntk, owner_names
+
+MODES = ("full", "diagonal", "trace")
+_ORACLE: dict[tuple, torch.Tensor] = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These models are microseconds of work per operation; on a shared, oversubscribed
+    # machine every OpenMP parallel region can stall for a scheduler time slice.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def oracle(case, mode: str, symmetric: bool, names: list[str] | None = None) -> torch.Tensor:
+    """Float64 naive kernel of the case on fixed inputs (x1: 5 samples, x2: 3), cached."""
+    key = (case.name, symmetric, tuple(names or ()))
+    if key not in _ORACLE:
+        model = case.build()
+        _ORACLE[key] = naive_ntk(model, case.inputs(5), None if symmetric else case.inputs(3, seed=7),
+                                 "full", names)
+    full = _ORACLE[key]
+    if mode == "full":
+        return full
+    diagonal = full.diagonal(dim1=2, dim2=3)
+    return diagonal if mode == "diagonal" else diagonal.mean(-1)
+
+
+def structured_ntk(case, mode, symmetric, batch_size=None, **kwargs):
+    model = case.build()
+    x2 = None if symmetric else case.inputs(3, seed=7)
+    return nt.empirical_ntk(model, case.inputs(5), x2, mode=mode, implementation="structured",
+                            batch_size=batch_size, **kwargs)
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["x2", "x2=None"])
+@pytest.mark.parametrize("batch_size", [None, 2], ids=["untiled", "tiled"])
+def test_matches_oracle_in_every_mode(case, symmetric, batch_size):
+    for mode in MODES:
+        k = structured_ntk(case, mode, symmetric, batch_size)
+        assert_close(k, oracle(case, mode, symmetric))
+        if symmetric:
+            assert torch.equal(k, transpose_pairs(k)), "x2=None must give an exactly symmetric kernel"
+
+
+@pytest.mark.parametrize("strategy", ["gram", "explicit"])
+def test_each_strategy_is_exact_on_every_case(case, strategy, monkeypatch):
+    # The FLOP model picks one route per layer; both must be exact everywhere.
+    monkeypatch.setattr(structured, "choose_strategy", lambda *args: strategy)
+    for mode in MODES:
+        for symmetric in (False, True):
+            assert_close(structured_ntk(case, mode, symmetric), oracle(case, mode, symmetric))
+
+
+@pytest.mark.parametrize("name", ["cnn2d", "embedding", "sequence_layernorm", "tied_weights",
+                                  "conv_called_twice", "groupnorm", "linear_positions"])
+@pytest.mark.parametrize("strategy", ["gram", "explicit"])
+def test_contraction_in_blocks_of_samples_is_exact(name, strategy, monkeypatch):
+    # A working-memory cap of a few bytes forces one sample per contraction block.
+    monkeypatch.setattr(structured, "choose_strategy", lambda *args: strategy)
+    monkeypatch.setattr(structured, "WORK_BYTES", 8)
+    monkeypatch.setattr(structured, "MIN_WORK_BYTES", 8)
+    case = CASES[name]
+    for mode in MODES:
+        for symmetric in (False, True):
+            assert_close(structured_ntk(case, mode, symmetric), oracle(case, mode, symmetric))
+
+
+def test_layerwise_matches_oracle_per_owner(case):
+    model = case.build()
+    x1, x2 = case.inputs(5), case.inputs(3, seed=7)
+    layers = nt.layerwise_ntk(model, x1, x2, mode="full", implementation="structured")
+    groups = owner_names(model)
+    assert sorted(layers) == sorted(groups)
+    for owner, names in groups.items():
+        assert_close(layers[owner], oracle(case, "full", False, names))
+
+
+def test_weight_and_bias_in_different_groups():
+    # Through the engine interface a weight and its bias may be asked for apart: the
+    # unit is split and each part is exact on its own.
+    case = CASES["cnn2d"]
+    model = case.build()
+    fm = functionalize(model)
+    x1, x2 = case.inputs(5), case.inputs(3, seed=7)
+    groups = {"w": ("0.weight", "6.weight"), "b": ("0.bias", "6.bias"), "rest": ("2.weight",)}
+    expected = {g: naive_ntk(model, x1, x2, "full", list(names)) for g, names in groups.items()}
+    for mode in MODES:
+        out = structured.compute(fm, fm.params(), x1, x2, mode, groups)
+        for group, full in expected.items():
+            diagonal = full.diagonal(dim1=2, dim2=3)
+            assert_close(out[group], {"full": full, "diagonal": diagonal, "trace": diagonal.mean(-1)}[mode])
+
+
+def test_bias_only_selection():
+    case = CASES["mlp"]
+    model, x = case.build(), case.inputs(5)
+    names = ["0.bias", "2.bias"]
+    k = nt.empirical_ntk(model, x, mode="full", implementation="structured", params=names)
+    assert_close(k, naive_ntk(model, x, None, "full", names))
+
+
+def test_float32_agrees_with_jacobian_engine(case):
+    model = case.build(torch.float32)
+    x1, x2 = case.inputs(5, torch.float32), case.inputs(3, torch.float32, seed=7)
+    expected = nt.empirical_ntk(model, x1, x2, implementation="jacobian")
+    assert_close(nt.empirical_ntk(model, x1, x2, implementation="structured"), expected,
+                 RTOL[torch.float32])
+
+
+# ---------------------------------------------------------------------------------------
+# What the probe sends where.
+
+
+def _split(model: nn.Module, x: torch.Tensor) -> tuple[set[str], set[str]]:
+    fm = functionalize(model)
+    s = discover(fm, fm.params(), x[:1])
+    return {n for u in s.units for n in u.names}, set(s.fallback)
+
+
+def test_standard_layers_are_structured_and_the_rest_falls_back():
+    structured_names, fallback = _split(CASES["transformer_eval"].build(), CASES["transformer_eval"].inputs(2))
+    assert {"encoder.linear1.weight", "encoder.norm2.bias", "head.weight"} <= structured_names
+    # nn.MultiheadAttention uses its packed projections (and out_proj.weight) directly.
+    assert {"encoder.self_attn.in_proj_weight", "encoder.self_attn.out_proj.weight"} <= fallback
+
+    structured_names, fallback = _split(CASES["tied_weights"].build(), CASES["tied_weights"].inputs(2))
+    assert fallback == {"embed.weight"}  # tied across an Embedding and a Linear: kinds differ
+    assert {"shared.weight", "shared.bias"} <= structured_names
+
+    structured_names, fallback = _split(CASES["raw_use_of_layer_weight"].build(),
+                                        CASES["raw_use_of_layer_weight"].inputs(2))
+    assert fallback == {"fc.weight"} and "fc.bias" in structured_names
+
+    structured_names, fallback = _split(CASES["raw_parameter"].build(), CASES["raw_parameter"].inputs(2))
+    assert fallback == {"scale", "shift"}
+
+
+class _ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+def test_overridden_forward_hooks_and_max_norm_fall_back_exactly():
+    torch.manual_seed(0)
+    hooked = nn.Linear(3, 4).double()
+    hooked.register_forward_hook(lambda m, args, out: out * 3.0)
+    model = nn.Sequential(_ScaledLinear(3, 3), nn.Tanh(), hooked, nn.Tanh(), nn.Linear(4, 2)).double().eval()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    structured_names, fallback = _split(model, x)
+    assert fallback == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert_close(nt.empirical_ntk(model, x, implementation="structured"), naive_ntk(model, x, None, "full"))
+
+    embed = nn.Sequential(nn.Embedding(6, 3, max_norm=1.0), nn.Flatten(), nn.Linear(6, 2)).double().eval()
+    tokens = torch.tensor([[1, 2], [3, 3], [0, 5]])
+    structured_names, fallback = _split(embed, tokens)
+    assert fallback == {"0.weight"}
+
+
+def test_module_is_left_untouched_even_when_the_forward_fails():
+    class FailsUnderVmap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls > 2:  # profile and probe pass; the capture fails
+                raise RuntimeError("boom")
+            return self.fc(x)
+
+    model = FailsUnderVmap().double().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="boom"):
+        nt.empirical_ntk(model, torch.randn(3, 3, dtype=torch.float64), implementation="structured")
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model.training and all(p.requires_grad for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------
+# Memory.
+
+
+class _LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves, _ = tree_flatten(out)
+        sizes = [t.numel() for t in leaves if isinstance(t, torch.Tensor)]
+        self.largest = max([self.largest, *sizes])
+        return out
+
+
+def test_never_materialises_per_sample_jacobians_of_dense_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5)).eval()
+    x = torch.randn(16, 30)
+    fm = functionalize(model)
+    params = fm.params()
+    layer_jacobian = 16 * 5 * 64 * 64  # (N, O, P) of the middle layer alone
+    counter = _LargestTensor()
+    with counter:
+        structured.compute(fm, params, x, None, "full", fm.groups(False))
+    assert counter.largest < layer_jacobian / 10
+
+
+def test_estimate_is_far_below_the_jacobian_for_a_wide_mlp():
+    # The issue's 784-2048-2048-10, N=128: the Jacobian is ~30 GB in float32.
+    model = nn.Sequential(nn.Linear(784, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(),
+                          nn.Linear(2048, 10)).eval()
+    problem = _problem(model, torch.randn(128, 784), "full", symmetric=True)
+    jacobian_bytes = 128 * 10 * problem.n_params * 4
+    assert _engines.estimate("jacobian", problem).bytes >= jacobian_bytes
+    assert _engines.estimate("structured", problem).bytes < jacobian_bytes / 50
+
+
+def test_runs_under_a_budget_too_small_for_the_jacobian():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(50, 100), nn.Tanh(), nn.Linear(100, 2)).double().eval()
+    x = torch.randn(4, 50, dtype=torch.float64)
+    budget = 4 * 2 * sum(p.numel() for p in model.parameters()) * 8 / 2  # half of J (N, O, P)
+    with pytest.raises(MemoryError):
+        nt.empirical_ntk(model, x, implementation="jacobian", memory_budget=budget)
+    k = nt.empirical_ntk(model, x, implementation="structured", memory_budget=budget)
+    assert_close(k, naive_ntk(model, x, None, "full"))
+
+
+# ---------------------------------------------------------------------------------------
+# implementation="auto".
+
+
+def _problem(model: nn.Module, x: torch.Tensor, mode: str, symmetric: bool = False) -> Problem:
+    fm = functionalize(model)
+    values = fm.params()
+    flops, activations, n_out, structure = _engines.profile_forward(fm, values, x)
+    return Problem(n1=x.shape[0], n2=x.shape[0], symmetric=symmetric, mode=mode, n_out=n_out,
+                   n_params=sum(v.numel() for v in values.values()), n_groups=1, forward_flops=flops,
+                   activations=activations, itemsize=x.element_size(), structure=structure)
+
+
+class _RawMLP(nn.Module):
+    """Weights used as raw parameters: nothing for the structured rules to use."""
+
+    def __init__(self, d: int = 6, width: int = 40, out: int = 3) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(d, width) / d**0.5)
+        self.w2 = nn.Parameter(torch.randn(width, out) / width**0.5)
+
+    def forward(self, x):
+        return torch.tanh(x @ self.w1) @ self.w2
+
+
+def test_auto_picks_structured_for_dense_networks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(100, 256), nn.Tanh(), nn.Linear(256, 10)).eval()
+    x = torch.randn(16, 100)
+    problem = _problem(model, x, "full", symmetric=True)
+    flops = {e: _engines.estimate(e, problem).flops for e in _engines.ENGINES}
+    assert flops["structured"] < flops["jacobian"] / 10  # Gram matrices instead of (N, O, P)
+    ntk = nt.empirical_ntk_fn(model, implementation="auto")
+    ntk(x)
+    assert ntk.last_implementation == "structured"
+
+
+def test_auto_picks_jacobian_when_nothing_is_structured():
+    torch.manual_seed(0)
+    model = _RawMLP().eval()
+    x = torch.randn(8, 6)
+    problem = _problem(model, x, "full")
+    seconds = {e: _engines.predicted_seconds(e, problem) for e in _engines.ENGINES}
+    # Everything would take the structured engine's fallback: the same work plus a probe.
+    assert _engines.estimate("jacobian", problem).flops <= _engines.estimate("structured", problem).flops
+    assert min(seconds, key=seconds.get) == "jacobian"
+    ntk = nt.empirical_ntk_fn(model, implementation="auto")
+    k = ntk(x)
+    assert ntk.last_implementation == "jacobian"
+    assert_close(k.double(), nt.empirical_ntk(model.double(), x.double(), implementation="jacobian"),
+                 RTOL[torch.float32])
+
+
+def test_auto_picks_ntk_vp_when_only_it_fits_the_budget():
+    torch.manual_seed(0)
+    model = _RawMLP(d=100, width=200).eval()  # P far above N·activations: vjp/jvp holds least
+    x = torch.randn(6, 100)
+    problem = _problem(model, x, "full", symmetric=True)
+    costs = {e: _engines.estimate(e, problem) for e in _engines.ENGINES}
+    budget = (costs["ntk_vp"].bytes + min(costs["jacobian"].bytes, costs["structured"].bytes)) / 2
+    assert costs["ntk_vp"].bytes < budget < min(costs["jacobian"].bytes, costs["structured"].bytes)
+    ntk = nt.empirical_ntk_fn(model, implementation="auto", memory_budget=budget)
+    k = ntk(x)
+    assert ntk.last_implementation == "ntk_vp"
+    assert_close(k, nt.empirical_ntk(model, x, implementation="jacobian"), RTOL[torch.float32])
