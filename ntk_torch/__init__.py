@@ -24,6 +24,8 @@ from ntk_torch.predict import (
     ntk_gp_posterior,
 )
 from ntk_torch.tracking import KernelTracker
+from ntk_torch import records, sweeps, training
+from ntk_torch.sweeps import fit_power_law, width_sweep
 
 __version__ = "0.1.0"
 
@@ -57,4 +59,10 @@ __all__ = [
     "ntk_gp_posterior",
     "predict",
     "prior_logprob",
+    # width sweeps and their records
+    "fit_power_law",
+    "records",
+    "sweeps",
+    "training",
+    "width_sweep",
 ]
