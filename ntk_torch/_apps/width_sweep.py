@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.quick:  # small enough for a smoke test, still three widths to fit a slope
-        args.widths = sorted({min(w, 64) for w in args.widths}) if len(args.widths) < 3 else [16, 32, 64]
+        args.widths = [16, 32, 64]
         args.seeds, args.probe, args.train, args.test = (min(args.seeds, 2), min(args.probe, 12),
                                                          min(args.train, 24), min(args.test, 24))
         args.steps = min(args.steps, 5)
