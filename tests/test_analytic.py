@@ -12,8 +12,11 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
+import json
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -291,6 +294,32 @@ def test_symmetry_blocks_and_x2():
     for k in (blocked, cross):
         assert_close(k.ntk, full.ntk)
         assert_close(k.nngp, full.nngp)
+
+
+def test_identical_inputs_do_not_depend_on_the_blocking():
+    # ρ = 1 for an input with itself up to rounding, which arccos would amplify to 1e-9 at
+    # depth 10; it is snapped to 1, so a corner of a blocked kernel equals the kernel of
+    # those points alone to rounding.
+    x = _x(40, 8)
+    full = analytic.mlp_kernel(x, depth=10, bias_std=0.1, batch_size=16)
+    part = analytic.mlp_kernel(x[:10], depth=10, bias_std=0.1)
+    assert_close(full.ntk[:10, :10], part.ntk, 1e-13)
+    assert_close(full.nngp[:10, :10], part.nngp, 1e-13)
+
+
+def test_benchmark_smoke(tmp_path):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_analytic.py"
+    spec = importlib.util.spec_from_file_location("bench_analytic", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        assert module.main(["--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["checks"]["finite"] and config["checks"]["symmetric"]
+    assert len((tmp_path / "results.csv").read_text().splitlines()) == 1 + 6
 
 
 # ------------------------------------------------- models linear in their parameters

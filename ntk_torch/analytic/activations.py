@@ -65,6 +65,8 @@ _QUADRATURE_ELEMENTS = 1 << 23
 class Dual:
     """``(c, v1, v2) -> (E[φ(u)φ(v)], E[φ'(u)φ'(v)])`` for one activation ``φ``.
 
+    The results are fresh tensors of the broadcast shape, which callers may modify in place.
+
     Attributes:
         name: what it is, for messages and ``repr``.
         fn: ``(c, v1, v2, need_derivative) -> (T, T' or None)`` on broadcastable tensors.
@@ -86,9 +88,26 @@ class Dual:
         return self.fn(c, v1, v2, need_derivative)
 
 
-def _norms_and_clamped(c: Tensor, v1: Tensor, v2: Tensor) -> tuple[Tensor, Tensor]:
-    norms = torch.sqrt(v1 * v2)
-    return norms, torch.minimum(torch.maximum(c, -norms), norms)
+def _correlation(c: Tensor, v1: Tensor, v2: Tensor) -> tuple[Tensor, Tensor]:
+    """``√(v1 v2)`` and ``ρ = c/√(v1 v2)`` clamped into ``[-1, 1]``, ``0/0 -> 0``; fresh tensors.
+
+    The clamped covariance is ``ρ·√(v1 v2)``. The closed forms below work in place on
+    these to avoid full-size temporaries: on a large grid every fresh tensor costs page
+    faults, which dominate the few flops per entry.
+    """
+    # √v1 · √v2: square roots of the (small) variance tensors, one full-size product.
+    norms = torch.mul(v1.sqrt(), v2.sqrt())
+    rho = torch.div(c, norms)
+    if norms.shape != rho.shape:  # c broadcasts further than the variances
+        norms = norms.expand_as(rho).clone()
+    rho.nan_to_num_(nan=0.0).clamp_(-1.0, 1.0)
+    # An input paired with itself (or its negative) has ρ = ±1 up to rounding (c and v are
+    # summed in different orders), and arccos turns 1 - ε into θ ≈ √(2ε) ≈ 2e-8: T' of
+    # ReLU-like activations would be off by 1e-9 there and depend on the blocking. Snap to
+    # exactly ±1 within 16 ulps, which moves near-parallel pairs by no more than rounding.
+    edge = 1 - 16 * torch.finfo(rho.dtype).eps
+    rho.masked_fill_(rho > edge, 1.0).masked_fill_(rho < -edge, -1.0)
+    return norms, rho
 
 
 def leaky_relu(slope: float) -> Dual:
@@ -100,15 +119,18 @@ def leaky_relu(slope: float) -> Dual:
         >>> round(float(dt), 4)  # |u|: E[sign(u) sign(v)] = 1 - 2θ/π, cos θ = 0.3/√2
         0.1361
     """
-    a, b = (1 + slope) / 2, (1 - slope) / 2
+    a2, b2 = ((1 + slope) / 2) ** 2, ((1 - slope) / 2) ** 2
 
     def fn(c: Tensor, v1: Tensor, v2: Tensor, need_derivative: bool):
-        norms, c = _norms_and_clamped(c, v1, v2)
-        rho = (c / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp_(-1.0, 1.0)
+        norms, rho = _correlation(c, v1, v2)
         theta = torch.arccos(rho)
-        sin = torch.sqrt((1 - rho * rho).clamp_(min=0.0))
-        t = a * a * c + (b * b / math.pi) * norms * (2 * sin + (math.pi - 2 * theta) * rho)
-        dt = a * a + b * b * (1 - (2 / math.pi) * theta) if need_derivative else None
+        # t = a² ρ|n| + (b²/π)|n| (2 sin θ + (π - 2θ) ρ), built in the buffer of sin θ.
+        t = torch.mul(rho, rho).neg_().add_(1.0).clamp_(min=0.0).sqrt_()
+        t.mul_(2.0).addcmul_(theta, rho, value=-2.0).add_(rho, alpha=math.pi)
+        t.mul_(norms).mul_(b2 / math.pi)
+        if a2:
+            t.addcmul_(rho, norms, value=a2)
+        dt = theta.mul_(-2 * b2 / math.pi).add_(a2 + b2) if need_derivative else None
         return t, dt
 
     return Dual(f"leaky_relu({slope:g})", fn)
@@ -118,19 +140,22 @@ relu = Dual("relu", leaky_relu(0.0).fn)
 
 
 def _identity(c: Tensor, v1: Tensor, v2: Tensor, need_derivative: bool):
-    _, c = _norms_and_clamped(c, v1, v2)
-    return c, (torch.ones_like(c) if need_derivative else None)
+    norms, rho = _correlation(c, v1, v2)
+    return rho.mul_(norms), (torch.ones_like(rho) if need_derivative else None)
 
 
 identity = Dual("identity", _identity)
 
 
 def _erf(c: Tensor, v1: Tensor, v2: Tensor, need_derivative: bool):
-    _, c = _norms_and_clamped(c, v1, v2)
-    prod = (1 + 2 * v1) * (1 + 2 * v2)
-    t = (2 / math.pi) * torch.arcsin((2 * c / torch.sqrt(prod)).clamp_(-1.0, 1.0))
+    norms, rho = _correlation(c, v1, v2)
+    c = rho.mul_(norms)
+    prod = torch.mul(1 + 2 * v1, 1 + 2 * v2)
+    t = torch.div(c, prod.sqrt()).mul_(2.0).clamp_(-1.0, 1.0).arcsin_().mul_(2 / math.pi)
+    if not need_derivative:
+        return t, None
     # prod - 4c² >= 1 + 2 v1 + 2 v2 > 0 once |c| <= √(v1 v2).
-    dt = (4 / math.pi) / torch.sqrt(prod - 4 * c * c) if need_derivative else None
+    dt = prod.expand_as(c).addcmul(c, c, value=-4.0).sqrt_().reciprocal_().mul_(4 / math.pi)
     return t, dt
 
 
@@ -138,17 +163,22 @@ erf = Dual("erf", _erf)
 
 
 def _gelu(c: Tensor, v1: Tensor, v2: Tensor, need_derivative: bool):
-    _, c = _norms_and_clamped(c, v1, v2)
-    prod = v1 * v2
-    prod1 = (1 + v1) * (1 + v2)
-    delta2 = prod1 - c * c  # >= 1 + v1 + v2 > 0
-    delta = torch.sqrt(delta2)
-    angle = torch.arctan2(c, delta)  # = asin(c/√p), stable at |c| -> √p
-    t = c / 4 + (c * angle + (c * c + prod * delta2) / (prod1 * delta)) / (2 * math.pi)
+    norms, rho = _correlation(c, v1, v2)
+    c = rho.mul_(norms)
+    prod = norms.mul_(norms)                         # v1 v2
+    prod1 = torch.mul(1 + v1, 1 + v2)                # p = (1 + v1)(1 + v2)
+    delta2 = prod1.expand_as(c).addcmul(c, c, value=-1.0)  # p - c² >= 1 + v1 + v2 > 0
+    delta = delta2.sqrt()
+    angle = torch.arctan2(c, delta)                  # = asin(c/√p), stable at |c| -> √p
+    # T = c/4 + (c ψ + (c² + v1 v2 δ²)/(p δ))/(2π)
+    t = prod.mul_(delta2).addcmul_(c, c).div_(prod1).div_(delta)
+    t.addcmul_(c, angle).div_(2 * math.pi).add_(c, alpha=0.25)
     if not need_derivative:
         return t, None
-    # Price's theorem: T' = ∂T/∂c, simplified with p - v1 v2 = 1 + v1 + v2.
-    dt = 0.25 + (angle + c * ((2 + v1 + v2) / (prod1 * delta) + 1 / (delta2 * delta))) / (2 * math.pi)
+    # Price's theorem: T' = ∂T/∂c = 1/4 + (ψ + c (2 + v1 + v2)/(p δ) + c/δ³)/(2π),
+    # simplified with p - v1 v2 = 1 + v1 + v2.
+    dt = torch.div(2 + v1 + v2, prod1).div(delta)
+    dt.add_(delta2.mul_(delta).reciprocal_()).mul_(c).add_(angle).div_(2 * math.pi).add_(0.25)
     return t, dt
 
 
@@ -295,9 +325,8 @@ def quadrature(phi: Callable[[Tensor], Tensor], degree: int | None = DEFAULT_DEG
         return chosen[key]
 
     def fn(c: Tensor, v1: Tensor, v2: Tensor, need_derivative: bool):
-        norms, c = _norms_and_clamped(c, v1, v2)
+        _, rho = _correlation(c, v1, v2)
         shape = torch.broadcast_shapes(c.shape, v1.shape, v2.shape)
-        rho = (c / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp(-1.0, 1.0)
         k = degree_for(v1, v2) if rho.numel() else DEGREES[0]
         t, dt = _gauss_hermite(phi, rho.expand(shape).reshape(-1),
                                torch.sqrt(v1).expand(shape).reshape(-1),

@@ -40,7 +40,7 @@ SUPPORTED = ("nn.Sequential, ntk_torch.nn.Dense/Conv2d/MLP, nn.Linear, nn.Conv2d
 # Elements of one block's state per array (float64: 8 bytes each); a dozen such arrays
 # are alive at once, so about 400 MB at most, and blocks small enough to stay in cache
 # rows of the dense recursion.
-_BLOCK_ELEMENTS = 1 << 22
+_BLOCK_ELEMENTS = 1 << 17
 
 
 def _same_padding(kernel_size: tuple[int, int], dilation: tuple[int, int]) -> tuple[int, int, int, int]:

@@ -89,15 +89,16 @@ def _affine(k: Kernel, summed: Callable[[torch.Tensor], torch.Tensor], n: int, o
             weight_trainable: bool, bias_trainable: bool, spatial: tuple[int, int] | None) -> Kernel:
     forward = multiplier ** 2 * init_std ** 2 * n
     bias_var = bias_multiplier ** 2 * bias_init_std ** 2
+    # In place on fresh tensors: on large grids new full-size tensors cost more than flops.
     k_sum = summed(k.nngp)
-    nngp = forward * k_sum + bias_var
-    ntk = forward * summed(k.ntk)
+    nngp = torch.mul(k_sum, forward).add_(bias_var)
+    ntk = torch.mul(summed(k.ntk), forward)
     if weight_trainable:
-        ntk = ntk + multiplier ** 2 * n * k_sum
+        ntk.add_(k_sum, alpha=multiplier ** 2 * n)
     if bias_trainable:
-        ntk = ntk + bias_multiplier ** 2
-    cov1 = forward * summed(k.cov1) + bias_var
-    cov2 = cov1 if k.cov2 is k.cov1 else forward * summed(k.cov2) + bias_var
+        ntk.add_(bias_multiplier ** 2)
+    cov1 = torch.mul(summed(k.cov1), forward).add_(bias_var)
+    cov2 = cov1 if k.cov2 is k.cov1 else torch.mul(summed(k.cov2), forward).add_(bias_var)
     return Kernel(nngp, ntk, cov1, cov2, channels=out, spatial=spatial, is_gaussian=True)
 
 
@@ -217,7 +218,7 @@ def activation(dual: Dual) -> Layer:
             else:
                 s1 = s2 = d2
             cov2, _ = dual(k.cov2, s1, s2, False)
-        return k.replace(nngp=nngp, ntk=k.ntk * derivative, cov1=cov1, cov2=cov2, is_gaussian=False)
+        return k.replace(nngp=nngp, ntk=derivative.mul_(k.ntk), cov1=cov1, cov2=cov2, is_gaussian=False)
 
     return layer
 
