@@ -34,6 +34,7 @@ from torch import nn
 
 import ntk_torch as nt
 from ntk_torch import records as rec
+from ntk_torch._apps._args import ArgumentParser
 from ntk_torch.plotting import plot_kernel_error, plot_vs_width
 from ntk_torch.sweeps import fit_power_law, width_sweep
 from ntk_torch.training import GradientDescent
@@ -46,13 +47,12 @@ class UsageError(ValueError):
     """A bad command-line argument: reported in one line, exit status 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="width_sweep", description=__doc__.split("\n\n")[0],
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog=prog, description=__doc__.split("\n\n")[0],
         epilog="examples:\n  %(prog)s --quick --out results/sweep_quick\n"
                "  %(prog)s --parameterizations ntk mup --widths 128 512 2048 --seeds 3\n"
-               "  %(prog)s --model mypackage.models:build   # build(width, seed) -> nn.Module, 64 -> 10",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+               "  %(prog)s --model mypackage.models:build   # build(width, seed) -> nn.Module, 64 -> 10")
     parser.add_argument("--out", type=Path, default=Path("results/width_sweep"))
     parser.add_argument("--widths", type=int, nargs="+", default=DEFAULT_WIDTHS)
     parser.add_argument("--seeds", type=int, default=5, help="initialisations per width")
@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
+    args = build_parser(prog).parse_args(argv)
     if args.quick:  # small enough for a smoke test, still three widths to fit a slope
         args.widths = [16, 32, 64]
         args.seeds, args.probe, args.train, args.test = (min(args.seeds, 2), min(args.probe, 12),
@@ -202,10 +202,10 @@ def plot_all(records: list[rec.Record], out: Path) -> list[Path]:
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parse_args(argv)
+        args = parse_args(argv, prog)
         args.argv = argv
         factory = load_factory(args.model) if args.model else None
     except UsageError as error:
