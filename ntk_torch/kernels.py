@@ -25,7 +25,7 @@ from ntk_torch._checks import _describe
 # ----------------------------------------------------------------------------- plumbing
 # Shared with ntk_torch.predict; kept here because this is the lower-level module.
 
-def check_kernel(k: object, name: str, *, rows: int | None = None, cols: int | None = None,
+def _check_kernel(k: object, name: str, *, rows: int | None = None, cols: int | None = None,
                  n_out: int | None = -1) -> torch.Tensor:
     """``k`` is a finite floating ``(R, C)`` or ``(R, C, O, O)`` tensor of the expected sizes.
 
@@ -60,17 +60,17 @@ def check_kernel(k: object, name: str, *, rows: int | None = None, cols: int | N
     return k
 
 
-def check_like(name: str, x: torch.Tensor, reference: torch.Tensor, reference_name: str) -> None:
+def _check_like(name: str, x: torch.Tensor, reference: torch.Tensor, reference_name: str) -> None:
     if x.dtype != reference.dtype or x.device != reference.device:
         raise ValueError(f"`{name}` must have `{reference_name}`'s dtype {reference.dtype} and device "
                          f"{reference.device}, got {x.dtype} on {x.device}")
 
 
-def n_out_of(k: torch.Tensor) -> int | None:
+def _n_out_of(k: torch.Tensor) -> int | None:
     return None if k.dim() == 2 else k.shape[2]
 
 
-def flatten(k: torch.Tensor) -> torch.Tensor:
+def _flatten(k: torch.Tensor) -> torch.Tensor:
     """``(R, C)`` as is; ``(R, C, O, O)`` -> ``(R·O, C·O)`` with row ``a·O + i``."""
     if k.dim() == 2:
         return k
@@ -78,21 +78,21 @@ def flatten(k: torch.Tensor) -> torch.Tensor:
     return k.permute(0, 2, 1, 3).reshape(r * o, c * o)
 
 
-def unflatten(m: torch.Tensor, rows: int, cols: int, n_out: int | None) -> torch.Tensor:
+def _unflatten(m: torch.Tensor, rows: int, cols: int, n_out: int | None) -> torch.Tensor:
     if n_out is None:
         return m
     return m.reshape(rows, n_out, cols, n_out).permute(0, 2, 1, 3)
 
 
 @dataclass(frozen=True)
-class Targets:
+class _Targets:
     """Labels as the right-hand side ``(R, C)`` of the flattened kernel, and back."""
 
     n_out: int | None
     vector: bool  # labels were given as (N,)
 
     @staticmethod
-    def read(y: object, name: str, n: int, n_out: int | None, like: torch.Tensor) -> tuple[Targets, torch.Tensor]:
+    def read(y: object, name: str, n: int, n_out: int | None, like: torch.Tensor) -> tuple[_Targets, torch.Tensor]:
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"`{name}` must be a tensor of shape (N,) or (N, O), got {_describe(y)}")
         expected = "(N,) or (N, C)" if n_out is None else (f"(N, {n_out})" + (" or (N,)" if n_out == 1 else ""))
@@ -107,7 +107,7 @@ class Targets:
         y = y.to(like.dtype)
         if not torch.isfinite(y).all():
             raise ValueError(f"`{name}` has non-finite entries (NaN/inf)")
-        layout = Targets(n_out=n_out, vector=y.dim() == 1)
+        layout = _Targets(n_out=n_out, vector=y.dim() == 1)
         rhs = y.reshape(-1, 1) if (n_out is not None or y.dim() == 1) else y
         return layout, rhs
 
@@ -119,7 +119,7 @@ class Targets:
         return m
 
 
-def tolerances(dtype: torch.dtype, n: int) -> tuple[float, float]:
+def _tolerances(dtype: torch.dtype, n: int) -> tuple[float, float]:
     """``(rel_sym, rel_rank)``: the relative asymmetry / negative eigenvalue we accept as
     rounding (``√eps``: kernels computed as ``J Jᵀ`` in float32 carry errors of order
     ``eps·√P``), and the relative eigenvalue below which a direction counts as null
@@ -128,28 +128,28 @@ def tolerances(dtype: torch.dtype, n: int) -> tuple[float, float]:
     return math.sqrt(eps), max(n, 1) * eps
 
 
-def check_symmetric(m: torch.Tensor, name: str) -> None:
+def _check_symmetric(m: torch.Tensor, name: str) -> None:
     """A flattened kernel ``(n, n)`` equals its transpose up to ``√eps`` relative."""
     if m.shape[0] != m.shape[1]:
         raise ValueError(f"`{name}` must be square, got shape {tuple(m.shape)} after flattening outputs")
     if m.numel() == 0:
         return
-    rel_sym, _ = tolerances(m.dtype, m.shape[0])
+    rel_sym, _ = _tolerances(m.dtype, m.shape[0])
     asym, scale = (m - m.T).abs().max(), m.abs().max()
     if asym > rel_sym * scale:
         raise ValueError(f"`{name}` must be symmetric: max |K - Kᵀ| = {float(asym):.3g} against "
                          f"max |K| = {float(scale):.3g}; a kernel of one set of inputs with itself is")
 
 
-def symmetric_eigh(m: torch.Tensor, name: str, *, psd: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _symmetric_eigh(m: torch.Tensor, name: str, *, psd: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues ``(n,)`` ascending and eigenvectors ``(n, n)`` of a symmetric matrix.
 
     With ``psd=True`` eigenvalues below ``-√eps·λ_max`` are an error and the rest are
     clipped at zero.
     """
     n = m.shape[0]
-    check_symmetric(m, name)
-    rel_sym, _ = tolerances(m.dtype, n)
+    _check_symmetric(m, name)
+    rel_sym, _ = _tolerances(m.dtype, n)
     values, vectors = torch.linalg.eigh((m + m.T) / 2)
     if psd and n:
         top = values[-1].clamp_min(0)
@@ -161,15 +161,15 @@ def symmetric_eigh(m: torch.Tensor, name: str, *, psd: bool) -> tuple[torch.Tens
     return values, vectors
 
 
-def null_mask(values: torch.Tensor) -> torch.Tensor:
+def _null_mask(values: torch.Tensor) -> torch.Tensor:
     """Eigenvalues that count as zero: at most ``n·eps·λ_max``."""
     if values.numel() == 0:
         return values.bool()
-    _, rel_rank = tolerances(values.dtype, values.numel())
+    _, rel_rank = _tolerances(values.dtype, values.numel())
     return values <= rel_rank * values.max().clamp_min(0)
 
 
-def check_nonnegative(name: str, value: object, *, positive: bool = False, allow_inf: bool = False) -> float:
+def _check_nonnegative(name: str, value: object, *, positive: bool = False, allow_inf: bool = False) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
@@ -217,11 +217,11 @@ def eigenmodes(k: torch.Tensor) -> Eigenmodes:
         >>> torch.allclose(vectors[:, 0], torch.tensor([1.0, 1.0]) / 2**0.5)
         True
     """
-    k = check_kernel(k, "k")
-    n_out = n_out_of(k)
+    k = _check_kernel(k, "k")
+    n_out = _n_out_of(k)
     if k.shape[0] != k.shape[1]:
         raise ValueError(f"`k` must be square in its samples, got shape {tuple(k.shape)}")
-    values, vectors = symmetric_eigh(flatten(k), "k", psd=False)
+    values, vectors = _symmetric_eigh(_flatten(k), "k", psd=False)
     values, vectors = values.flip(0), vectors.flip(1)
     if vectors.numel():
         peak = vectors.gather(0, vectors.abs().argmax(0, keepdim=True))
@@ -260,15 +260,15 @@ def prior_logprob(k: torch.Tensor, y: torch.Tensor, *, jitter: float = 0.0) -> t
         >>> round(lp.item(), 6) == round(-1.0 - 1.5 * math.log(2 * math.pi), 6)
         True
     """
-    k = check_kernel(k, "k")
-    jitter = check_nonnegative("jitter", jitter)
+    k = _check_kernel(k, "k")
+    jitter = _check_nonnegative("jitter", jitter)
     if k.shape[0] != k.shape[1]:
         raise ValueError(f"`k` must be square in its samples, got shape {tuple(k.shape)}")
-    _, rhs = Targets.read(y, "y", k.shape[0], n_out_of(k), k)
-    values, vectors = symmetric_eigh(flatten(k), "k", psd=True)
+    _, rhs = _Targets.read(y, "y", k.shape[0], _n_out_of(k), k)
+    values, vectors = _symmetric_eigh(_flatten(k), "k", psd=True)
     shifted = values + jitter
     n = shifted.numel()
-    if n and (null_mask(shifted) | (shifted <= 0)).any():
+    if n and (_null_mask(shifted) | (shifted <= 0)).any():
         raise ValueError(f"`k` + jitter·I is singular to working precision (smallest eigenvalue "
                          f"{float(shifted.min()):.3g}, largest {float(shifted.max()):.3g}) and has no "
                          f"density; pass jitter > 0, e.g. jitter={1e-6 * float(shifted.max()):.2g}")
@@ -308,15 +308,15 @@ def natural_ntk(k: torch.Tensor, *, damping: float) -> torch.Tensor:
         tensor([[0.7500, 0.0000],
                 [0.0000, 0.5000]])
     """
-    k = check_kernel(k, "k")
-    damping = check_nonnegative("damping", damping)
+    k = _check_kernel(k, "k")
+    damping = _check_nonnegative("damping", damping)
     if k.shape[0] != k.shape[1]:
         raise ValueError(f"`k` must be square in its samples, got shape {tuple(k.shape)}")
-    values, vectors = symmetric_eigh(flatten(k), "k", psd=True)
+    values, vectors = _symmetric_eigh(_flatten(k), "k", psd=True)
     if damping > 0:
         gain = values / (values + damping)
     else:
-        gain = (~null_mask(values)).to(values.dtype)
+        gain = (~_null_mask(values)).to(values.dtype)
     m = (vectors * gain) @ vectors.T
     m = (m + m.T) / 2
-    return unflatten(m, k.shape[0], k.shape[0], n_out_of(k))
+    return _unflatten(m, k.shape[0], k.shape[0], _n_out_of(k))

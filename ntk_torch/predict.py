@@ -26,16 +26,16 @@ from typing import NamedTuple
 import torch
 
 from ntk_torch.kernels import (
-    Targets,
-    check_kernel,
-    check_like,
-    check_nonnegative,
-    check_symmetric,
-    flatten,
-    n_out_of,
-    null_mask,
-    symmetric_eigh,
-    unflatten,
+    _Targets,
+    _check_kernel,
+    _check_like,
+    _check_nonnegative,
+    _check_symmetric,
+    _flatten,
+    _n_out_of,
+    _null_mask,
+    _symmetric_eigh,
+    _unflatten,
 )
 
 
@@ -66,7 +66,7 @@ class FlowPrediction(NamedTuple):
 
 
 def _check_time(t: object, lr: object) -> tuple[float, float]:
-    return (check_nonnegative("t", t, allow_inf=True), check_nonnegative("lr", lr, positive=True))
+    return (_check_nonnegative("t", t, allow_inf=True), _check_nonnegative("lr", lr, positive=True))
 
 
 def _flow_filters(values: torch.Tensor, time: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +77,7 @@ def _flow_filters(values: torch.Tensor, time: float) -> tuple[torch.Tensor, torc
     to test points (``gain = 0``), the pseudo-inverse.
     """
     if math.isinf(time):
-        null = null_mask(values)
+        null = _null_mask(values)
         decay = null.to(values.dtype)
         gain = torch.where(null, torch.zeros_like(values), 1 / torch.where(null, torch.ones_like(values), values))
         return decay, gain
@@ -130,23 +130,23 @@ def gradient_flow_mse(k_train: torch.Tensor, y_train: torch.Tensor, f0_train: to
         True
     """
     time, lr = _check_time(t, lr)
-    k_train = check_kernel(k_train, "k_train")
-    n, n_out = k_train.shape[0], n_out_of(k_train)
-    layout, y = Targets.read(y_train, "y_train", n, n_out, k_train)
-    _, f0 = Targets.read(f0_train, "f0_train", n, n_out, k_train)
+    k_train = _check_kernel(k_train, "k_train")
+    n, n_out = k_train.shape[0], _n_out_of(k_train)
+    layout, y = _Targets.read(y_train, "y_train", n, n_out, k_train)
+    _, f0 = _Targets.read(f0_train, "f0_train", n, n_out, k_train)
     if tuple(f0_train.shape) != tuple(y_train.shape):
         raise ValueError(f"`f0_train` must have `y_train`'s shape {tuple(y_train.shape)}, "
                          f"got {tuple(f0_train.shape)}")
-    values, vectors = symmetric_eigh(flatten(k_train), "k_train", psd=True)
+    values, vectors = _symmetric_eigh(_flatten(k_train), "k_train", psd=True)
     decay, gain = _flow_filters(values, lr * time)
     residual = vectors.T @ (y - f0)  # (n, C) in the eigenbasis
     train = y - vectors @ (decay[:, None] * residual)
     test = None
     if k_test_train is not None:
-        k_test_train = check_kernel(k_test_train, "k_test_train", cols=n, n_out=n_out)
-        check_like("k_test_train", k_test_train, k_train, "k_train")
+        k_test_train = _check_kernel(k_test_train, "k_test_train", cols=n, n_out=n_out)
+        _check_like("k_test_train", k_test_train, k_train, "k_train")
         m = k_test_train.shape[0]
-        moved = flatten(k_test_train) @ (vectors @ (gain[:, None] * residual))
+        moved = _flatten(k_test_train) @ (vectors @ (gain[:, None] * residual))
         if f0_test is None:
             start = torch.zeros_like(moved)
         else:
@@ -154,7 +154,7 @@ def gradient_flow_mse(k_train: torch.Tensor, y_train: torch.Tensor, f0_train: to
             if not isinstance(f0_test, torch.Tensor) or tuple(f0_test.shape) != tuple(expected):
                 got = tuple(f0_test.shape) if isinstance(f0_test, torch.Tensor) else type(f0_test).__name__
                 raise ValueError(f"`f0_test` must have shape {tuple(expected)} (the test predictions), got {got}")
-            _, start = Targets.read(f0_test, "f0_test", m, n_out, k_train)
+            _, start = _Targets.read(f0_test, "f0_test", m, n_out, k_train)
         test = layout.write(start + moved, m)
     elif f0_test is not None:
         raise ValueError("`f0_test` was given without `k_test_train`; pass the test-train kernel too")
@@ -188,23 +188,23 @@ def kernel_regression(k_train: torch.Tensor, k_test_train: torch.Tensor, y_train
         >>> torch.allclose(pred, torch.tensor([6.0]))
         True
     """
-    ridge = check_nonnegative("ridge", ridge)
-    k_train = check_kernel(k_train, "k_train")
-    n, n_out = k_train.shape[0], n_out_of(k_train)
-    k_test_train = check_kernel(k_test_train, "k_test_train", cols=n, n_out=n_out)
-    check_like("k_test_train", k_test_train, k_train, "k_train")
-    layout, y = Targets.read(y_train, "y_train", n, n_out, k_train)
-    values, vectors = symmetric_eigh(flatten(k_train), "k_train", psd=True)
+    ridge = _check_nonnegative("ridge", ridge)
+    k_train = _check_kernel(k_train, "k_train")
+    n, n_out = k_train.shape[0], _n_out_of(k_train)
+    k_test_train = _check_kernel(k_test_train, "k_test_train", cols=n, n_out=n_out)
+    _check_like("k_test_train", k_test_train, k_train, "k_train")
+    layout, y = _Targets.read(y_train, "y_train", n, n_out, k_train)
+    values, vectors = _symmetric_eigh(_flatten(k_train), "k_train", psd=True)
     inverse = _inverse_filter(values, ridge)
     weights = vectors @ (inverse[:, None] * (vectors.T @ y))
-    return layout.write(flatten(k_test_train) @ weights, k_test_train.shape[0])
+    return layout.write(_flatten(k_test_train) @ weights, k_test_train.shape[0])
 
 
 def _inverse_filter(values: torch.Tensor, shift: float) -> torch.Tensor:
     """``1/(λ + shift)``, or the pseudo-inverse's ``1/λ`` off the null space when ``shift = 0``."""
     if shift > 0:
         return 1 / (values + shift)
-    null = null_mask(values)
+    null = _null_mask(values)
     return torch.where(null, torch.zeros_like(values), 1 / torch.where(null, torch.ones_like(values), values))
 
 
@@ -239,30 +239,30 @@ def gp_posterior(k_train: torch.Tensor, k_test_train: torch.Tensor, k_test: torc
         >>> post.mean, post.variance
         (tensor([3.], dtype=torch.float64), tensor([0.], dtype=torch.float64))
     """
-    noise = check_nonnegative("noise", noise)
+    noise = _check_nonnegative("noise", noise)
     k_train, k_test_train, k_test = _check_blocks(k_train, k_test_train, k_test, prefix="k")
-    n, m, n_out = k_train.shape[0], k_test.shape[0], n_out_of(k_train)
-    layout, y = Targets.read(y_train, "y_train", n, n_out, k_train)
-    values, vectors = symmetric_eigh(flatten(k_train), "k_train", psd=True)
+    n, m, n_out = k_train.shape[0], k_test.shape[0], _n_out_of(k_train)
+    layout, y = _Targets.read(y_train, "y_train", n, n_out, k_train)
+    values, vectors = _symmetric_eigh(_flatten(k_train), "k_train", psd=True)
     inverse = _inverse_filter(values, noise)
-    cross = flatten(k_test_train) @ vectors  # (m', n') in the eigenbasis
+    cross = _flatten(k_test_train) @ vectors  # (m', n') in the eigenbasis
     mean = cross @ (inverse[:, None] * (vectors.T @ y))
     root = cross * inverse.sqrt()
-    cov = _symmetrize(flatten(k_test) - root @ root.T)
-    return Gaussian(layout.write(mean, m), unflatten(cov, m, m, n_out))
+    cov = _symmetrize(_flatten(k_test) - root @ root.T)
+    return Gaussian(layout.write(mean, m), _unflatten(cov, m, m, n_out))
 
 
 def _check_blocks(train: torch.Tensor, test_train: torch.Tensor, test: torch.Tensor, *,
                   prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     names = (f"{prefix}_train", f"{prefix}_test_train", f"{prefix}_test")
-    train = check_kernel(train, names[0])
-    n, n_out = train.shape[0], n_out_of(train)
-    test_train = check_kernel(test_train, names[1], cols=n, n_out=n_out)
+    train = _check_kernel(train, names[0])
+    n, n_out = train.shape[0], _n_out_of(train)
+    test_train = _check_kernel(test_train, names[1], cols=n, n_out=n_out)
     m = test_train.shape[0]
-    test = check_kernel(test, names[2], rows=m, cols=m, n_out=n_out)
+    test = _check_kernel(test, names[2], rows=m, cols=m, n_out=n_out)
     for name, block in zip(names[1:], (test_train, test)):
-        check_like(name, block, train, names[0])
-    check_symmetric(flatten(test), names[2])
+        _check_like(name, block, train, names[0])
+    _check_symmetric(_flatten(test), names[2])
     return train, test_train, test
 
 
@@ -314,21 +314,21 @@ def ntk_gp_posterior(nngp_train: torch.Tensor, nngp_test_train: torch.Tensor, nn
     time, lr = _check_time(t, lr)
     nngp_train, nngp_test_train, nngp_test = _check_blocks(nngp_train, nngp_test_train, nngp_test,
                                                            prefix="nngp")
-    n, m, n_out = nngp_train.shape[0], nngp_test.shape[0], n_out_of(nngp_train)
-    ntk_train = check_kernel(ntk_train, "ntk_train", rows=n, cols=n, n_out=n_out)
-    ntk_test_train = check_kernel(ntk_test_train, "ntk_test_train", rows=m, cols=n, n_out=n_out)
+    n, m, n_out = nngp_train.shape[0], nngp_test.shape[0], _n_out_of(nngp_train)
+    ntk_train = _check_kernel(ntk_train, "ntk_train", rows=n, cols=n, n_out=n_out)
+    ntk_test_train = _check_kernel(ntk_test_train, "ntk_test_train", rows=m, cols=n, n_out=n_out)
     for name, block in (("ntk_train", ntk_train), ("ntk_test_train", ntk_test_train)):
-        check_like(name, block, nngp_train, "nngp_train")
-    layout, y = Targets.read(y_train, "y_train", n, n_out, nngp_train)
-    values, vectors = symmetric_eigh(flatten(ntk_train), "ntk_train", psd=True)
+        _check_like(name, block, nngp_train, "nngp_train")
+    layout, y = _Targets.read(y_train, "y_train", n, n_out, nngp_train)
+    values, vectors = _symmetric_eigh(_flatten(ntk_train), "ntk_train", psd=True)
     # The NNGP training block is a covariance: PSD like the NTK's.
-    symmetric_eigh(flatten(nngp_train), "nngp_train", psd=True)
+    _symmetric_eigh(_flatten(nngp_train), "nngp_train", psd=True)
     _, gain = _flow_filters(values, lr * time)
-    a = (flatten(ntk_test_train) @ vectors) * gain @ vectors.T  # (m', n')
-    k_cross = flatten(nngp_test_train)
+    a = (_flatten(ntk_test_train) @ vectors) * gain @ vectors.T  # (m', n')
+    k_cross = _flatten(nngp_test_train)
     a_k = a @ k_cross.T  # A K(X, X*)
-    cov = flatten(nngp_test) - a_k - a_k.T + a @ flatten(nngp_train) @ a.T
-    return Gaussian(layout.write(a @ y, m), unflatten(_symmetrize(cov), m, m, n_out))
+    cov = _flatten(nngp_test) - a_k - a_k.T + a @ _flatten(nngp_train) @ a.T
+    return Gaussian(layout.write(a @ y, m), _unflatten(_symmetrize(cov), m, m, n_out))
 
 
 def conditional(k: torch.Tensor, observed_idx: object, y_observed: torch.Tensor, *,
@@ -362,7 +362,7 @@ def conditional(k: torch.Tensor, observed_idx: object, y_observed: torch.Tensor,
         >>> post.mean, post.variance
         (tensor([1.], dtype=torch.float64), tensor([0.7500], dtype=torch.float64))
     """
-    k = check_kernel(k, "k")
+    k = _check_kernel(k, "k")
     if k.shape[0] != k.shape[1]:
         raise ValueError(f"`k` must be square in its samples, got shape {tuple(k.shape)}")
     n = k.shape[0]
