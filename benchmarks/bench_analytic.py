@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.n, args.n_unblocked, args.repeats = min(args.n, 200), min(args.n_unblocked, 100), 1
     for name in ("n", "n_unblocked", "dim", "depth", "repeats", "threads"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+            flag = name.replace("_", "-")
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, name)}")
     return args
 
 

@@ -193,7 +193,8 @@ class _Parameterized(nn.Module):
 
     def _set_scales(self, fan_in: int, fan_out: int, parameterization: str, role: str,
                     weight_std: float, bias_std: float) -> None:
-        self.parameterization = _check_choice("parameterization", parameterization, PARAMETERIZATIONS)
+        self.parameterization = _check_choice("parameterization", parameterization,
+                                              PARAMETERIZATIONS)
         self.role = _check_choice("role", role, ROLES)
         self.weight_std = _check_std("weight_std", weight_std)
         self.bias_std = _check_std("bias_std", bias_std)
@@ -209,7 +210,8 @@ class _Parameterized(nn.Module):
 
     def extra_repr(self) -> str:
         role = f", role={self.role!r}" if self.parameterization == "mup" else ""
-        return (f"parameterization={self.parameterization!r}{role}, weight_std={self.weight_std:g}, "
+        return (f"parameterization={self.parameterization!r}{role}, "
+                f"weight_std={self.weight_std:g}, "
                 f"bias_std={self.bias_std:g}, bias={self.bias is not None}")
 
 
@@ -288,7 +290,8 @@ class Conv2d(_Parameterized):
         self.out_channels = _check_positive_int("out_channels", out_channels)
         ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         if len(ks) != 2 or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
-            raise ValueError(f"`kernel_size` must be a positive int or a pair of them, got {kernel_size!r}")
+            raise ValueError("`kernel_size` must be a positive int or a pair of them, "
+                             f"got {kernel_size!r}")
         self.kernel_size: tuple[int, int] = ks  # type: ignore[assignment]
         if isinstance(padding, str):
             _check_choice("padding", padding, ("same", "valid"))
@@ -296,7 +299,8 @@ class Conv2d(_Parameterized):
             pads = (padding, padding) if isinstance(padding, int) else tuple(padding)
             if len(pads) != 2 or any(isinstance(p, bool) or not isinstance(p, int) or p < 0
                                      for p in pads):
-                raise ValueError(f"`padding` must be 'same', 'valid', an int >= 0 or a pair, got {padding!r}")
+                raise ValueError("`padding` must be 'same', 'valid', an int >= 0 or a pair, "
+                                 f"got {padding!r}")
             padding = pads  # type: ignore[assignment]
         self.padding = padding
         fan_in = in_channels * ks[0] * ks[1]

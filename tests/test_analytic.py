@@ -118,7 +118,8 @@ def oracle_grid(name: str, variances=tuple(VARIANCES)):
             rows.append((c, v1, v2, bivariate_expectation(f, f, c, v1, v2),
                          bivariate_expectation(df, df, c, v1, v2)))
         for sign in (1.0, -1.0):
-            rows.append((sign * math.sqrt(v1 * v2), v1, v2, degenerate_expectation(f, f, sign, v1, v2),
+            rows.append((sign * math.sqrt(v1 * v2), v1, v2,
+                         degenerate_expectation(f, f, sign, v1, v2),
                          degenerate_expectation(df, df, sign, v1, v2)))
     return [torch.tensor(col, dtype=DT) for col in zip(*rows)]
 
@@ -200,8 +201,9 @@ def test_leaky_relu_is_a_combination_of_relus():
 
 
 @pytest.mark.parametrize("spec, name", [
-    (nn.ReLU(), "relu"), ("relu", "relu"), (torch.relu, "relu"), (nn.LeakyReLU(0.0), "leaky_relu(0)"),
-    (nn.LeakyReLU(0.1), "leaky_relu(0.1)"), ("abs", "leaky_relu(-1)"), (torch.abs, "leaky_relu(-1)"),
+    (nn.ReLU(), "relu"), ("relu", "relu"), (torch.relu, "relu"),
+    (nn.LeakyReLU(0.0), "leaky_relu(0)"), (nn.LeakyReLU(0.1), "leaky_relu(0.1)"),
+    ("abs", "leaky_relu(-1)"), (torch.abs, "leaky_relu(-1)"),
     ("erf", "erf"), (torch.erf, "erf"), (Elementwise(torch.erf), "erf"), ("gelu", "gelu"),
     (nn.GELU(approximate="tanh"), "quadrature(GELU(approximate='tanh'))"),
     ("tanh", "quadrature(Tanh())"), (torch.sin, "quadrature(sin)"),
@@ -239,9 +241,9 @@ def test_identity_activation_gives_the_linear_kernel(activation):
     # Θ^L = Σ_l Σ^L-with-layer-l-as-the-trained-one = Σ_{l=0}^{L} σ_w^{2(L-l)} Σˡ.
     x, sw, b, depth = _x(), 1.3, 0.4, 3
     k0 = x @ x.T / x.shape[1]
-    sigmas = [sw ** (2 * (l + 1)) * k0 + b**2 * sum(sw ** (2 * j) for j in range(l + 1))
-              for l in range(depth + 1)]
-    theta = sum(sw ** (2 * (depth - l)) * sigmas[l] for l in range(depth + 1))
+    sigmas = [sw ** (2 * (layer + 1)) * k0 + b**2 * sum(sw ** (2 * j) for j in range(layer + 1))
+              for layer in range(depth + 1)]
+    theta = sum(sw ** (2 * (depth - layer)) * sigmas[layer] for layer in range(depth + 1))
     k = analytic.mlp_kernel(x, depth=depth, activation=activation, weight_std=sw, bias_std=b)
     assert_close(k.nngp, sigmas[-1])
     assert_close(k.ntk, theta)
@@ -272,7 +274,8 @@ def test_ntk_parameterization_does_not_depend_on_width():
 def test_standard_ntk_grows_linearly_with_width():
     # Θ = n·A + B in the standard parameterization: second differences in n vanish.
     x = _x()
-    k = [analytic.mlp_kernel(x, depth=2, parameterization="standard", width=n).ntk for n in (10, 20, 30)]
+    k = [analytic.mlp_kernel(x, depth=2, parameterization="standard", width=n).ntk
+         for n in (10, 20, 30)]
     assert float((k[2] - 2 * k[1] + k[0]).abs().max()) <= 1e-12 * float(k[2].abs().max())
     assert float((k[1] - k[0]).abs().min()) > 0
 
@@ -433,7 +436,8 @@ def monte_carlo(build, x: torch.Tensor, seeds: int) -> tuple[torch.Tensor, torch
     return torch.stack(ntks), torch.stack(nngps)
 
 
-def assert_within_standard_errors(samples: torch.Tensor, expected: torch.Tensor, z: float = 5.0) -> None:
+def assert_within_standard_errors(samples: torch.Tensor, expected: torch.Tensor,
+                                  z: float = 5.0) -> None:
     """Every entry of the sample mean within ``z`` standard errors of ``expected``.
 
     The standard error is the seed-to-seed standard deviation over √S. With S = 32 the
@@ -524,12 +528,15 @@ def test_unsupported_layers_are_named(model, match):
     (nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Tanh(), nn.Linear(4, 1)), _x(),
      "layer '2' \\(Tanh\\): the activation .* needs Gaussian pre-activations"),
     (nn.Sequential(nn.ReLU(), nn.Linear(3, 1)), _x(), "layer '0' \\(ReLU\\)"),
-    (nn.Sequential(nn.Linear(5, 1)), _x(), "layer '0' \\(Linear\\): this dense layer expects 5 input features, but the previous layers give 3"),
+    (nn.Sequential(nn.Linear(5, 1)), _x(), "layer '0' \\(Linear\\): this dense layer expects 5 "
+     "input features, but the previous layers give 3"),
     (nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Linear(4, 1)), torch.randn(2, 2, 4, 4),
      "layer '1' \\(Linear\\): a dense layer needs vector inputs.*nn.Flatten"),
     (nn.Sequential(nn.Conv2d(2, 3, 3)), _x(), "needs inputs of shape \\(N, C, H, W\\)"),
-    (nn.Sequential(nn.Conv2d(2, 3, 5)), torch.randn(2, 2, 4, 4), "does not fit images of size \\(4, 4\\)"),
-    (nn.Sequential(nn.Linear(3, 1)), torch.randn(2, 3, 4), "inputs must have shape \\(N, features\\)"),
+    (nn.Sequential(nn.Conv2d(2, 3, 5)), torch.randn(2, 2, 4, 4),
+     "does not fit images of size \\(4, 4\\)"),
+    (nn.Sequential(nn.Linear(3, 1)), torch.randn(2, 3, 4),
+     "inputs must have shape \\(N, features\\)"),
 ])
 def test_inconsistent_models_are_named(model, x, match):
     with pytest.raises(ValueError, match=match):
@@ -539,7 +546,8 @@ def test_inconsistent_models_are_named(model, x, match):
 def test_bad_arguments():
     with pytest.raises(TypeError, match="`model` must be a torch.nn.Module"):
         analytic.kernel(lambda x: x, _x())
-    with pytest.raises(ValueError, match="`x2` must share `x1`'s trailing shape \\(3,\\), got \\(4,\\)"):
+    with pytest.raises(ValueError,
+                       match="`x2` must share `x1`'s trailing shape \\(3,\\), got \\(4,\\)"):
         analytic.kernel(nn.Linear(3, 1), _x(), _x(2, 4))
     with pytest.raises(TypeError, match="`x1` must be a torch.Tensor"):
         analytic.kernel(nn.Linear(3, 1), [[1.0, 2.0, 3.0]])
@@ -553,7 +561,8 @@ def test_bad_arguments():
         analytic.mlp_kernel(_x(), depth=2, parameterization="NTK")
     with pytest.raises(ValueError, match="`depth` must be an int >= 0, got -1"):
         analytic.mlp_kernel(_x(), depth=-1)
-    with pytest.raises(ValueError, match="`x1` must be a tensor of shape \\(N1, d\\), got \\(2, 3, 4\\)"):
+    with pytest.raises(ValueError,
+                       match="`x1` must be a tensor of shape \\(N1, d\\), got \\(2, 3, 4\\)"):
         analytic.mlp_kernel(torch.randn(2, 3, 4), depth=1)
     with pytest.raises(ValueError, match="`activation` must be one of"):
         analytic.mlp_kernel(_x(), depth=1, activation="swishy")

@@ -106,7 +106,8 @@ def test_mlp_structure_and_names():
     assert [n for n, _ in net.named_children()] == ["hidden0", "act0", "hidden1", "act1", "readout"]
     assert net[0] is net.hidden0 and net[-1] is net.readout
     assert [layer.role for layer in net.dense_layers] == ["input", "hidden", "readout"]
-    assert [(d.in_features, d.out_features) for d in net.dense_layers] == [(3, 16), (16, 16), (16, 4)]
+    shapes = [(d.in_features, d.out_features) for d in net.dense_layers]
+    assert shapes == [(3, 16), (16, 16), (16, 4)]
     assert isinstance(net.act0, nn.Tanh) and net.act0 is not net.act1
     x = torch.randn(5, 3)
     assert net(x).shape == (5, 4)
@@ -173,7 +174,8 @@ def test_mlp_bad_arguments(kwargs, match):
 
 
 def test_layer_bad_arguments():
-    with pytest.raises(ValueError, match="`role` must be one of 'input', 'hidden', 'readout', got 'output'"):
+    with pytest.raises(ValueError,
+                       match="`role` must be one of 'input', 'hidden', 'readout', got 'output'"):
         Dense(3, 2, role="output")
     with pytest.raises(ValueError, match="`padding` must be one of 'same', 'valid'"):
         Conv2d(1, 1, 3, padding="full")

@@ -100,13 +100,16 @@ def _correlation(c: Tensor, v1: Tensor, v2: Tensor) -> tuple[Tensor, Tensor]:
     rho = torch.div(c, norms)
     if norms.shape != rho.shape:  # c broadcasts further than the variances
         norms = norms.expand_as(rho).clone()
-    rho.nan_to_num_(nan=0.0).clamp_(-1.0, 1.0)
+    if not (bool((v1 > 0).all()) and bool((v2 > 0).all())):  # zero-norm inputs: 0/0
+        rho.nan_to_num_(nan=0.0)
+    rho.clamp_(-1.0, 1.0)
     # An input paired with itself (or its negative) has ρ = ±1 up to rounding (c and v are
     # summed in different orders), and arccos turns 1 - ε into θ ≈ √(2ε) ≈ 2e-8: T' of
     # ReLU-like activations would be off by 1e-9 there and depend on the blocking. Snap to
     # exactly ±1 within 16 ulps, which moves near-parallel pairs by no more than rounding.
-    edge = 1 - 16 * torch.finfo(rho.dtype).eps
-    rho.masked_fill_(rho > edge, 1.0).masked_fill_(rho < -edge, -1.0)
+    edge = rho.abs() > 1 - 16 * torch.finfo(rho.dtype).eps
+    if bool(edge.any()):
+        rho[edge] = rho[edge].sign()
     return norms, rho
 
 
@@ -123,15 +126,13 @@ def leaky_relu(slope: float) -> Dual:
 
     def fn(c: Tensor, v1: Tensor, v2: Tensor, need_derivative: bool):
         norms, rho = _correlation(c, v1, v2)
-        theta = torch.arccos(rho)
-        # t = a² ρ|n| + (b²/π)|n| (2 sin θ + (π - 2θ) ρ), built in the buffer of sin θ.
-        t = torch.mul(rho, rho).neg_().add_(1.0).clamp_(min=0.0).sqrt_()
-        t.mul_(2.0).addcmul_(theta, rho, value=-2.0).add_(rho, alpha=math.pi)
-        t.mul_(norms).mul_(b2 / math.pi)
-        if a2:
-            t.addcmul_(rho, norms, value=a2)
-        dt = theta.mul_(-2 * b2 / math.pi).add_(a2 + b2) if need_derivative else None
-        return t, dt
+        # T' = a² + b² (1 - 2θ/π), in the buffer of θ; then, since a² ρ + (b²/π)(π - 2θ) ρ
+        # = T' ρ, T = √(v1 v2) ((2b²/π) sin θ + T' ρ), in the buffer of 1 - ρ² (>= 0 for
+        # |ρ| <= 1 in floating point too).
+        dt = torch.arccos(rho).mul_(-2 * b2 / math.pi).add_(a2 + b2)
+        t = torch.mul(rho, rho).neg_().add_(1.0).sqrt_().mul_(2 * b2 / math.pi)
+        t.addcmul_(rho, dt).mul_(norms)
+        return t, (dt if need_derivative else None)
 
     return Dual(f"leaky_relu({slope:g})", fn)
 
@@ -253,12 +254,14 @@ def _choose_degree(phi: Callable[[Tensor], Tensor], name: str, v_hi: float, dtyp
     last_difference = error = math.inf
     for degree in DEGREES[1:]:
         current = _gauss_hermite(phi, rho, s1, s2, degree, True)
-        difference = max(float((a - b).abs().max() / b.abs().max().clamp_min(torch.finfo(dtype).tiny))
+        tiny = torch.finfo(dtype).tiny
+        difference = max(float((a - b).abs().max() / b.abs().max().clamp_min(tiny))
                          for a, b in zip(previous, current))
         # The previous degree's error is about `difference`; on a geometrically converging
         # rule the current one's is smaller by the last contraction factor. Algebraic
         # convergence (non-smooth φ) has factors near 1 and is not mistaken for accuracy.
-        error = difference * (min(1.0, difference / last_difference) if last_difference < math.inf else 1.0)
+        factor = min(1.0, difference / last_difference) if last_difference < math.inf else 1.0
+        error = difference * factor
         if error <= QUADRATURE_RTOL:
             return degree
         previous, last_difference = current, difference
@@ -302,10 +305,11 @@ def quadrature(phi: Callable[[Tensor], Tensor], degree: int | None = DEFAULT_DEG
         >>> one = torch.tensor(1.0, dtype=torch.float64)
         >>> t, dt = quadrature(torch.erf)(0.5 * one, one, one)
         >>> t_exact, dt_exact = erf(0.5 * one, one, one)
-        >>> bool(torch.allclose(t, t_exact, rtol=1e-8)), bool(torch.allclose(dt, dt_exact, rtol=1e-8))
+        >>> torch.allclose(t, t_exact, rtol=1e-8), torch.allclose(dt, dt_exact, rtol=1e-8)
         (True, True)
     """
-    if degree is not None and (isinstance(degree, bool) or not isinstance(degree, int) or degree < 1):
+    if degree is not None and (isinstance(degree, bool) or not isinstance(degree, int)
+                               or degree < 1):
         raise ValueError(f"`degree` must be a positive int or None, got {degree!r}")
     label = f"quadrature({name or getattr(phi, '__name__', None) or repr(phi)})"
     chosen: dict[tuple[int, torch.dtype, str], int] = {}

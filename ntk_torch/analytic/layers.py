@@ -86,7 +86,8 @@ def _require_channels(k: Kernel, expected: int, what: str) -> None:
 
 def _affine(k: Kernel, summed: Callable[[torch.Tensor], torch.Tensor], n: int, out: int,
             multiplier: float, init_std: float, bias_multiplier: float, bias_init_std: float,
-            weight_trainable: bool, bias_trainable: bool, spatial: tuple[int, int] | None) -> Kernel:
+            weight_trainable: bool, bias_trainable: bool,
+            spatial: tuple[int, int] | None) -> Kernel:
     forward = multiplier ** 2 * init_std ** 2 * n
     bias_var = bias_multiplier ** 2 * bias_init_std ** 2
     # In place on fresh tensors: on large grids new full-size tensors cost more than flops.
@@ -169,7 +170,8 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: tuple[int, int],
         summed = lambda t: _patch_sum(t, kernel_size, padding, dilation)  # noqa: E731
         h, w = k.spatial
         (kh, kw), (dh, dw) = kernel_size, dilation
-        spatial = (h + padding[0] + padding[1] - dh * (kh - 1), w + padding[2] + padding[3] - dw * (kw - 1))
+        spatial = (h + padding[0] + padding[1] - dh * (kh - 1),
+                   w + padding[2] + padding[3] - dw * (kw - 1))
         return _affine(k, summed, in_channels, out_channels, multiplier, init_std,
                        bias_multiplier, bias_init_std, weight_trainable, bias_trainable, spatial)
 
@@ -218,7 +220,8 @@ def activation(dual: Dual) -> Layer:
             else:
                 s1 = s2 = d2
             cov2, _ = dual(k.cov2, s1, s2, False)
-        return k.replace(nngp=nngp, ntk=derivative.mul_(k.ntk), cov1=cov1, cov2=cov2, is_gaussian=False)
+        return k.replace(nngp=nngp, ntk=derivative.mul_(k.ntk), cov1=cov1, cov2=cov2,
+                         is_gaussian=False)
 
     return layer
 
