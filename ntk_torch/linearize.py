@@ -17,6 +17,7 @@ The product ``J (θ − θ0)`` is one forward-mode pass (``torch.func.jvp``): it
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -61,6 +62,7 @@ class LinearizedModel(nn.Module):
                 p.requires_grad_(True)
         self.model = clone
         self.names: tuple[str, ...] = selected
+        self._padding_rows = _padding_rows(clone, selected)
         # θ0 as persistent buffers: they follow .to()/.double() and state_dict with the copy.
         self.theta0 = nn.Module()
         for i, name in enumerate(selected):
@@ -79,6 +81,10 @@ class LinearizedModel(nn.Module):
         # The tangent carries θ's autograd graph, so a backward pass reaches θ through the
         # (linear) jvp output; θ0 is a buffer and receives no gradient.
         tangent = {name: current[name] - theta0[name] for name in self.names}
+        for name, row in self._padding_rows:
+            # Reverse mode gives an embedding's padding row zero derivative, forward mode does
+            # not; follow reverse mode, the convention of the Jacobian and of the package's NTK.
+            tangent[name] = tangent[name].index_fill(0, torch.tensor([row], device=tangent[name].device), 0.0)
 
         def at(params: dict[str, torch.Tensor]) -> Any:
             return functional_call(self.model, params, args, kwargs, tie_weights=True, strict=False)
@@ -89,6 +95,31 @@ class LinearizedModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"linearized parameters: {len(self.names)}"
+
+
+def _padding_rows(model: nn.Module, selected: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    """``(parameter name, padding_idx)`` of the selected weights of padded embeddings."""
+    uses: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        uses.setdefault(id(p), []).append(name)
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    rows = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)) or module.padding_idx is None:
+            continue
+        name = canonical.get(id(module.weight))
+        if name not in selected:
+            continue
+        if len(uses[id(module.weight)]) > 1:
+            warnings.warn(
+                f"`model` ties the weight of padded embedding {module_name!r} to "
+                f"{sorted(set(uses[id(module.weight)]) - {name})}; its padding row gets zero derivative "
+                "through the embedding but not through the other uses, which one linearization "
+                "cannot follow: the padding row's tangent is kept, as forward mode computes it",
+                UserWarning, stacklevel=3)
+            continue
+        rows.append((name, int(module.padding_idx)))
+    return tuple(rows)
 
 
 def _add(a: Any, b: Any) -> Any:
@@ -112,7 +143,9 @@ def linearize(model: nn.Module, *, params: ParamSelection = None) -> LinearizedM
     ``model``: its parameters are ``θ`` (initialised at ``θ0``) and are what any
     ``torch.optim`` optimizer trains; ``θ0`` is kept in buffers. ``model`` itself is never
     modified. At ``θ = θ0`` the outputs and their Jacobian equal the model's; the empirical
-    NTK of ``f_lin`` is the model's NTK at ``θ0`` for every ``θ``.
+    NTK of ``f_lin`` is the model's NTK at ``θ0`` for every ``θ``. The padding row of an
+    ``nn.Embedding``/``nn.EmbeddingBag`` with ``padding_idx`` has zero derivative, as in
+    autograd (forward mode alone would let it move ``f_lin``).
 
     Args:
         model: any ``nn.Module``. Its train/eval mode is respected: BatchNorm or Dropout in

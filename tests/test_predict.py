@@ -405,3 +405,21 @@ def test_errors_name_the_argument():
         nt.natural_ntk(k, damping=-1.0)
     with pytest.raises(TypeError, match="`k` must be a kernel tensor"):
         nt.natural_ntk(k.numpy(), damping=1.0)
+
+
+def test_plot_eigenmodes_draws_and_checks_shapes(tmp_path):
+    from ntk_torch.plotting import plot_eigenmodes
+
+    x = torch.linspace(-1, 1, 7, dtype=F64)
+    k = torch.exp(-(x[:, None] - x[None, :]) ** 2)
+    modes = nt.eigenmodes(k)
+    path = plot_eigenmodes(x[:, None], modes, tmp_path / "modes.png", n_modes=3, title="rbf")
+    assert path.stat().st_size > 0
+    full = nt.eigenmodes(k[:, :, None, None])  # a full kernel with O = 1 works too
+    assert plot_eigenmodes(x, full, tmp_path / "full.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="`modes` must be eigenmodes of an \\(N, N\\) kernel"):
+        plot_eigenmodes(x[:5], modes, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="`n_modes` must be an int in \\[1, 7\\]"):
+        plot_eigenmodes(x, modes, tmp_path / "bad.png", n_modes=9)
+    with pytest.raises(ValueError, match="`x` must hold scalar inputs"):
+        plot_eigenmodes(torch.zeros(7, 2), modes, tmp_path / "bad.png")
