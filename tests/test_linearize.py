@@ -168,3 +168,18 @@ def test_bad_arguments():
         nt.linearize(frozen)
     with pytest.raises(ValueError, match="unknown parameter 'nope'"):
         nt.linearize(nn.Linear(2, 2), params=["nope"])
+
+
+def test_tied_padded_embedding_warns_that_forward_and_reverse_mode_disagree():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(5, 3, padding_idx=0)
+            self.out = nn.Linear(3, 5, bias=False)
+            self.out.weight = self.embed.weight
+
+        def forward(self, tokens):
+            return self.out(self.embed(tokens).mean(1))
+
+    with pytest.warns(UserWarning, match="ties the weight of padded embedding 'embed'"):
+        nt.linearize(Tied())
