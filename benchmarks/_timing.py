@@ -67,8 +67,44 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
 
 
 def peak_rss_bytes() -> int:
-    """High-water mark of this process's resident memory (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """High-water mark of this process's resident memory.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``, which belongs to this address space.
+    (``getrusage``'s ``ru_maxrss`` also counts what a forked child inherited from a large
+    parent before ``exec``, so a benchmark's workers would all start at its peak.)
+    """
+    hwm = _status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS
+
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> int:
+    """Reset the high-water mark to the current resident size (Linux); returns the baseline.
+
+    After a warm-up call this excludes one-off costs (libraries' lazy initialisation)
+    from the next call's measured peak. Elsewhere the baseline is the peak so far.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        current = _status_bytes("VmRSS")
+        if current is not None:
+            return current
+    except OSError:
+        pass
+    return peak_rss_bytes()
 
 
 def run_worker(argv: list[str], timeout_s: float) -> dict:

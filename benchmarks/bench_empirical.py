@@ -11,9 +11,9 @@ times ntk_torch's mean-over-outputs trace; results are compared after dividing b
 
 Method. Per configuration and mode the methods are timed in turns (A B C A B C ...)
 after one untimed warm-up call each; the table reports the median. Peak memory is the
-rise of the resident-set high-water mark (``getrusage``) of a fresh subprocess that
-builds the model and inputs and makes one call: tracemalloc does not see torch's CPU
-allocations. A method whose estimated memory exceeds 70% of the available RAM is not run
+rise of the resident-set high-water mark (``VmHWM``) of a fresh subprocess that
+builds the model and inputs, makes one warm-up call, resets the mark and makes one
+measured call: tracemalloc does not see torch's CPU allocations. A method whose estimated memory exceeds 70% of the available RAM is not run
 and is reported as ``needs X GiB``; one whose estimated time exceeds ``--max-seconds`` is
 reported as skipped. Achieved GFLOP/s divides each method's estimated FLOPs (the cost
 model of ``implementation="auto"``, or the recipe's count) by its median time, beside the
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import math
 import os
@@ -230,7 +231,9 @@ def _worker(config_name: str, mode: str, method: str, threads: int | None) -> di
         torch.set_num_threads(threads)
     net, x1, x2 = build(CONFIGS[config_name])
     fn = method_fn(method, net, x1, x2, mode)
-    before = _timing.peak_rss_bytes()
+    fn()  # warm-up: lazy initialisation of libraries is not the method's memory
+    gc.collect()
+    before = _timing.reset_peak_rss()
     seconds = _timing.timed(fn)
     return {"seconds": seconds, "peak_bytes": _timing.peak_rss_bytes() - before}
 
