@@ -23,7 +23,8 @@ Any other elementwise function goes through :func:`quadrature`, a tensor-product
 Gauss–Hermite rule over the bivariate normal with derivatives from autograd.
 
 Numerics: ``c`` is clamped into ``[-√(v1 v2), √(v1 v2)]`` (so correlations stay in
-``[-1, 1]``), and zero variances give ``ρ = 0`` rather than ``0/0``.
+``[-1, 1]``), zero variances give ``ρ = 0`` rather than ``0/0``, and correlations within
+16 ulps of ±1 are snapped to ±1 (see ``_correlation``).
 """
 
 from __future__ import annotations
