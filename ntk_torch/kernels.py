@@ -40,7 +40,8 @@ def _check_kernel(k: object, name: str, *, rows: int | None = None, cols: int | 
                          "toolkit needs the trace (N1, N2) or the full (N1, N2, O, O) kernel "
                          "(mode='trace' or mode='full')")
     if k.dim() not in (2, 4):
-        raise ValueError(f"`{name}` must have shape (N1, N2) or (N1, N2, O, O), got {tuple(k.shape)}")
+        raise ValueError(f"`{name}` must have shape (N1, N2) or (N1, N2, O, O), "
+                         f"got {tuple(k.shape)}")
     if k.dim() == 4 and k.shape[2] != k.shape[3]:
         raise ValueError(f"`{name}` must have shape (N1, N2, O, O) with equal output sizes, "
                          f"got {tuple(k.shape)}")
@@ -49,21 +50,24 @@ def _check_kernel(k: object, name: str, *, rows: int | None = None, cols: int | 
     if n_out != -1:
         have = None if k.dim() == 2 else k.shape[2]
         if have != n_out:
-            want = "a trace-mode (N1, N2) kernel" if n_out is None else f"a full (N1, N2, {n_out}, {n_out}) kernel"
-            raise ValueError(f"`{name}` must be {want} like the training kernel, got shape {tuple(k.shape)}")
+            want = ("a trace-mode (N1, N2) kernel" if n_out is None
+                    else f"a full (N1, N2, {n_out}, {n_out}) kernel")
+            raise ValueError(f"`{name}` must be {want} like the training kernel, "
+                             f"got shape {tuple(k.shape)}")
     for size, axis, label in ((rows, 0, "rows"), (cols, 1, "columns")):
         if size is not None and k.shape[axis] != size:
-            raise ValueError(f"`{name}` must have {size} {label} (dimension {axis}) to match the other "
-                             f"arguments, got shape {tuple(k.shape)}")
+            raise ValueError(f"`{name}` must have {size} {label} (dimension {axis}) to match "
+                             f"the other arguments, got shape {tuple(k.shape)}")
     if not torch.isfinite(k).all():
-        raise ValueError(f"`{name}` has {int((~torch.isfinite(k)).sum())} non-finite entries (NaN/inf)")
+        bad = int((~torch.isfinite(k)).sum())
+        raise ValueError(f"`{name}` has {bad} non-finite entries (NaN/inf)")
     return k
 
 
 def _check_like(name: str, x: torch.Tensor, reference: torch.Tensor, reference_name: str) -> None:
     if x.dtype != reference.dtype or x.device != reference.device:
-        raise ValueError(f"`{name}` must have `{reference_name}`'s dtype {reference.dtype} and device "
-                         f"{reference.device}, got {x.dtype} on {x.device}")
+        raise ValueError(f"`{name}` must have `{reference_name}`'s dtype {reference.dtype} and "
+                         f"device {reference.device}, got {x.dtype} on {x.device}")
 
 
 def _n_out_of(k: torch.Tensor) -> int | None:
@@ -92,18 +96,25 @@ class _Targets:
     vector: bool  # labels were given as (N,)
 
     @staticmethod
-    def read(y: object, name: str, n: int, n_out: int | None, like: torch.Tensor) -> tuple[_Targets, torch.Tensor]:
+    def read(y: object, name: str, n: int, n_out: int | None,
+             like: torch.Tensor) -> tuple[_Targets, torch.Tensor]:
         if not isinstance(y, torch.Tensor):
-            raise TypeError(f"`{name}` must be a tensor of shape (N,) or (N, O), got {_describe(y)}")
-        expected = "(N,) or (N, C)" if n_out is None else (f"(N, {n_out})" + (" or (N,)" if n_out == 1 else ""))
+            raise TypeError(f"`{name}` must be a tensor of shape (N,) or (N, O), "
+                            f"got {_describe(y)}")
+        if n_out is None:
+            expected = "(N,) or (N, C)"
+        else:
+            expected = f"(N, {n_out})" + (" or (N,)" if n_out == 1 else "")
         if y.dim() not in (1, 2) or y.shape[0] != n:
-            raise ValueError(f"`{name}` must have shape {expected} with N = {n} to match the kernel, "
-                             f"got {tuple(y.shape)}")
-        if n_out is not None and not (y.dim() == 2 and y.shape[1] == n_out) and not (y.dim() == 1 and n_out == 1):
-            raise ValueError(f"`{name}` must have shape {expected} for a full kernel with O = {n_out}, "
-                             f"got {tuple(y.shape)}")
+            raise ValueError(f"`{name}` must have shape {expected} with N = {n} to match the "
+                             f"kernel, got {tuple(y.shape)}")
+        fits_full = (y.dim() == 2 and y.shape[1] == n_out) or (y.dim() == 1 and n_out == 1)
+        if n_out is not None and not fits_full:
+            raise ValueError(f"`{name}` must have shape {expected} for a full kernel with "
+                             f"O = {n_out}, got {tuple(y.shape)}")
         if y.device != like.device:
-            raise ValueError(f"`{name}` must be on the kernel's device {like.device}, got {y.device}")
+            raise ValueError(f"`{name}` must be on the kernel's device {like.device}, "
+                             f"got {y.device}")
         y = y.to(like.dtype)
         if not torch.isfinite(y).all():
             raise ValueError(f"`{name}` has non-finite entries (NaN/inf)")
@@ -131,14 +142,16 @@ def _tolerances(dtype: torch.dtype, n: int) -> tuple[float, float]:
 def _check_symmetric(m: torch.Tensor, name: str) -> None:
     """A flattened kernel ``(n, n)`` equals its transpose up to ``√eps`` relative."""
     if m.shape[0] != m.shape[1]:
-        raise ValueError(f"`{name}` must be square, got shape {tuple(m.shape)} after flattening outputs")
+        raise ValueError(f"`{name}` must be square, got shape {tuple(m.shape)} after "
+                         "flattening outputs")
     if m.numel() == 0:
         return
     rel_sym, _ = _tolerances(m.dtype, m.shape[0])
     asym, scale = (m - m.T).abs().max(), m.abs().max()
     if asym > rel_sym * scale:
-        raise ValueError(f"`{name}` must be symmetric: max |K - Kᵀ| = {float(asym):.3g} against "
-                         f"max |K| = {float(scale):.3g}; a kernel of one set of inputs with itself is")
+        raise ValueError(f"`{name}` must be symmetric: max |K - Kᵀ| = {float(asym):.3g} "
+                         f"against max |K| = {float(scale):.3g}; a kernel of one set of "
+                         "inputs with itself is")
 
 
 def _symmetric_eigh(m: torch.Tensor, name: str, *, psd: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,7 +182,8 @@ def _null_mask(values: torch.Tensor) -> torch.Tensor:
     return values <= rel_rank * values.max().clamp_min(0)
 
 
-def _check_nonnegative(name: str, value: object, *, positive: bool = False, allow_inf: bool = False) -> float:
+def _check_nonnegative(name: str, value: object, *, positive: bool = False,
+                       allow_inf: bool = False) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
@@ -269,9 +283,10 @@ def prior_logprob(k: torch.Tensor, y: torch.Tensor, *, jitter: float = 0.0) -> t
     shifted = values + jitter
     n = shifted.numel()
     if n and (_null_mask(shifted) | (shifted <= 0)).any():
+        low, high = float(shifted.min()), float(shifted.max())
         raise ValueError(f"`k` + jitter·I is singular to working precision (smallest eigenvalue "
-                         f"{float(shifted.min()):.3g}, largest {float(shifted.max()):.3g}) and has no "
-                         f"density; pass jitter > 0, e.g. jitter={1e-6 * float(shifted.max()):.2g}")
+                         f"{low:.3g}, largest {high:.3g}) and has no density; pass jitter > 0, "
+                         f"e.g. jitter={1e-6 * high:.2g}")
     coefficients = vectors.T @ rhs  # (n, C)
     columns = rhs.shape[1]
     quadratic = (coefficients.pow(2) / shifted[:, None]).sum()
@@ -285,10 +300,11 @@ def natural_ntk(k: torch.Tensor, *, damping: float) -> torch.Tensor:
     moves the training outputs by ``df/dt = -η J G⁻¹ Jᵀ ∂L/∂f``. For the Gaussian
     likelihood with noise variance ``σ²`` and the summed Fisher ``G = JᵀJ/σ² + λ'I``, and
     the loss ``L = Σ ½‖f - y‖²/σ²`` (the negative log likelihood), the push-through
-    identity ``(JᵀJ + λI)⁻¹Jᵀ = Jᵀ(JJᵀ + λI)⁻¹`` gives ``df/dt = -η K(K + λI)⁻¹ (f - y)``
-    with ``λ = σ²λ'``: this function with ``damping = σ²λ'``. Other normalisations only
-    rescale: a Fisher averaged over ``N`` samples (``G = JᵀJ/(Nσ²)``) with the loss
-    ``½Σ‖f - y‖²`` multiplies the kernel by ``Nσ²`` (and ``damping = Nσ²λ'``).
+    identity ``(JᵀJ + λI)⁻¹Jᵀ = Jᵀ(JJᵀ + λI)⁻¹`` gives
+    ``df/dt = -η K(K + λI)⁻¹ (f - y)`` with ``λ = σ²λ'``: this function with
+    ``damping = σ²λ'``. Other normalisations only rescale: a Fisher averaged over ``N``
+    samples (``G = JᵀJ/(Nσ²)``) with the loss ``½Σ‖f - y‖²`` multiplies the kernel by
+    ``Nσ²`` (and ``damping = Nσ²λ'``).
 
     When ``J`` has full row rank (an overparameterized net, ``P ≥ N·O``) the result tends
     to the identity as ``λ → 0``: every training residual decays at the same rate, the

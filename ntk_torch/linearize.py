@@ -84,7 +84,8 @@ class LinearizedModel(nn.Module):
         for name, row in self._padding_rows:
             # Reverse mode gives an embedding's padding row zero derivative, forward mode does
             # not; follow reverse mode, the convention of the Jacobian and of the package's NTK.
-            tangent[name] = tangent[name].index_fill(0, torch.tensor([row], device=tangent[name].device), 0.0)
+            index = torch.tensor([row], device=tangent[name].device)
+            tangent[name] = tangent[name].index_fill(0, index, 0.0)
 
         def at(params: dict[str, torch.Tensor]) -> Any:
             return functional_call(self.model, params, args, kwargs, tie_weights=True, strict=False)
@@ -111,9 +112,10 @@ def _padding_rows(model: nn.Module, selected: tuple[str, ...]) -> tuple[tuple[st
         if name not in selected:
             continue
         if len(uses[id(module.weight)]) > 1:
+            others = sorted(set(uses[id(module.weight)]) - {name})
             warnings.warn(
                 f"`model` ties the weight of padded embedding {module_name!r} to "
-                f"{sorted(set(uses[id(module.weight)]) - {name})}; its padding row gets zero derivative "
+                f"{others}; its padding row gets zero derivative "
                 "through the embedding but not through the other uses, which one linearization "
                 "cannot follow: the padding row's tangent is kept, as forward mode computes it",
                 UserWarning, stacklevel=3)

@@ -167,13 +167,16 @@ def plot_eigenmodes(x: Any, modes: Any, path: str | os.PathLike, *, n_modes: int
         vec = vec[:, 0, :]
     lam = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values, dtype=float)
     if xs.ndim != 1:
-        raise ValueError(f"`x` must hold scalar inputs, shape (N,) or (N, 1), got {tuple(np.shape(x))}")
+        raise ValueError(f"`x` must hold scalar inputs, shape (N,) or (N, 1), "
+                         f"got {tuple(np.shape(x))}")
     if vec.ndim != 2 or vec.shape[0] != xs.shape[0] or lam.shape != (vec.shape[1],):
         raise ValueError(
             f"`modes` must be eigenmodes of an (N, N) kernel on the N = {xs.shape[0]} inputs "
-            f"(values (n,), vectors (N, n)), got values {lam.shape} and vectors {tuple(np.shape(vectors))}"
+            f"(values (n,), vectors (N, n)), got values {lam.shape} and vectors "
+            f"{tuple(np.shape(vectors))}"
         )
-    if isinstance(n_modes, bool) or not isinstance(n_modes, int) or not 1 <= n_modes <= vec.shape[1]:
+    valid = isinstance(n_modes, int) and not isinstance(n_modes, bool)
+    if not valid or not 1 <= n_modes <= vec.shape[1]:
         raise ValueError(f"`n_modes` must be an int in [1, {vec.shape[1]}], got {n_modes!r}")
 
     order = np.argsort(xs, kind="stable")

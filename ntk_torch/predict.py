@@ -11,7 +11,8 @@ Loss convention. Gradient flow here is on the summed squared error
 so for a model linear in ``θ`` with NTK ``Θ = J Jᵀ`` the training outputs obey
 ``df/dt = -η Θ (f - y)``. One step of gradient descent with step size ``η`` on this loss
 advances ``t`` by one; the time of ``k`` steps is ``t = k`` at ``lr = η``, or equivalently
-``t = k·η`` at ``lr = 1``. With a mean loss ``½ Σ ‖f - y‖² / (N·O)`` divide ``lr`` by ``N·O``.
+``t = k·η`` at ``lr = 1``. With a mean loss ``½ Σ ‖f - y‖² / (N·O)`` divide ``lr`` by
+``N·O``.
 
 Every solve goes through the eigendecomposition of the (symmetric, PSD-checked) training
 kernel. Where the kernel is singular the infinite-time limits use the pseudo-inverse: the
@@ -72,18 +73,19 @@ def _check_time(t: object, lr: object) -> tuple[float, float]:
 def _flow_filters(values: torch.Tensor, time: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``decay = exp(-τλ)`` and ``gain = (1 - exp(-τλ))/λ`` at ``τ = lr·t``.
 
-    ``gain`` is ``τ·φ(τλ)`` with ``φ(z) = -expm1(-z)/z``, ``φ(0) = 1``: exact for tiny ``λ``.
+    ``gain`` is ``τ·φ(τλ)`` with ``φ(z) = -expm1(-z)/z``, ``φ(0) = 1``: exact for tiny
+    ``λ``.
     At ``τ = ∞`` null directions keep their residual (``decay = 1``) and contribute nothing
     to test points (``gain = 0``), the pseudo-inverse.
     """
     if math.isinf(time):
         null = _null_mask(values)
         decay = null.to(values.dtype)
-        gain = torch.where(null, torch.zeros_like(values), 1 / torch.where(null, torch.ones_like(values), values))
-        return decay, gain
+        return decay, _inverse_filter(values, 0.0)
     z = time * values
     decay = torch.exp(-z)
-    phi = torch.where(z > 0, -torch.expm1(-z) / torch.where(z > 0, z, torch.ones_like(z)), torch.ones_like(z))
+    safe = torch.where(z > 0, z, torch.ones_like(z))  # keeps 0/0 out of the unused branch
+    phi = torch.where(z > 0, -torch.expm1(-z) / safe, torch.ones_like(z))
     return decay, time * phi
 
 
@@ -152,12 +154,15 @@ def gradient_flow_mse(k_train: torch.Tensor, y_train: torch.Tensor, f0_train: to
         else:
             expected = layout.write(moved, m).shape
             if not isinstance(f0_test, torch.Tensor) or tuple(f0_test.shape) != tuple(expected):
-                got = tuple(f0_test.shape) if isinstance(f0_test, torch.Tensor) else type(f0_test).__name__
-                raise ValueError(f"`f0_test` must have shape {tuple(expected)} (the test predictions), got {got}")
+                got = (tuple(f0_test.shape) if isinstance(f0_test, torch.Tensor)
+                       else type(f0_test).__name__)
+                raise ValueError(f"`f0_test` must have shape {tuple(expected)} (the test "
+                                 f"predictions), got {got}")
             _, start = _Targets.read(f0_test, "f0_test", m, n_out, k_train)
         test = layout.write(start + moved, m)
     elif f0_test is not None:
-        raise ValueError("`f0_test` was given without `k_test_train`; pass the test-train kernel too")
+        raise ValueError("`f0_test` was given without `k_test_train`; pass the test-train "
+                         "kernel too")
     return FlowPrediction(layout.write(train, n), test)
 
 
@@ -201,11 +206,12 @@ def kernel_regression(k_train: torch.Tensor, k_test_train: torch.Tensor, y_train
 
 
 def _inverse_filter(values: torch.Tensor, shift: float) -> torch.Tensor:
-    """``1/(λ + shift)``, or the pseudo-inverse's ``1/λ`` off the null space when ``shift = 0``."""
+    """``1/(λ + shift)``; with ``shift = 0`` the pseudo-inverse's ``1/λ`` off the null space."""
     if shift > 0:
         return 1 / (values + shift)
     null = _null_mask(values)
-    return torch.where(null, torch.zeros_like(values), 1 / torch.where(null, torch.ones_like(values), values))
+    safe = torch.where(null, torch.ones_like(values), values)
+    return torch.where(null, torch.zeros_like(values), 1 / safe)
 
 
 def gp_posterior(k_train: torch.Tensor, k_test_train: torch.Tensor, k_test: torch.Tensor,
@@ -270,8 +276,9 @@ def _symmetrize(m: torch.Tensor) -> torch.Tensor:
     return (m + m.T) / 2
 
 
-def ntk_gp_posterior(nngp_train: torch.Tensor, nngp_test_train: torch.Tensor, nngp_test: torch.Tensor,
-                     ntk_train: torch.Tensor, ntk_test_train: torch.Tensor, y_train: torch.Tensor,
+def ntk_gp_posterior(nngp_train: torch.Tensor, nngp_test_train: torch.Tensor,
+                     nngp_test: torch.Tensor, ntk_train: torch.Tensor,
+                     ntk_test_train: torch.Tensor, y_train: torch.Tensor,
                      t: float = math.inf, *, lr: float = 1.0) -> Gaussian:
     """Distribution of test outputs of infinitely wide networks after gradient flow for time ``t``.
 
@@ -336,7 +343,8 @@ def conditional(k: torch.Tensor, observed_idx: object, y_observed: torch.Tensor,
     """Which labels a kernel prefers for the unobserved points, given the observed ones.
 
     Under the prior ``y ~ N(0, K)`` over all ``N`` points, conditioning on ``y_o`` at the
-    observed indices gives the unobserved ``y_u ~ N(K_uo K_oo⁻¹ y_o, K_uu - K_uo K_oo⁻¹ K_ou)``.
+    observed indices gives the unobserved
+    ``y_u ~ N(K_uo K_oo⁻¹ y_o, K_uu - K_uo K_oo⁻¹ K_ou)``.
     The mean is the labelling with the highest :func:`ntk_torch.prior_logprob` among all
     completions of ``y_o``: the principled way to ask which test label the kernel prefers,
     rather than scoring a few candidates.
@@ -377,20 +385,23 @@ def conditional(k: torch.Tensor, observed_idx: object, y_observed: torch.Tensor,
 def _indices(idx: object, n: int, device: torch.device) -> torch.Tensor:
     if isinstance(idx, torch.Tensor) and idx.dtype == torch.bool:
         if idx.shape != (n,):
-            raise ValueError(f"`observed_idx` as a mask must have shape ({n},), got {tuple(idx.shape)}")
+            raise ValueError(f"`observed_idx` as a mask must have shape ({n},), "
+                             f"got {tuple(idx.shape)}")
         return idx.to(device).nonzero().flatten()
     try:
         index = torch.as_tensor(idx, device=device)
     except (TypeError, ValueError, RuntimeError) as error:
-        raise TypeError(f"`observed_idx` must be integer indices or a boolean mask, got {idx!r}") from error
+        raise TypeError(f"`observed_idx` must be integer indices or a boolean mask, "
+                        f"got {idx!r}") from error
     if index.dim() == 0:
         index = index.reshape(1)
     if index.dim() != 1 or (index.numel() and (index.is_floating_point() or index.is_complex())):
-        raise TypeError(f"`observed_idx` must be a 1-D sequence of integer indices or a boolean mask, "
-                        f"got {idx!r}")
+        raise TypeError(f"`observed_idx` must be a 1-D sequence of integer indices or a "
+                        f"boolean mask, got {idx!r}")
     index = index.long()
     if index.numel() and (index.min() < -n or index.max() >= n):
-        raise ValueError(f"`observed_idx` must index the kernel's {n} samples, got {index.tolist()}")
+        raise ValueError(f"`observed_idx` must index the kernel's {n} samples, "
+                         f"got {index.tolist()}")
     index = index % n if n else index
     if index.unique().numel() != index.numel():
         raise ValueError(f"`observed_idx` must not repeat an index, got {index.tolist()}")

@@ -34,9 +34,10 @@ from ntk_torch.plotting import plot_eigenmodes
 F64 = torch.float64
 OBSERVATION = (10.0, 50.0)
 STEP_LR = 0.1
-# The issue/seed print (θ1..θ5) = (4, -10, 25, 10, 50) for θ1·e^{-(x-θ2)²/30} + θ3·e^{-(x-θ4)²/30}
-# + θ5. Read literally, the bump at 10 is centred on the observation (∂f(10)/∂θ4 = 0) and the
-# other is 20 units away, so the kernel hardly moves (metrics.json: rbf_literal). The seed's
+# The issue/seed print (θ1..θ5) = (4, -10, 25, 10, 50) for
+# θ1·e^{-(x-θ2)²/30} + θ3·e^{-(x-θ4)²/30} + θ5. Read literally, the bump at 10 is centred on
+# the observation (∂f(10)/∂θ4 = 0) and the other is 20 units away, so the kernel hardly moves
+# (metrics.json: rbf_literal). The seed's
 # description (a valley near 4, the kernel peaking left of 10 with a negative lobe, a kernel
 # that changes in training) holds with amplitudes (-10, 10) and centres (4, 25): we draw that.
 RBF_INIT = (-10.0, 4.0, 10.0, 25.0, 50.0)
@@ -80,7 +81,8 @@ class TwoBumps(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.theta
-        return t[0] * torch.exp(-(x - t[1]) ** 2 / 30) + t[2] * torch.exp(-(x - t[3]) ** 2 / 30) + t[4]
+        bumps = t[0] * torch.exp(-(x - t[1]) ** 2 / 30) + t[2] * torch.exp(-(x - t[3]) ** 2 / 30)
+        return bumps + t[4]
 
 
 def toy_models(grid: torch.Tensor) -> dict[str, nn.Module]:
@@ -173,8 +175,8 @@ def regression(args: argparse.Namespace, activation: str, x: torch.Tensor, y: to
     n = len(x)
     lam = torch.linalg.eigvalsh(ntk[:n, :n])
     lr = 1.0 / float(lam[-1])  # half the stability limit 2/λ_max
-    posterior = nt.ntk_gp_posterior(nngp[:n, :n], nngp[n:, :n], nngp[n:, n:], ntk[:n, :n], ntk[n:, :n],
-                                    y, args.steps, lr=lr)
+    posterior = nt.ntk_gp_posterior(nngp[:n, :n], nngp[n:, :n], nngp[n:, n:], ntk[:n, :n],
+                                    ntk[n:, :n], y, args.steps, lr=lr)
     trained, linearized, kernel_errors, spectra = [], [], [], []
     for s in range(args.seeds):
         torch.manual_seed(args.seed + s)
@@ -197,7 +199,8 @@ def regression(args: argparse.Namespace, activation: str, x: torch.Tensor, y: to
     return {
         "posterior": posterior, "trained": trained_t, "linearized": linearized_t,
         "metrics": {
-            "weight_std": weight_std, "bias_std": bias_std, "depth": depth, "lr": lr, "steps": args.steps,
+            "weight_std": weight_std, "bias_std": bias_std, "depth": depth, "lr": lr,
+            "steps": args.steps,
             "ntk_train_relative_error_per_seed": kernel_errors,
             "residual_left_slowest_mode": math.exp(-lr * args.steps * float(lam[0])),
             # eigenvalues of the trained nets' empirical NTK on the 5 training points, ascending,
@@ -243,7 +246,8 @@ def _save(fig, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def draw_steps(path: Path, grid: torch.Tensor, steps: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+def draw_steps(path: Path, grid: torch.Tensor,
+               steps: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     fig, axes = _figure(2, 2, (11, 7.5))
     xs = grid.numpy()
     for ax, (name, (before, after)) in zip(axes, steps.items()):
@@ -271,7 +275,8 @@ def draw_kernels(path: Path, grid: torch.Tensor, limit: dict[str, torch.Tensor],
         scale = float(limit[name][i10])
         ax.plot(xs, limit[name].numpy() / scale, "k-", label="k(x, 10), η → 0 (empirical NTK)")
         for j, (eta, k) in enumerate(finite[name].items()):
-            ax.plot(xs, k.numpy() / scale, "o", markersize=4 - j, alpha=0.8, label=f"finite step η = {eta:g}")
+            ax.plot(xs, k.numpy() / scale, "o", markersize=4 - j, alpha=0.8,
+                    label=f"finite step η = {eta:g}")
         ax.axhline(0.0, color="0.8", lw=0.8)
         ax.set_title(f"{name}  (k(10, 10) = {scale:.3g})", fontsize=10)
         ax.set_xlabel("x")
@@ -281,8 +286,8 @@ def draw_kernels(path: Path, grid: torch.Tensor, limit: dict[str, torch.Tensor],
     _save(fig, path)
 
 
-def draw_kernel_change(path: Path, grid: torch.Tensor, kernels: torch.Tensor, functions: torch.Tensor,
-                       lr: float) -> None:
+def draw_kernel_change(path: Path, grid: torch.Tensor, kernels: torch.Tensor,
+                       functions: torch.Tensor, lr: float) -> None:
     from matplotlib import colormaps
 
     fig, (left, right) = _figure(1, 2, (11, 4.2))
@@ -293,7 +298,8 @@ def draw_kernel_change(path: Path, grid: torch.Tensor, kernels: torch.Tensor, fu
     for s in range(steps + 1):
         colour = cmap(0.85 * s / max(steps, 1))
         label = "step 0" if s == 0 else (f"step {steps}" if s == steps else None)
-        left.plot(xs, kernels[s].numpy() / float(kernels[s, i10]), color=colour, lw=1.2, label=label)
+        left.plot(xs, kernels[s].numpy() / float(kernels[s, i10]), color=colour, lw=1.2,
+                  label=label)
         right.plot(xs, functions[s].numpy(), color=colour, lw=1.2, label=label)
     left.set_title("k(x, 10) / k(10, 10) along the ascent", fontsize=10)
     right.set_title("f(x) along the ascent", fontsize=10)
@@ -309,7 +315,8 @@ def draw_regression(path: Path, x: torch.Tensor, y: torch.Tensor, xs: torch.Tens
                     runs: dict[str, dict[str, object]], title: str) -> None:
     fig, axes = _figure(len(runs), 2, (12, 4.2 * len(runs)))
     grid = xs[:, 0].numpy()
-    panels = [(activation, kind, run) for activation, run in runs.items() for kind in ("trained", "linearized")]
+    panels = [(activation, kind, run) for activation, run in runs.items()
+              for kind in ("trained", "linearized")]
     for ax, (activation, kind, run) in zip(axes, panels):
         posterior = run["posterior"]
         mean = posterior.mean.numpy()
@@ -319,12 +326,14 @@ def draw_regression(path: Path, x: torch.Tensor, y: torch.Tensor, xs: torch.Tens
         ax.plot(grid, mean, color="C1", lw=2)
         colour = "C0" if kind == "trained" else "C2"
         for i, curve in enumerate(run[kind].numpy()):
-            ax.plot(grid, curve, color=colour, lw=0.8, alpha=0.6, label=f"{kind} nets, one per seed" if i == 0 else None)
+            ax.plot(grid, curve, color=colour, lw=0.8, alpha=0.6,
+                    label=f"{kind} nets, one per seed" if i == 0 else None)
         ens_mean, ens_std = run[kind].mean(0).numpy(), run[kind].std(0).numpy()
         ax.plot(grid, ens_mean, "--", color="k", lw=1.2, label="ensemble mean")
         ax.plot(grid, ens_mean + 2 * ens_std, ":", color="k", lw=1.0, label="ensemble ± 2 std")
         ax.plot(grid, ens_mean - 2 * ens_std, ":", color="k", lw=1.0)
-        ax.plot(x[:, 0].numpy(), y.numpy(), "x", color="C3", markersize=9, mew=2, label="training points")
+        ax.plot(x[:, 0].numpy(), y.numpy(), "x", color="C3", markersize=9, mew=2,
+                label="training points")
         lr = run["metrics"]["lr"]
         ax.set_title(f"{activation}: {kind} nets (lr {lr:.3g})", fontsize=10)
         ax.set_xlabel("x")
@@ -339,10 +348,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("results/ntk_intuition"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="only cpu is used: every model here is tiny")
+    parser.add_argument("--device", default="cpu",
+                        help="only cpu is used: every model here is tiny")
     parser.add_argument("--ascent-steps", type=int, default=15)
     parser.add_argument("--ascent-lr", type=float, default=1.0)
-    parser.add_argument("--eigen-width", type=int, default=4096, help="width of the 2-layer ReLU net")
+    parser.add_argument("--eigen-width", type=int, default=4096,
+                        help="width of the 2-layer ReLU net")
     parser.add_argument("--eigen-points", type=int, default=61, help="grid points on [-3, 3]")
     parser.add_argument("--width", type=int, default=512, help="width of the 3-layer ReLU nets")
     parser.add_argument("--seeds", type=int, default=8, help="trained nets per ensemble")
@@ -353,8 +364,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.eigen_width, args.eigen_points = min(args.eigen_width, 128), min(args.eigen_points, 21)
-        args.width, args.seeds, args.steps = min(args.width, 64), min(args.seeds, 2), min(args.steps, 50)
-    for name in ("threads", "ascent_steps", "eigen_width", "eigen_points", "width", "seeds", "steps"):
+        args.width, args.seeds = min(args.width, 64), min(args.seeds, 2)
+        args.steps = min(args.steps, 50)
+    for name in ("threads", "ascent_steps", "eigen_width", "eigen_points", "width", "seeds",
+                 "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.seeds < 2:
@@ -386,7 +399,8 @@ def run(args: argparse.Namespace) -> int:
     draw_steps(args.out / "toy_step.png", grid, steps)
     limit = {name: ntk_column(m, grid) for name, m in models.items()}
     etas = (1.0, 0.1, 0.01, 0.001)
-    finite = {name: {eta: finite_step_kernel(m, grid, eta) for eta in etas} for name, m in models.items()}
+    finite = {name: {eta: finite_step_kernel(m, grid, eta) for eta in etas}
+              for name, m in models.items()}
     draw_kernels(args.out / "toy_kernels.png", grid, limit,
                  {name: {eta: finite[name][eta] for eta in (1.0, 0.1)} for name in models})
     i10 = int((grid == OBSERVATION[0]).nonzero())
@@ -396,7 +410,8 @@ def run(args: argparse.Namespace) -> int:
             "k_10_10": float(limit[name][i10]),
             "argmax_k_x_10": float(grid[limit[name].argmax()]),
             "min_k_over_k_10_10": float(limit[name].min() / limit[name][i10]),
-            # max_x |k̃_η(x, 10) - k(x, 10)| / k(10, 10): zero for models linear in θ, O(η) otherwise
+            # max_x |k̃_η(x, 10) - k(x, 10)| / k(10, 10): zero for models linear in θ, O(η)
+            # otherwise
             "finite_step_error": {str(eta): float((finite[name][eta] - limit[name]).abs().max()
                                                   / limit[name][i10]) for eta in etas},
             "kernel_change_15_ascent_steps": _relative_change(
@@ -404,7 +419,8 @@ def run(args: argparse.Namespace) -> int:
         }
         for name, m in models.items()
     }
-    kernels, functions = ascent_kernels(models["two-bump RBF"], grid, args.ascent_steps, args.ascent_lr)
+    kernels, functions = ascent_kernels(models["two-bump RBF"], grid, args.ascent_steps,
+                                        args.ascent_lr)
     draw_kernel_change(args.out / "toy_kernel_change.png", grid, kernels, functions, args.ascent_lr)
     literal = TwoBumps(RBF_LITERAL_INIT)
     metrics["rbf_literal"] = {
@@ -420,16 +436,16 @@ def run(args: argparse.Namespace) -> int:
     net = mlp(args.eigen_width, 1, "relu", 1.0, 1.0)
     modes = nt.eigenmodes(nt.empirical_ntk(net, eig_x, mode="trace"))
     plot_eigenmodes(eig_x, modes, args.out / "eigenmodes.png", n_modes=4,
-                    title=f"NTK of one 2-layer ReLU net (width {args.eigen_width}, NTK parameterization, "
-                          "σ_w = σ_b = 1) on a grid over [-3, 3]")
+                    title=f"NTK of one 2-layer ReLU net (width {args.eigen_width}, NTK "
+                          "parameterization, σ_w = σ_b = 1) on a grid over [-3, 3]")
     _, ntk_inf = infinite_width_kernels(eig_x, 1, "relu", 1.0, 1.0)
     limit_modes = nt.eigenmodes(ntk_inf)
     metrics["eigenmodes"] = {
         "top_eigenvalues": [float(v) for v in modes.values[:6]],
         "infinite_width_top_eigenvalues": [float(v) for v in limit_modes.values[:6]],
         # |cos| between the network's and the limit's j-th eigenvector
-        "overlap_with_infinite_width": [float((modes.vectors[:, j] @ limit_modes.vectors[:, j]).abs())
-                                        for j in range(4)],
+        "overlap_with_infinite_width": [
+            float((modes.vectors[:, j] @ limit_modes.vectors[:, j]).abs()) for j in range(4)],
     }
 
     # 3. Five-point regression: trained 3-layer nets and their linearizations vs the NTK-GP,
@@ -440,12 +456,13 @@ def run(args: argparse.Namespace) -> int:
     runs = {activation: regression(args, activation, x, y, xs) for activation in ("relu", "erf")}
     metrics["regression"] = {activation: run["metrics"] for activation, run in runs.items()}
     draw_regression(args.out / "regression.png", x, y, xs, runs,
-                    f"3-layer nets (width {args.width}, {args.seeds} seeds) after {args.steps} GD steps "
-                    "against the infinite-width NTK-GP at the same time")
+                    f"3-layer nets (width {args.width}, {args.seeds} seeds) after {args.steps} "
+                    "GD steps against the infinite-width NTK-GP at the same time")
 
     seconds = time.perf_counter() - start
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    config = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    config = {key: (str(value) if isinstance(value, Path) else value)
+              for key, value in vars(args).items()}
     config.update(observation=list(OBSERVATION), step_lr=STEP_LR, rbf_init=list(RBF_INIT),
                   finite_step_etas=list(etas), regression={"x": x[:, 0].tolist(), "y": y.tolist()},
                   torch=torch.__version__, seconds=round(seconds, 2))

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ntk_intuition.py"
-FIGURES = ("toy_step.png", "toy_kernels.png", "toy_kernel_change.png", "eigenmodes.png", "regression.png")
+FIGURES = ("toy_step.png", "toy_kernels.png", "toy_kernel_change.png", "eigenmodes.png",
+           "regression.png")
 
 
 def load_script():
@@ -38,7 +39,8 @@ def test_quick_run_writes_figures_and_measures_closed_forms(tmp_path):
     table = toy["look-up table"]
     assert table["k_10_10"] == pytest.approx(1.0)
     assert table["f10_before_after_step"] == pytest.approx([31.0, 31.0 + 0.1 * 19])
-    # Linear θ1·x + θ2: k(x, 10) = 10x + 1; reparameterized θ1·x + 10·θ2: k(x, 10) = 10x + 100.
+    # Linear θ1·x + θ2: k(x, 10) = 10x + 1; reparameterized θ1·x + 10·θ2:
+    # k(x, 10) = 10x + 100.
     # Both are linear in θ: the step is exact, f(10) moves by 0.1·19·k(10, 10).
     line, reparam = toy["linear θ1·x + θ2"], toy["reparameterized θ1·x + 10·θ2"]
     assert line["k_10_10"] == pytest.approx(101.0)
@@ -66,7 +68,8 @@ def test_quick_run_writes_figures_and_measures_closed_forms(tmp_path):
     assert len(modes["overlap_with_infinite_width"]) == 4
     for activation in ("relu", "erf"):
         regression = metrics["regression"][activation]
-        assert regression["steps"] == config["steps"] and len(regression["ntk_train_relative_error_per_seed"]) == 2
+        assert regression["steps"] == config["steps"]
+        assert len(regression["ntk_train_relative_error_per_seed"]) == 2
         # lr is half the stability limit of the analytic NTK: exp(-lr·steps·λ_min) in (0, 1).
         assert 0 < regression["residual_left_slowest_mode"] < 1
         assert all(math.isfinite(v) for k, v in regression.items() if k.startswith("rms_"))

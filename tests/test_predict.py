@@ -30,7 +30,8 @@ def _trace_blocks(n: int, m: int, p: int = 12, seed: int = 0):
 
 def _full_blocks(n: int, m: int, o: int, p: int = 20, seed: int = 0):
     """Full (·, ·, O, O) kernel from per-sample Jacobians J (N+M, O, P)."""
-    jac = torch.randn(n + m, o, p, generator=torch.Generator().manual_seed(seed), dtype=F64) / p**0.5
+    g = torch.Generator().manual_seed(seed)
+    jac = torch.randn(n + m, o, p, generator=g, dtype=F64) / p**0.5
     k = torch.einsum("aip,bjp->abij", jac, jac)
     return k[:n, :n], k[n:, :n], k[n:, n:]
 
@@ -114,7 +115,8 @@ def test_gradient_flow_on_a_singular_kernel_reaches_the_minimum_norm_fit():
     theta = torch.linalg.pinv(x_phi) @ y
     assert_close(out.train, x_phi @ theta, rtol=1e-9)
     assert_close(out.test, s_phi @ theta, rtol=1e-9)
-    assert_close(nt.kernel_regression(x_phi @ x_phi.T, s_phi @ x_phi.T, y), s_phi @ theta, rtol=1e-9)
+    regression = nt.kernel_regression(x_phi @ x_phi.T, s_phi @ x_phi.T, y)
+    assert_close(regression, s_phi @ theta, rtol=1e-9)
 
 
 def test_small_step_gradient_descent_on_a_linearized_net_matches_gradient_flow():
@@ -161,10 +163,12 @@ def test_kernel_regression_matches_explicit_solve():
     k, ks, _ = _trace_blocks(6, 3)
     y = _features(6, 2, 11)
     eye = torch.eye(6, dtype=F64)
-    assert_close(nt.kernel_regression(k, ks, y, ridge=0.3), ks @ torch.linalg.solve(k + 0.3 * eye, y))
+    expected = ks @ torch.linalg.solve(k + 0.3 * eye, y)
+    assert_close(nt.kernel_regression(k, ks, y, ridge=0.3), expected)
     kf, ksf, _ = _full_blocks(4, 2, o=3)
     yf = _features(4, 3, 12)
-    expected = _flat(ksf) @ torch.linalg.solve(_flat(kf) + 0.1 * torch.eye(12, dtype=F64), yf.reshape(-1))
+    ridged = _flat(kf) + 0.1 * torch.eye(12, dtype=F64)
+    expected = _flat(ksf) @ torch.linalg.solve(ridged, yf.reshape(-1))
     assert_close(nt.kernel_regression(kf, ksf, yf, ridge=0.1), expected.reshape(2, 3))
 
 
@@ -192,7 +196,8 @@ def test_gp_posterior_matches_joint_gaussian_precision(noise):
 def test_gp_posterior_full_kernel():
     k, ks, kss = _full_blocks(3, 2, o=2, p=30)
     y = _features(3, 2, 14)
-    joint = torch.cat([torch.cat([_flat(k), _flat(ks).T], 1), torch.cat([_flat(ks), _flat(kss)], 1)], 0)
+    joint = torch.cat([torch.cat([_flat(k), _flat(ks).T], 1),
+                       torch.cat([_flat(ks), _flat(kss)], 1)], 0)
     mean, cov = _conditional_via_precision(joint, 6, y.reshape(-1))
     post = nt.gp_posterior(k, ks, kss, y)
     assert post.mean.shape == (2, 2) and post.covariance.shape == (2, 2, 2, 2)
@@ -274,7 +279,8 @@ def test_prior_logprob_matches_multivariate_normal():
     assert_close(nt.prior_logprob(k, y[:, 1], jitter=0.05), jittered.log_prob(y[:, 1]))
     kf, _, _ = _full_blocks(3, 0, o=2)
     yf = _features(3, 2, 18)
-    mvn_f = torch.distributions.MultivariateNormal(torch.zeros(6, dtype=F64), covariance_matrix=_flat(kf))
+    mvn_f = torch.distributions.MultivariateNormal(torch.zeros(6, dtype=F64),
+                                                   covariance_matrix=_flat(kf))
     assert_close(nt.prior_logprob(kf, yf), mvn_f.log_prob(yf.reshape(-1)))
 
 
@@ -340,7 +346,8 @@ def test_natural_ntk_tends_to_identity_for_an_overparameterized_net():
     assert lam_min > 0
     for damping in (1e-2 * lam_min, 1e-5 * lam_min):
         # K(K + λI)⁻¹ - I = -λ(K + λI)⁻¹, whose norm is λ/(λ_min + λ).
-        err = float(torch.linalg.matrix_norm(_flat(nt.natural_ntk(k, damping=damping)) - torch.eye(6, dtype=F64), ord=2))
+        gap = _flat(nt.natural_ntk(k, damping=damping)) - torch.eye(6, dtype=F64)
+        err = float(torch.linalg.matrix_norm(gap, ord=2))
         assert abs(err - damping / (lam_min + damping)) <= 1e-9
     # damping = 0 on a rank-deficient kernel: the projector onto its range.
     phi = _features(6, 2, 21)
@@ -392,7 +399,8 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"`y_train` must have shape \(N, 2\)"):
         nt.kernel_regression(kf, ksf, y)
     with pytest.raises(ValueError, match="`ntk_train` must be a full"):
-        nt.ntk_gp_posterior(kf, ksf, _full_blocks(4, 2, o=2)[2], k, ks, torch.zeros(4, 2, dtype=F64))
+        nt.ntk_gp_posterior(kf, ksf, _full_blocks(4, 2, o=2)[2], k, ks,
+                            torch.zeros(4, 2, dtype=F64))
     with pytest.raises(ValueError, match="`k_test_train` must have `k_train`'s dtype"):
         nt.kernel_regression(k, ks.float(), y)
     with pytest.raises(ValueError, match="`observed_idx` must not repeat"):
