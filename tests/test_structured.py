@@ -298,16 +298,15 @@ def test_auto_picks_jacobian_when_nothing_is_structured():
     torch.manual_seed(0)
     model = _RawMLP().eval()
     x = torch.randn(8, 6)
-    problem = _problem(model, x, "full")
+    problem = _problem(model, x, "trace")
     seconds = {e: _engines.predicted_seconds(e, problem) for e in _engines.ENGINES}
     # Everything would take the structured engine's fallback: the same work plus a probe.
     assert _engines.estimate("jacobian", problem).flops <= _engines.estimate("structured", problem).flops
     assert min(seconds, key=seconds.get) == "jacobian"
-    ntk = nt.empirical_ntk_fn(model, implementation="auto")
+    ntk = nt.empirical_ntk_fn(model, implementation="auto", mode="trace")
     k = ntk(x)
     assert ntk.last_implementation == "jacobian"
-    assert_close(k.double(), nt.empirical_ntk(model.double(), x.double(), implementation="jacobian"),
-                 RTOL[torch.float32])
+    assert_close(k, nt.empirical_ntk(model, x, implementation="jacobian", mode="trace"), RTOL[torch.float32])
 
 
 def test_auto_picks_ntk_vp_when_only_it_fits_the_budget():

@@ -13,7 +13,9 @@ where FLOPs come from one profiled forward pass (``torch.utils.flop_counter``) a
 engine's formula (its docstring), ``THROUGHPUT`` is a nominal matmul rate, and each
 engine module states its ``EFFICIENCY`` (fraction of that rate its work runs at) and
 ``OVERHEAD_S`` (fixed seconds per call), measured on the benchmark set
-(``benchmarks/bench_empirical.py``). Ties go to the earlier engine in ``ENGINES``.
+(``benchmarks/bench_empirical.py``: achieved GFLOP/s of each engine relative to the
+structured engine's). An engine may instead price its parts itself with
+``predicted_seconds(problem, throughput)``. Ties go to the earlier engine in ``ENGINES``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ THROUGHPUT = 2e10
 def predicted_seconds(name: str, problem: Problem) -> float:
     """Predicted time of one block with engine ``name`` (see the module docstring)."""
     module = ENGINES[name]
+    if hasattr(module, "predicted_seconds"):  # an engine that prices its parts apart
+        return module.predicted_seconds(problem, THROUGHPUT)
     efficiency = getattr(module, "EFFICIENCY", 1.0)
     overhead = getattr(module, "OVERHEAD_S", 1e-3)
     return estimate(name, problem).flops / (THROUGHPUT * efficiency) + overhead

@@ -51,7 +51,9 @@ from ntk_torch._engines._structured_rules import (
     weight_gradients,
 )
 
-# A probe pass, hooks and a few small products per layer add a fixed cost.
+# Large batched matmuls and channels-last convolutions run fastest of the three engines
+# (the reference, 1.0); a probe pass, hooks and a few small products per layer add a
+# fixed cost.
 EFFICIENCY = 1.0
 OVERHEAD_S = 2e-3
 
@@ -63,16 +65,33 @@ MIN_WORK_BYTES = 2**20
 
 def estimate(problem: Problem) -> Cost:
     """FLOPs and peak bytes of one block (see the module docstring)."""
+    structured_flops, fallback_flops, nbytes = _cost_parts(problem)
+    return Cost(structured_flops + fallback_flops, nbytes)
+
+
+def predicted_seconds(problem: Problem, throughput: float) -> float:
+    """Like the other engines' ``FLOPs / (throughput · EFFICIENCY) + OVERHEAD_S``, with the
+    fallback parameters' share priced at the jacobian engine's rate: that is what they
+    run as, so a model with nothing structured is never predicted faster than there."""
+    structured_flops, fallback_flops, _ = _cost_parts(problem)
+    return (structured_flops / EFFICIENCY + fallback_flops / jacobian.EFFICIENCY) / throughput + OVERHEAD_S
+
+
+def _cost_parts(problem: Problem) -> tuple[float, float, float]:
+    """FLOPs of the structured part, FLOPs of the fallback part, peak bytes."""
     p = problem
     s: Structure | None = getattr(p, "structure", None)
     if s is None:  # no probe: every parameter would go through the fallback
-        return jacobian.estimate(p)
+        cost = jacobian.estimate(p)
+        return 0.0, cost.flops, cost.bytes
     samples = p.n1 if p.symmetric else p.n1 + p.n2
     o = p.n_out
     # Forward, then O backward passes computing input gradients only (about a forward
-    # each), plus the fallback parameters' weight gradients.
+    # each), plus the fallback parameters' weight gradients (another forward each, in
+    # proportion to their share of the parameters).
     fb_share = s.fallback_params / max(p.n_params, 1)
-    flops = samples * p.forward_flops * (1 + o * (1 + fb_share))
+    flops = samples * p.forward_flops * (1 + o)
+    fallback = samples * p.forward_flops * o * fb_share
     kept = samples * (s.feature_elements + o * s.cotangent_elements + o * s.fallback_params)
     work = samples * (1 + o) * p.activations
     contraction_work = 0.0
@@ -82,9 +101,9 @@ def estimate(problem: Problem) -> Cost:
         flops += f
         contraction_work = max(contraction_work, min(w * p.itemsize, WORK_BYTES))
     per_pair = o * o if p.mode == "full" else o
-    flops += 2.0 * p.n1 * p.n2 * per_pair * s.fallback_params
+    fallback += 2.0 * p.n1 * p.n2 * per_pair * s.fallback_params
     nbytes = (kept + work) * p.itemsize + contraction_work + p.output_bytes()
-    return Cost(flops, nbytes)
+    return flops, fallback, nbytes
 
 
 def compute(fm, params, x1, x2, mode, groups, *, problem=None, memory_budget=None):
@@ -306,4 +325,4 @@ def _weight_grads(unit: Unit, a, d, rows: slice) -> torch.Tensor:
     return weight_gradients(dense, d[rows])
 
 
-__all__ = ["compute", "estimate"]
+__all__ = ["compute", "estimate", "predicted_seconds"]
