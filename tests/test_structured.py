@@ -8,6 +8,11 @@ the jacobian engine in float32; and, for what the engine must not do (materialis
 
 from __future__ import annotations
 
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -321,3 +326,23 @@ def test_auto_picks_ntk_vp_when_only_it_fits_the_budget():
     k = ntk(x)
     assert ntk.last_implementation == "ntk_vp"
     assert_close(k, nt.empirical_ntk(model, x, implementation="jacobian"), RTOL[torch.float32])
+
+
+# ---------------------------------------------------------------------------------------
+# The benchmark script runs (a seconds-long configuration; not a timing test).
+
+
+@pytest.mark.slow
+def test_benchmark_script_runs_and_reports_consistent_kernels(tmp_path, monkeypatch):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_empirical.py"
+    spec = importlib.util.spec_from_file_location("bench_empirical", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_empirical", bench)  # dataclasses look it up there
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script adds its folder
+    spec.loader.exec_module(bench)
+    assert bench.main(["--configs", "tiny", "--quick", "--no-memory", "--repeats", "1",
+                       "--threads", "1", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "bench_empirical.csv")))
+    assert {r["method"] for r in rows} == {*bench.RECIPES, *bench.ENGINES}
+    # Every method's kernel (the tutorial's summed trace divided by O) equals the reference.
+    assert all(float(r["max_rel_diff"]) < 1e-5 for r in rows), rows
