@@ -5,17 +5,18 @@ Every structured unit (see ``_structure.Unit``) has a per-sample gradient, outpu
     g[a, i] = Σ_t D[a, i, t] ⊗ A[a, t]        A: (N, T, G, k_in), D: (N, O, T, G, k_out)
 
 per group ``G`` (conv groups; channels of a norm layer), with ``A`` the layer's input
-feature (plus a constant-1 column for a bias: the bias is a weight on input 1) and ``D``
-the cotangent of output ``i`` at the layer's output. Its kernel block
+feature and ``D`` the cotangent of output ``i`` at the layer's output; a bias is a weight
+on a constant input 1, so its gradient is ``Σ_t D[a, i, t]``. The weight's kernel block
 
     K[a, b, i, j] = Σ_g Σ_{t,s} (A[a,t,g] · A'[b,s,g]) (D[a,i,t,g] · D'[b,j,s,g])
 
-is computed one of two ways, whichever has fewer FLOPs (Novak et al. 2022, "Fast Finite
-Width Neural Tangent Kernel", structured derivatives):
+(with ``A · A' + 1`` when the bias is in the same block) is computed one of two ways,
+whichever has fewer FLOPs (Novak et al. 2022, "Fast Finite Width Neural Tangent Kernel",
+structured derivatives):
 
 - ``"gram"``: the Gram matrix of inputs ``GA[a,b,g,t,s]``, then cotangent products; never
   forms a parameter-sized tensor. Cheapest for few positions (dense layers, ``T = 1``).
-- ``"explicit"``: per-sample gradients ``(N, O, G·k_out·k_in)`` of this layer only, then
+- ``"explicit"``: per-sample gradients ``(O, N, G·k_out·k_in)`` of this layer only, then
   their inner products. Cheapest when ``T²`` exceeds the layer's parameter count
   (convolutions on large images), and done in blocks of samples to bound memory.
 """
