@@ -215,6 +215,19 @@ class _Parameterized(nn.Module):
                 f"bias_std={self.bias_std:g}, bias={self.bias is not None}")
 
 
+def _scaled(layer: _Parameterized, out: torch.Tensor, trailing: int) -> torch.Tensor:
+    """``m · out + m_b · b`` with ``b`` along the channel dimension (``trailing`` from the end).
+
+    The multiplier scales the layer's output rather than its weight: a weight-sized
+    temporary in every forward would cost memory and time as the width grows.
+    """
+    if layer.multiplier != 1.0:
+        out = out * layer.multiplier
+    if layer.bias is not None:
+        out = out + (layer.bias_multiplier * layer.bias).view(-1, *(1,) * (trailing - 1))
+    return out
+
+
 class Dense(_Parameterized):
     """Fully connected layer ``z = m · x Wᵀ + m_b · b`` with an explicit parameterization.
 
@@ -252,8 +265,7 @@ class Dense(_Parameterized):
         self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias_multiplier * self.bias
-        return F.linear(x, self.multiplier * self.weight, bias)
+        return _scaled(self, F.linear(x, self.weight), 1)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, " + super().extra_repr()
@@ -303,6 +315,8 @@ class Conv2d(_Parameterized):
                                  f"got {padding!r}")
             padding = pads  # type: ignore[assignment]
         self.padding = padding
+        # Geometry in nn.Conv2d's terms, so code that reads convolutions can read this one.
+        self.stride, self.dilation, self.groups, self.padding_mode = (1, 1), (1, 1), 1, "zeros"
         fan_in = in_channels * ks[0] * ks[1]
         self._set_scales(fan_in, out_channels, parameterization, role, weight_std, bias_std)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *ks))
@@ -310,8 +324,7 @@ class Conv2d(_Parameterized):
         self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias_multiplier * self.bias
-        return F.conv2d(x, self.multiplier * self.weight, bias, padding=self.padding)
+        return _scaled(self, F.conv2d(x, self.weight, padding=self.padding), 3)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -265,3 +265,24 @@ CASES.update({
         Case("raw_use_of_layer_weight", RawUseOfLayerWeight, _normal(3)),
     ]
 })
+
+
+def _ntk_torch_layers() -> nn.Module:
+    """ntk_torch.nn layers: multipliers on weights and biases in every parameterization."""
+    from ntk_torch import nn as ntk_nn
+
+    return nn.Sequential(
+        ntk_nn.Conv2d(2, 3, 3, parameterization="standard", bias_std=0.5),
+        nn.Tanh(),
+        ntk_nn.Conv2d(3, 2, (2, 3), parameterization="ntk", bias_std=0.7, padding="valid"),
+        nn.Flatten(),
+        ntk_nn.MLP(2 * 3 * 2, 5, 2, 3, parameterization="mup", bias_std=0.3, activation="erf"),
+    )
+
+
+CASES.update({
+    c.name: c
+    for c in [
+        Case("ntk_torch_layers", _ntk_torch_layers, _normal(2, 4, 4)),
+    ]
+})

@@ -27,6 +27,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from ntk_torch import nn as ntk_nn
+
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
 
 # (class, kind, methods its standard forward consists of): a subclass that overrides any
@@ -39,7 +41,18 @@ _SUPPORTED: tuple[tuple[type, str, tuple[str, ...]], ...] = (
     (nn.LayerNorm, "layernorm", ("forward",)),
     (nn.GroupNorm, "groupnorm", ("forward",)),
     (_BATCHNORM, "batchnorm", ("forward",)),
+    # z = m·W x + m_b·b: the linear/conv rules with the input scaled by m and the bias's
+    # constant input 1 replaced by m_b (see `scales`).
+    (ntk_nn.Dense, "linear", ("forward",)),
+    (ntk_nn.Conv2d, "conv", ("forward",)),
 )
+
+
+def scales(module: nn.Module) -> tuple[float, float]:
+    """``(m, m_b)``: the weight's and the bias's multipliers in the layer's output."""
+    if isinstance(module, (ntk_nn.Dense, ntk_nn.Conv2d)):
+        return float(module.multiplier), float(module.bias_multiplier)
+    return 1.0, 1.0
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -94,6 +107,7 @@ class Unit:
         positions: ``T``, positions per sample over all sites.
         groups, k_in, k_out: block sizes as above (``k_in`` is 0 without a weight).
         vocab: rows of an embedding (its input feature is one-hot of this size), else 0.
+        bias_scale: the bias's multiplier ``m_b`` (its gradient is ``m_b Σ_t D_t``).
     """
 
     kind: str
@@ -105,6 +119,7 @@ class Unit:
     k_in: int
     k_out: int
     vocab: int = 0
+    bias_scale: float = 1.0
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -210,7 +225,8 @@ def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Struc
     for name, hs in holders.items():
         kinds = {layer_kind(candidates[l]) for l, _ in hs}
         roles = {r for _, r in hs}
-        if (id(params[name]) in uses.foreign or len(kinds) > 1 or len(roles) > 1
+        multipliers = {scales(candidates[l]) for l, _ in hs}
+        if (id(params[name]) in uses.foreign or len(kinds) > 1 or len(roles) > 1 or len(multipliers) > 1
                 or any(l in unusable for l, _ in hs)
                 or not any(c[0] == l for c in calls for l, _ in hs)):
             continue  # mixed kinds, raw use, or never called: the generic engine is exact
@@ -279,4 +295,4 @@ def _unit(layers: dict[str, nn.Module], sites: tuple[Site, ...], idx: tuple[int,
         k_in = 0
     vocab = module.num_embeddings if kind == "embedding" else 0
     return Unit(kind=kind, weight=weight, bias=bias, sites=idx, positions=positions,
-                groups=groups, k_in=k_in, k_out=k_out, vocab=vocab)
+                groups=groups, k_in=k_in, k_out=k_out, vocab=vocab, bias_scale=scales(module)[1])

@@ -10,7 +10,7 @@ on a constant input 1, so its gradient is ``Σ_t D[a, i, t]``. The weight's kern
 
     K[a, b, i, j] = Σ_g Σ_{t,s} (A[a,t,g] · A'[b,s,g]) (D[a,i,t,g] · D'[b,j,s,g])
 
-(with ``A · A' + 1`` when the bias is in the same block) is computed one of two ways,
+(with ``A · A' + m_b²`` when the bias, of multiplier ``m_b``, is in the same block) is computed one of two ways,
 whichever has fewer FLOPs (Novak et al. 2022, "Fast Finite Width Neural Tangent Kernel",
 structured derivatives):
 
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ntk_torch._engines._structure import Site, Unit, layer_sizes
+from ntk_torch._engines._structure import Site, Unit, layer_sizes, scales
 
 # ---------------------------------------------------------------------------------------
 # Capture: what a hook keeps of a layer's input (runs inside vmap over samples).
@@ -46,7 +46,10 @@ def input_feature(kind: str, module: nn.Module, inp: torch.Tensor) -> torch.Tens
         mean = module.running_mean.view(shape)
         var = module.running_var.view(shape)
         return (inp - mean) / torch.sqrt(var + module.eps)
-    return inp  # linear, conv (unfolded later, outside vmap), embedding (indices)
+    if kind in ("linear", "conv"):  # unfolded later (conv), outside vmap
+        multiplier = scales(module)[0]
+        return inp if multiplier == 1.0 else multiplier * inp
+    return inp  # embedding: the indices
 
 
 # ---------------------------------------------------------------------------------------
@@ -89,7 +92,7 @@ def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     x = x.reshape(-1, *x.shape[-nd - 1:])  # (N·lead, C, *spatial)
     # The module pads like this (string padding included: _reversed_padding_repeated_twice
     # holds the asymmetric 'same' amounts); unfold pads symmetric zeros itself, without a copy.
-    pads = list(module._reversed_padding_repeated_twice)  # last dimension first
+    pads = _reversed_padding(module)  # last dimension first
     padding = tuple(pads[2 * i] for i in reversed(range(nd)))
     if module.padding_mode != "zeros" or pads[0::2] != pads[1::2]:
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
@@ -101,6 +104,24 @@ def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         kernel, dilation, stride, padding = (1, *kernel), (1, *dilation), (1, *stride), (0, *padding)
     cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (N·lead, Ck, L)
     return cols.reshape(n, -1, cols.shape[1], cols.shape[2]).transpose(-1, -2).reshape(n, -1, cols.shape[1])
+
+
+def _reversed_padding(module: nn.Module) -> list[int]:
+    """Amounts ``[left, right]`` per spatial dimension, last dimension first, as torch pads."""
+    if hasattr(module, "_reversed_padding_repeated_twice"):
+        return list(module._reversed_padding_repeated_twice)
+    # ntk_torch.nn.Conv2d: stride and dilation 1; "same" pads k - 1 in all, the extra one
+    # on the right (torch's convention), "valid" nothing.
+    pads: list[int] = []
+    for i in reversed(range(len(module.kernel_size))):
+        k = module.kernel_size[i]
+        if module.padding == "same":
+            pads += [(k - 1) // 2, k - 1 - (k - 1) // 2]
+        elif module.padding == "valid":
+            pads += [0, 0]
+        else:
+            pads += [module.padding[i], module.padding[i]]
+    return pads
 
 
 def one_hot(indices: torch.Tensor, mask: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
@@ -151,8 +172,9 @@ def choose_strategy(unit: Unit, n1: int, n2: int, symmetric: bool, n_out: int, m
 
 def gram_of_inputs(unit: Unit, a1, a2, n1: int, n2: int, like: torch.Tensor) -> torch.Tensor:
     """``GA[a, b, g, t, s]`` of shape ``(N1, N2, G, T, T)``, plus 1 for a bias."""
+    bias_gram = unit.bias_scale**2
     if unit.weight is None:
-        return like.new_ones(()).expand(n1, n2, unit.groups, unit.positions, unit.positions)
+        return like.new_full((), bias_gram).expand(n1, n2, unit.groups, unit.positions, unit.positions)
     if unit.vocab:  # one-hot rows: the inner product is index equality
         (i1, m1), (i2, m2) = a1, a2
         same = (i1[:, None, :, None] == i2[None, :, None, :]) & (m1[:, None, :, None] & m2[None, :, None, :])
@@ -161,7 +183,7 @@ def gram_of_inputs(unit: Unit, a1, a2, n1: int, n2: int, like: torch.Tensor) -> 
         ga = (a1[:, 0, 0] @ a2[:, 0, 0].T)[:, :, None, None, None]
     else:
         ga = torch.einsum("atgk,bsgk->abgts", a1, a2)
-    return ga + 1 if unit.bias is not None else ga
+    return ga + bias_gram if unit.bias is not None else ga
 
 
 def gram_kernel(ga: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, mode: str) -> torch.Tensor:
@@ -203,10 +225,11 @@ def weight_gradients(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return torch.einsum("aitgo,atgk->iagok", d, a).reshape(n_out, n, g * ko * ki)
 
 
-def bias_gradients(d: torch.Tensor) -> torch.Tensor:
-    """``(O, N, G·k_out)``: per-sample bias gradients ``Σ_t D[a,i,t]``."""
+def bias_gradients(d: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``(O, N, G·k_out)``: per-sample bias gradients ``m_b Σ_t D[a,i,t]``."""
     n, n_out = d.shape[:2]
-    return d.sum(2).transpose(0, 1).reshape(n_out, n, -1)
+    g = d.sum(2).transpose(0, 1).reshape(n_out, n, -1)
+    return g if scale == 1.0 else scale * g
 
 
 def explicit_kernel(ja: torch.Tensor, jb: torch.Tensor, mode: str) -> torch.Tensor:

@@ -301,8 +301,8 @@ def _explicit(unit, a1, d1, a2, d2, mode, symmetric, work, work_elements):
             jb = ja if rb is None else _weight_grads(unit, a2, d2, rb)
             k = explicit_kernel(ja, jb, mode)
         if unit.bias is not None:
-            ba = bias_gradients(d1[ra])
-            kb = explicit_kernel(ba, ba if rb is None else bias_gradients(d2[rb]), mode)
+            ba = bias_gradients(d1[ra], unit.bias_scale)
+            kb = explicit_kernel(ba, ba if rb is None else bias_gradients(d2[rb], unit.bias_scale), mode)
             k = kb if k is None else k + kb
         return k
 
