@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import flop_registry
 
 from ntk_torch._engines._structure import Structure, discover
 
@@ -62,19 +62,26 @@ class Cost:
     bytes: float
 
 
-class _AllocationCounter(TorchDispatchMode):
-    """Sums the elements of every new tensor an operator returns (an upper bound on activations).
+class _ForwardCounter(TorchDispatchMode):
+    """FLOPs of the operators torch's FLOP counter knows (matmuls, convolutions, attention)
+    and elements of every new tensor an operator returns (an upper bound on activations).
 
     Views (``weight.t()`` inside ``linear``, reshapes) share their input's storage and
     allocate nothing; counting them would charge a parameter-sized tensor per layer.
+    (``FlopCounterMode`` counts the same FLOPs but imports ``torch._dynamo`` on entry,
+    seconds on a first call.)
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.elements = 0
+        self.flops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **(kwargs or {}), out_val=out)
         inputs, _ = tree_flatten((args, kwargs or {}))
         shared = {_storage(t) for t in inputs if isinstance(t, torch.Tensor)}
         leaves, _ = tree_flatten(out)
@@ -95,8 +102,8 @@ def profile_forward(fm, params: dict[str, torch.Tensor],
     """FLOPs, allocated elements, output size ``O`` and layer structure, from ``x[:1]``."""
     sample = x[:1]
     with torch.no_grad():
-        counter = _AllocationCounter()
-        with FlopCounterMode(display=False) as flops, counter:
+        counter = _ForwardCounter()
+        with counter:
             out = fm(params, sample)
     structure = discover(fm, params, sample)
-    return float(max(flops.get_total_flops(), 1)), float(counter.elements), int(out.shape[1]), structure
+    return float(max(counter.flops, 1)), float(counter.elements), int(out.shape[1]), structure
