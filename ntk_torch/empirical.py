@@ -212,7 +212,9 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
         implementation: ``"jacobian"`` (per-sample Jacobians, fastest when ``N·O·P`` numbers
             fit), ``"ntk_vp"`` (vjp/jvp products, small memory, ``~N1·N2·O`` passes),
             ``"structured"`` (Gram matrices of layer inputs and cotangents) or ``"auto"``:
-            the fewest estimated FLOPs among those whose estimated peak memory fits.
+            the shortest predicted time among those whose estimated peak memory fits
+            (FLOPs from one profiled forward pass and each engine's cost formula, over
+            measured throughputs; see ``ntk_torch/_engines/__init__.py``).
         params: ``None`` (every parameter with ``requires_grad``), parameter names, or a
             predicate ``(name, param) -> bool``. Others are held fixed.
         batch_size: compute in blocks of at most this many samples of ``x1`` and ``x2``;

@@ -33,6 +33,17 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float | Non
         raise AssertionError(f"relative error {err:.3g} > {rtol:.1g}; largest differences:\n{rows}")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    # The suite is mostly tiny tensor operations; on a 2-core machine shared with other
+    # processes, every parallel region of two threads can stall for a scheduler time slice
+    # (measured: minutes instead of seconds). Results do not depend on the thread count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=sorted(CASES), ids=sorted(CASES))
 def case(request):
     return CASES[request.param]

@@ -22,13 +22,6 @@ def load_script():
     return module
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small matmuls on a shared 2-core machine run faster on one thread; results are the same.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

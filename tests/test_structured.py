@@ -33,14 +33,6 @@ MODES = ("full", "diagonal", "trace")
 _ORACLE: dict[tuple, torch.Tensor] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are microseconds of work per operation; on a shared, oversubscribed
-    # machine every OpenMP parallel region can stall for a scheduler time slice.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def oracle(case, mode: str, symmetric: bool, names: list[str] | None = None) -> torch.Tensor:

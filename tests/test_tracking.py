@@ -25,14 +25,6 @@ from tests.oracle import naive_ntk, owner_names
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small matmuls on a shared 2-core machine: one thread is several times faster than
-    # two that compete with other processes. Results do not depend on it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _values(recs, **where) -> dict[int, float]:

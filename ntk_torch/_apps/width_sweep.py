@@ -63,7 +63,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="sweep your own build(width, seed) -> nn.Module (64 inputs, 10 outputs) "
                              "from an importable module or a .py file, instead of the MLPs")
     parser.add_argument("--probe", type=int, default=64, help="digits in the probe batch")
-    parser.add_argument("--train", type=int, default=256, help="training digits")
+    parser.add_argument("--train", type=int, default=128, help="training digits")
     parser.add_argument("--test", type=int, default=512, help="test digits")
     parser.add_argument("--steps", type=int, default=100, help="full-batch gradient steps (0: no training)")
     parser.add_argument("--lr-factor", type=float, default=0.5,
