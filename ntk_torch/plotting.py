@@ -210,8 +210,11 @@ def _by_width(rows: list[dict[str, Any]]) -> tuple[list[int], list[list[float]]]
     return widths, [[float(r["value"]) for r in rows if int(r["width"]) == w] for w in widths]
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
 def _series(ax: Any, rows: list[dict[str, Any]], label: str, colour: str, *, log: bool,
-            linestyle: str = "-") -> None:
+            linestyle: str = "-", marker: str = "o") -> None:
     """Mean over seeds against width, with the seeds' min–max as a band."""
     import numpy as np
 
@@ -221,7 +224,8 @@ def _series(ax: Any, rows: list[dict[str, Any]], label: str, colour: str, *, log
         centre = [float(np.exp(np.mean(np.log(v)))) for v in values]
     else:
         centre = [float(np.mean(v)) for v in values]
-    ax.plot(widths, centre, marker="o", markersize=4, color=colour, linestyle=linestyle, label=label)
+    ax.plot(widths, centre, marker=marker, markersize=4, markerfacecolor="none", color=colour,
+            linestyle=linestyle, label=label)
     if any(len(v) > 1 for v in values):
         ax.fill_between(widths, [min(v) for v in values], [max(v) for v in values], color=colour, alpha=0.15)
 
@@ -265,19 +269,22 @@ def plot_kernel_error(records: Iterable[dict[str, Any]], path: str | os.PathLike
         colour = f"C{i % 10}"
         fit = fit_power_law(group, "ntk_error")
         label = f"{name or 'model'}: slope {fit.exponent:+.2f} [{fit.low:+.2f}, {fit.high:+.2f}]"
-        _series(left, group, label, colour, log=True)
+        marker = _MARKERS[i % len(_MARKERS)]  # groups with identical kernels stay visible
+        _series(left, group, label, colour, log=True, marker=marker)
         w = np.array(fit.widths, dtype=float)
         left.plot(w, fit.prefactor * w**fit.exponent, color=colour, linestyle=":", linewidth=1)
         for metric, style in (("ntk_fluctuation", "-"), ("ntk_bias", "--")):
             part = [r for r in rows if r.get("metric") == metric and r.get(by) == name and r["value"] > 0]
             if part:
-                _series(right, part, f"{name or 'model'} {metric[4:]}", colour, log=True, linestyle=style)
-    widths = np.array(sorted({int(r["width"]) for r in errors}), dtype=float)
-    for exponent, style in ((-0.5, (0, (1, 3))), (-1.0, (0, (4, 4)))):
-        ref = [r["value"] for r in rows if r.get("metric") == "ntk_fluctuation" and r["value"] > 0]
-        if ref:
-            anchor = float(np.median(ref)) * (widths / widths[0]) ** exponent
-            right.plot(widths, anchor, color="0.5", linestyle=style, linewidth=1, label=f"∝ width^{exponent:g}")
+                _series(right, part, f"{name or 'model'} {metric[4:]}", colour, log=True, linestyle=style,
+                        marker=marker)
+    fluctuation = sorted((int(r["width"]), r["value"]) for r in rows
+                         if r.get("metric") == "ntk_fluctuation" and r["value"] > 0)
+    if fluctuation:  # reference slopes through the first fluctuation point
+        widths = np.array(sorted({w for w, _ in fluctuation}), dtype=float)
+        for exponent, style in ((-0.5, (0, (1, 3))), (-1.0, (0, (4, 4)))):
+            right.plot(widths, fluctuation[0][1] * (widths / widths[0]) ** exponent, color="0.5",
+                       linestyle=style, linewidth=1, label=f"∝ width^{exponent:g}")
     for ax, heading in ((left, "‖K_s − K∞‖ / ‖K∞‖ per seed (dotted: fit)"),
                         (right, "seed-to-seed fluctuation (solid) and bias (dashed)")):
         ax.set_xscale("log", base=2)
@@ -328,7 +335,7 @@ def plot_vs_width(records: Iterable[dict[str, Any]], path: str | os.PathLike, me
     for ax, (panel, panel_rows) in zip(axes, panel_groups.items()):
         groups = _group(panel_rows, lines or by)
         for i, (name, group) in enumerate(groups.items()):
-            _series(ax, group, str(name), f"C{i % 10}", log=log)
+            _series(ax, group, str(name), f"C{i % 10}", log=log, marker=_MARKERS[i % len(_MARKERS)])
         if log:
             ax.set_xscale("log", base=2)
             ax.set_yscale("log", nonpositive="mask")

@@ -132,6 +132,52 @@ def gradient_flow_mse(k_train: torch.Tensor, y_train: torch.Tensor, f0_train: to
         True
     """
     time, lr = _check_time(t, lr)
+    return _evolve(k_train, y_train, f0_train, lambda values: _flow_filters(values, lr * time),
+                   k_test_train, f0_test)
+
+
+def gradient_descent_mse(k_train: torch.Tensor, y_train: torch.Tensor, f0_train: torch.Tensor,
+                         steps: int, *, lr: float, k_test_train: torch.Tensor | None = None,
+                         f0_test: torch.Tensor | None = None) -> FlowPrediction:
+    """Outputs after ``steps`` of gradient descent on ``½ Σ ‖f - y‖²`` under a fixed kernel.
+
+    The discrete counterpart of :func:`gradient_flow_mse`: a model linear in its
+    parameters with NTK ``Θ`` (a linearized network) trained with step size ``η`` moves
+    exactly as ``f_{k+1}(X) = f_k(X) − η Θ (f_k(X) − y)``, so
+
+        f_k(X)  = y + (I − ηΘ)^k (f0(X) − y),
+        f_k(X*) = f0(X*) + Θ(X*, X) Θ⁻¹ (I − (I − ηΘ)^k) (y − f0(X))
+
+    (``Θ⁻¹(I − (I − ηΘ)^k)`` read as ``kη`` on the null space). It tends to the flow at
+    ``t = k`` as ``η → 0``; it diverges when ``η λ_max(Θ) > 2``. For a mean loss
+    ``1/(2N) Σ ‖f − y‖²`` pass ``lr = η / N``. Shapes as in :func:`gradient_flow_mse`.
+
+    Example:
+        One training point with ``Θ = 2`` and ``η = 0.25``: the residual halves per step.
+
+        >>> import torch, ntk_torch as nt
+        >>> k = torch.tensor([[2.0]], dtype=torch.float64)
+        >>> out = nt.gradient_descent_mse(k, torch.tensor([1.0]), torch.tensor([0.0]), 3, lr=0.25)
+        >>> float(out.train)
+        0.875
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"`steps` must be an int >= 0, got {steps!r}")
+    lr = _check_nonnegative("lr", lr, positive=True)
+
+    def filters(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        decay = (1 - lr * values) ** steps
+        # Σ_{m<k} η (1 − ηλ)^m = (1 − (1 − ηλ)^k)/λ, and kη where ηλ is negligible.
+        small = (lr * values).abs() < 1e-12
+        safe = torch.where(small, torch.ones_like(values), values)
+        return decay, torch.where(small, torch.full_like(values, steps * lr), (1 - decay) / safe)
+
+    return _evolve(k_train, y_train, f0_train, filters, k_test_train, f0_test)
+
+
+def _evolve(k_train, y_train, f0_train, filters, k_test_train, f0_test) -> FlowPrediction:
+    """Training outputs ``y + V diag(decay) Vᵀ (f0 − y)`` and test outputs
+    ``f0* + Θ*ᵀ V diag(gain) Vᵀ (y − f0)`` for ``(decay, gain) = filters(eigenvalues)``."""
     k_train = _check_kernel(k_train, "k_train")
     n, n_out = k_train.shape[0], _n_out_of(k_train)
     layout, y = _Targets.read(y_train, "y_train", n, n_out, k_train)
@@ -140,7 +186,7 @@ def gradient_flow_mse(k_train: torch.Tensor, y_train: torch.Tensor, f0_train: to
         raise ValueError(f"`f0_train` must have `y_train`'s shape {tuple(y_train.shape)}, "
                          f"got {tuple(f0_train.shape)}")
     values, vectors = _symmetric_eigh(_flatten(k_train), "k_train", psd=True)
-    decay, gain = _flow_filters(values, lr * time)
+    decay, gain = filters(values)
     residual = vectors.T @ (y - f0)  # (n, C) in the eigenbasis
     train = y - vectors @ (decay[:, None] * residual)
     test = None

@@ -1,9 +1,10 @@
 """The built-in trainer of width sweeps: full-batch gradient descent on the MSE loss.
 
 Beside the trained network it reports what two kernel pictures predict for the same run:
-the network linearized at initialisation and trained the same way, and the infinite-width
-NTK's gradient flow over the same time. The gaps between the three are the measured
-effect of finite width and feature learning.
+the network linearized at initialisation and trained the same way, and the same descent
+under the infinite-width NTK. The gaps between the three are the measured effect of
+feature learning (network vs linearized) and of the finite-width kernel (linearized vs
+infinite width).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ntk_torch import metrics
 from ntk_torch._checks import check_module
+from ntk_torch._tiling import symmetrize
 from ntk_torch.empirical import empirical_ntk
-from ntk_torch.predict import gradient_flow_mse
+from ntk_torch.predict import gradient_descent_mse
 from ntk_torch.records import Record
 
 PREDICTORS = ("network", "linearized", "kernel")
@@ -36,9 +39,11 @@ class GradientDescent:
       ``f ← f − (η/N) Θ0 (f(X) − Y)`` with the initial full NTK ``Θ0``, so they are computed
       exactly from ``Θ0`` (:func:`linearized_descent`) instead of by ``jvp`` per step.
     - ``"kernel"``: the infinite-width NTK ``Θ∞`` of :func:`ntk_torch.analytic.kernel` (when
-      the architecture is supported) under gradient flow for the same time
-      ``t = steps·η/N`` from ``f0 = 0``, the mean prediction of infinitely wide networks
-      (Lee et al. 2019); ``Θ∞`` is per output, so outputs train independently.
+      the architecture is supported) under the same steps from the same initial outputs
+      ``f0``: against ``"linearized"`` only the kernel changes (``Θ0`` of this network for
+      its infinite-width limit). ``Θ∞`` is per output, so outputs train independently.
+      (The mean over initialisations, Lee et al. 2019, starts from ``f0 = 0``: pass zeros
+      to :func:`ntk_torch.gradient_descent_mse` or :func:`ntk_torch.gradient_flow_mse`.)
 
     Also a record ``{"metric": "lr", "value": η}``.
 
@@ -101,9 +106,8 @@ class GradientDescent:
         with torch.no_grad():
             f0 = model(x_all).reshape(x_all.shape[0], -1)
         theta = empirical_ntk(model, x_all, self.x_train, mode="full", implementation=self.implementation)
-        theta_train = _as_matrix(theta[:n])
         lr = float(self.lr) if self.lr != "auto" else (
-            self.lr_factor * n / float(torch.linalg.eigvalsh(theta_train.double()).max()))
+            self.lr_factor * n / float(metrics.spectrum(theta[:n].double(), 1)))
 
         parameters = [p for p in model.parameters() if p.requires_grad]
         for _ in range(self.steps):
@@ -118,7 +122,7 @@ class GradientDescent:
         outputs = {"network": trained,
                    "linearized": linearized_descent(theta, f0, self.y_train, lr=lr, steps=self.steps)}
         if self.kernel_predictor == "analytic":
-            kernel = _analytic_flow(model, x_all, self.y_train, time=self.steps * lr / n)
+            kernel = _infinite_width_descent(model, x_all, f0, self.y_train, lr=lr, steps=self.steps)
             if kernel is not None:
                 outputs["kernel"] = kernel
         records: list[Record] = [{"metric": "lr", "value": lr}]
@@ -143,14 +147,10 @@ class GradientDescent:
 
 def linearized_descent(theta: torch.Tensor, f0: torch.Tensor, y_train: torch.Tensor, *,
                        lr: float, steps: int) -> torch.Tensor:
-    """Outputs after ``steps`` of gradient descent on the linearized model, from its NTK.
+    """Outputs after ``steps`` of :class:`GradientDescent` on the linearized model, from its NTK.
 
-    For ``L = 1/(2N) Σ ‖f(x_a) − y_a‖²`` the linearized model's outputs obey exactly
-    ``r_{k+1} = (I − (η/N) Θ) r_k`` on the training residual ``r = f(X) − Y`` and
-    ``f_{k+1}(X*) = f_k(X*) − (η/N) Θ(X*, X) r_k`` elsewhere, so with ``Θ = V Λ Vᵀ``:
-
-        f_k(X)  = Y + V (1 − ηΛ/N)^k Vᵀ r_0,
-        f_k(X*) = f_0(X*) − Θ(X*, X) V diag(s_k) Vᵀ r_0,  s_k = Σ_{m<k} (η/N)(1 − ηλ/N)^m.
+    Under ``L = 1/(2N) Σ ‖f(x_a) − y_a‖²`` the linearized model's outputs move exactly as
+    :func:`ntk_torch.gradient_descent_mse` with step ``η/N`` and the full NTK ``Θ0``.
 
     Args:
         theta: full NTK ``(N + M, N, O, O)`` between all inputs (the ``N`` training inputs
@@ -170,28 +170,19 @@ def linearized_descent(theta: torch.Tensor, f0: torch.Tensor, y_train: torch.Ten
         >>> float(f)
         0.875
     """
-    n, n_out = y_train.shape
+    n = y_train.shape[0]
     dtype = torch.float64
-    theta_train = _as_matrix(theta[:n]).to(dtype)
-    values, vectors = torch.linalg.eigh((theta_train + theta_train.T) / 2)
-    c = (lr / n) * values
-    decay = (1 - c) ** steps
-    # s_k = (η/N)·Σ_{m<k}(1−c)^m = (1 − (1−c)^k)/λ, and k·η/N where λ = 0
-    safe = torch.where(c.abs() > 1e-12, values, torch.ones_like(values))
-    gain = torch.where(c.abs() > 1e-12, (1 - decay) / safe, torch.full_like(values, steps * lr / n))
-    residual = vectors.T @ (f0[:n].to(dtype) - y_train.to(dtype)).reshape(-1)
-    train = y_train.to(dtype).reshape(-1) + vectors @ (decay * residual)
-    rest = f0[n:].to(dtype).reshape(-1) - _as_matrix(theta[n:]).to(dtype) @ (vectors @ (gain * residual))
-    return torch.cat([train, rest]).reshape(-1, n_out).to(f0.dtype)
+    theta, f0 = theta.to(dtype), f0.to(dtype)
+    # Θ(X, X) came out of a rectangular block: symmetric only up to rounding.
+    out = gradient_descent_mse(symmetrize(theta[:n]), y_train.to(dtype), f0[:n], steps, lr=lr / n,
+                               k_test_train=theta[n:] if theta.shape[0] > n else None,
+                               f0_test=f0[n:] if theta.shape[0] > n else None)
+    return (out.train if out.test is None else torch.cat([out.train, out.test])).to(y_train.dtype)
 
 
-def _as_matrix(k: torch.Tensor) -> torch.Tensor:
-    """``(A, B, O, O) -> (A·O, B·O)`` with ``(a, i)`` row-major."""
-    a, b, o, _ = k.shape
-    return k.permute(0, 2, 1, 3).reshape(a * o, b * o)
-
-
-def _analytic_flow(model: nn.Module, x_all: torch.Tensor, y_train: torch.Tensor, *, time: float) -> torch.Tensor | None:
+def _infinite_width_descent(model: nn.Module, x_all: torch.Tensor, f0: torch.Tensor, y_train: torch.Tensor,
+                            *, lr: float, steps: int) -> torch.Tensor | None:
+    """Outputs ``(N + M, O)`` of the same gradient descent under the analytic NTK, or None."""
     from ntk_torch import analytic
 
     n = y_train.shape[0]
@@ -200,8 +191,8 @@ def _analytic_flow(model: nn.Module, x_all: torch.Tensor, y_train: torch.Tensor,
     except (TypeError, ValueError, NotImplementedError) as error:
         warnings.warn(f"no infinite-width kernel predictor: {error}", RuntimeWarning, stacklevel=3)
         return None
-    ntk = ntk.to(torch.float64)
-    flow = gradient_flow_mse(ntk[:n, :n], y_train.to(torch.float64), torch.zeros_like(y_train, dtype=torch.float64),
-                             t=time, k_test_train=ntk[n:, :n] if x_all.shape[0] > n else None)
-    out = flow.train if flow.test is None else torch.cat([flow.train, flow.test])
-    return out.to(y_train.dtype)
+    ntk, f0 = ntk.to(torch.float64), f0.to(torch.float64)
+    test = x_all.shape[0] > n
+    out = gradient_descent_mse(ntk[:n, :n], y_train.to(torch.float64), f0[:n], steps, lr=lr / n,
+                               k_test_train=ntk[n:, :n] if test else None, f0_test=f0[n:] if test else None)
+    return (torch.cat([out.train, out.test]) if test else out.train).to(y_train.dtype)

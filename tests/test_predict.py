@@ -77,6 +77,42 @@ def test_gradient_flow_matches_matrix_exponential_full():
     assert_close(out.test, test.reshape(3, 2), rtol=1e-9)
 
 
+@pytest.mark.parametrize("full", [False, True])
+def test_gradient_descent_matches_the_explicit_recursion(full):
+    # f ← f − ηΘ(f(X) − y) on the training points, f* ← f* − ηΘ*(f(X) − y), step by step.
+    if full:
+        k, ks, _ = _full_blocks(5, 3, o=2)
+        k_flat, ks_flat = _flat(k), _flat(ks)
+    else:
+        k, ks, _ = _trace_blocks(5, 3)
+        k_flat, ks_flat = k, ks
+    g = torch.Generator().manual_seed(3)
+    y, f0 = torch.randn(5, 2, generator=g, dtype=F64), torch.randn(5, 2, generator=g, dtype=F64)
+    f0s = torch.randn(3, 2, generator=g, dtype=F64)
+    lr, steps = 0.9 / float(torch.linalg.eigvalsh(k_flat).max()), 17
+    f, fs = f0.reshape(-1) if full else f0, f0s.reshape(-1) if full else f0s
+    target = y.reshape(-1) if full else y
+    for _ in range(steps):
+        residual = f - target
+        f, fs = f - lr * k_flat @ residual, fs - lr * ks_flat @ residual
+    out = nt.gradient_descent_mse(k, y, f0, steps, lr=lr, k_test_train=ks, f0_test=f0s)
+    assert_close(out.train, f.reshape(5, 2), rtol=1e-11)
+    assert_close(out.test, fs.reshape(3, 2), rtol=1e-11)
+
+
+def test_gradient_descent_with_small_steps_tends_to_the_flow():
+    # (1 − ηλ)^(t/η) = exp(−tλ)(1 + O(ηλ²t)): the gap shrinks linearly in η.
+    k, ks, _ = _trace_blocks(6, 2)
+    g = torch.Generator().manual_seed(4)
+    y, f0 = torch.randn(6, generator=g, dtype=F64), torch.zeros(6, dtype=F64)
+    flow = nt.gradient_flow_mse(k, y, f0, 2.0, k_test_train=ks)
+    gaps = []
+    for lr in (1e-2, 1e-3):
+        out = nt.gradient_descent_mse(k, y, f0, round(2.0 / lr), lr=lr, k_test_train=ks)
+        gaps.append(float((out.test - flow.test).abs().max()))
+    assert gaps[1] < 0.2 * gaps[0] and gaps[1] < 1e-3
+
+
 def test_full_kernel_with_identity_output_block_equals_trace_kernel():
     k, ks, _ = _trace_blocks(5, 3)
     eye = torch.eye(2, dtype=F64)

@@ -6,8 +6,8 @@ at initialisation against ``ntk_torch.analytic.kernel`` of the same architecture
 trains the network by full-batch gradient descent on MSE to one-hot targets
 (``ntk_torch.training.GradientDescent``) and records the kernel drift, per-layer feature
 and weight change, and train/test loss and accuracy of the trained network, of its
-linearization trained the same way, and of the infinite-width NTK's gradient flow over the
-same time.
+linearization trained the same way, and of the same descent under the infinite-width NTK
+from the same initial outputs.
 
 Writes, under ``--out``: ``records.csv`` (long format), ``config.json``, ``summary.md``
 (fitted power laws with 95% intervals, accuracies) and PNGs: ``kernel_error.png``,
@@ -178,6 +178,18 @@ def summarize(records: list[rec.Record], args: argparse.Namespace) -> str:
                                                              predictor=predictor)]
                     cells.append(f"{np.mean(values):.3f}" if values else "–")
                 lines.append(f"| {p} | {w} | " + " | ".join(cells) + " |")
+    gap_rows = rec.select(records, metric="accuracy_gap")
+    if gap_rows:
+        lines += ["", "## Feature-learning effect: test accuracy of the network minus the linearized "
+                  "network's (mean ± std over seeds)", "",
+                  "| parameterization | " + " | ".join(str(w) for w in sorted(rec.unique(gap_rows, "width"))) + " |",
+                  "|---|" + "---|" * len(rec.unique(gap_rows, "width"))]
+        for p in groups:
+            cells = []
+            for w in sorted(rec.unique(gap_rows, "width")):
+                v = [r["value"] for r in rec.select(gap_rows, parameterization=p, width=w, predictor="linearized")]
+                cells.append(f"{np.mean(v):+.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}")
+            lines.append(f"| {p} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
