@@ -20,7 +20,7 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python scripts/empirical_ntk.py --out results/empirical_ntk
+	$(BIN)/python scripts/width_sweep.py --out results/width_sweep
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

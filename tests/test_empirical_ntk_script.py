@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch
+from tests.scripts import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "empirical_ntk.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("empirical_ntk_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -28,7 +22,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 def test_quick_run_writes_consistent_results(tmp_path):
     out = tmp_path / "run"
-    assert load_script().main(["--quick", "--samples", "12", "--out", str(out)]) == 0
+    assert load_script("empirical_ntk").main(["--quick", "--samples", "12", "--out", str(out)]) == 0
     for name in ("kernel.csv", "spectrum.csv", "layers.csv", "kernel.png", "spectrum.png", "config.json"):
         assert (out / name).stat().st_size > 0, name
     config = json.loads((out / "config.json").read_text())
@@ -52,6 +46,6 @@ def test_quick_run_writes_consistent_results(tmp_path):
 
 
 def test_bad_implementation_is_a_one_line_error(tmp_path, capsys):
-    code = load_script().main(["--quick", "--implementation", "bogus", "--out", str(tmp_path)])
+    code = load_script("empirical_ntk").main(["--quick", "--implementation", "bogus", "--out", str(tmp_path)])
     assert code == 2
     assert "`implementation` must be one of" in capsys.readouterr().err

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import ntk_torch as nt
 from ntk_torch import records as rec
+from tests.scripts import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "kernel_drift.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("kernel_drift_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 
@@ -27,7 +20,7 @@ def load_script():
 @pytest.mark.slow
 def test_quick_run_writes_consistent_results(tmp_path, capsys):
     out = tmp_path / "run"
-    assert load_script().main(["--quick", "--out", str(out), "--seed", "3"]) == 0
+    assert load_script("kernel_drift").main(["--quick", "--out", str(out), "--seed", "3"]) == 0
     for name in ("records.csv", "records.json", "summary.csv", "config.json", "width_scaling.png",
                  "drift_ntk.png", "drift_standard.png", "drift_mup.png"):
         assert (out / name).stat().st_size > 0, name
@@ -80,7 +73,7 @@ def test_quick_run_writes_consistent_results(tmp_path, capsys):
 
 
 def test_bad_arguments_are_clear_errors(tmp_path, capsys):
-    script = load_script()
+    script = load_script("kernel_drift")
     assert script.main(["--quick", "--implementation", "bogus", "--out", str(tmp_path)]) == 2
     assert "`implementation` must be one of" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from tests.scripts import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ntk_intuition.py"
 FIGURES = ("toy_step.png", "toy_kernels.png", "toy_kernel_change.png", "eigenmodes.png",
            "regression.png")
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("ntk_intuition_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
 def test_quick_run_writes_figures_and_measures_closed_forms(tmp_path):
     out = tmp_path / "run"
     threads = torch.get_num_threads()
-    assert load_script().main(["--quick", "--out", str(out), "--seed", "3"]) == 0
+    assert load_script("ntk_intuition").main(["--quick", "--out", str(out), "--seed", "3"]) == 0
     assert torch.get_num_threads() == threads, "the script must restore the thread count"
     for name in FIGURES + ("config.json", "metrics.json"):
         assert (out / name).stat().st_size > 0, name
@@ -76,7 +69,7 @@ def test_quick_run_writes_figures_and_measures_closed_forms(tmp_path):
 
 
 def test_bad_arguments_are_refused():
-    script = load_script()
+    script = load_script("ntk_intuition")
     with pytest.raises(SystemExit):
         script.main(["--seeds", "1"])
     with pytest.raises(SystemExit):
