@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 MODES = ("full", "diagonal", "trace")
-IMPLEMENTATIONS = ("auto", "jacobian", "ntk_vp", "structured")
 
 # Modules whose per-sample output depends on random draws when training.
 _DROPOUT_TYPES = (

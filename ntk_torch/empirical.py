@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -32,7 +32,7 @@ from ntk_torch._checks import (
 )
 from ntk_torch._engines import Problem
 from ntk_torch._functional import FunctionalModel, ParamSelection, functionalize
-from ntk_torch._tiling import default_memory_budget, symmetrize, tiled
+from ntk_torch._tiling import default_memory_budget, tiled
 
 Mode = Literal["full", "diagonal", "trace"]
 Implementation = Literal["auto", "jacobian", "ntk_vp", "structured"]
@@ -48,11 +48,13 @@ class EmpiricalNTK:
 
     def __init__(self, model: nn.Module, *, mode: Mode = "full", implementation: Implementation = "auto",
                  params: ParamSelection = None, batch_size: int | None = None,
-                 memory_budget: float | None = None, layerwise: bool = False) -> None:
+                 memory_budget: float | None = None, layerwise: bool = False,
+                 progress: bool = False) -> None:
         self.mode = check_choice("mode", mode, MODES)
         self.implementation = check_choice("implementation", implementation, ("auto", *_engines.ENGINES))
         self.batch_size = check_batch_size(batch_size)
         self.memory_budget = check_memory_budget(memory_budget)
+        self.progress = progress
         self.layerwise = layerwise
         self.functional: FunctionalModel = functionalize(model, params)
         self.last_implementation: str | None = None
@@ -112,7 +114,7 @@ class EmpiricalNTK:
             return module.compute(fm, values, xa, xb, self.mode, groups, problem=problem,
                                   memory_budget=budget)
 
-        return tiled(block, x1, x2, self.batch_size)
+        return tiled(block, x1, x2, self.batch_size, progress=self.progress)
 
     def _resolve(self, problem: Problem, budget: float, n1: int, n2: int) -> str:
         if self.implementation == "auto":
@@ -153,7 +155,7 @@ def _memory_message(implementation: str, problem: Problem, budget: float, n1: in
             lines.append(f"  implementation={engine!r} with batch_size={size}")
     for mode in MODES:
         if mode != problem.mode:
-            cheaper = Problem(**{**problem.__dict__, "mode": mode})
+            cheaper = replace(problem, mode=mode)
             if any(_engines.estimate(e, cheaper).bytes <= budget for e in _engines.ENGINES):
                 lines.append(f"  mode={mode!r}")
     if len(lines) == 1:
@@ -164,7 +166,7 @@ def _memory_message(implementation: str, problem: Problem, budget: float, n1: in
 
 def _largest_fitting_batch(engine: str, problem: Problem, budget: float, n: int) -> int:
     def fits(size: int) -> bool:
-        sub = Problem(**{**problem.__dict__, "n1": size, "n2": size, "symmetric": False})
+        sub = replace(problem, n1=size, n2=size, symmetric=False)
         return _engines.estimate(engine, sub).bytes <= budget
 
     if not fits(1):
@@ -178,7 +180,8 @@ def _largest_fitting_batch(engine: str, problem: Problem, budget: float, n: int)
 
 def empirical_ntk_fn(model: nn.Module, *, mode: Mode = "full", implementation: Implementation = "auto",
                      params: ParamSelection = None, batch_size: int | None = None,
-                     memory_budget: float | None = None, layerwise: bool = False) -> EmpiricalNTK:
+                     memory_budget: float | None = None, layerwise: bool = False,
+                     progress: bool = False) -> EmpiricalNTK:
     """A reusable ``(x1, x2=None) -> kernel`` function for ``model``.
 
     Parameter selection and validation happen once; each call reads the model's current
@@ -192,13 +195,14 @@ def empirical_ntk_fn(model: nn.Module, *, mode: Mode = "full", implementation: I
         torch.Size([4, 4])
     """
     return EmpiricalNTK(model, mode=mode, implementation=implementation, params=params,
-                        batch_size=batch_size, memory_budget=memory_budget, layerwise=layerwise)
+                        batch_size=batch_size, memory_budget=memory_budget, layerwise=layerwise,
+                        progress=progress)
 
 
 def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, *,
                   mode: Mode = "full", implementation: Implementation = "auto",
                   params: ParamSelection = None, batch_size: int | None = None,
-                  memory_budget: float | None = None) -> torch.Tensor:
+                  memory_budget: float | None = None, progress: bool = False) -> torch.Tensor:
     """Empirical neural tangent kernel ``Θ(x1, x2) = J(x1) J(x2)ᵀ`` of ``model``.
 
     Args:
@@ -222,6 +226,7 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
         memory_budget: bytes one block may use; default half of the available memory of
             the parameters' device. A block estimated above it raises ``MemoryError``
             saying what would fit.
+        progress: show a progress bar over the blocks (with ``batch_size``).
 
     Returns:
         ``(N1, N2, O, O)``, ``(N1, N2, O)`` or ``(N1, N2)`` by ``mode``, in the parameters'
@@ -237,13 +242,13 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
                 [ 2., 11.]])
     """
     return EmpiricalNTK(model, mode=mode, implementation=implementation, params=params,
-                        batch_size=batch_size, memory_budget=memory_budget)(x1, x2)
+                        batch_size=batch_size, memory_budget=memory_budget, progress=progress)(x1, x2)
 
 
 def layerwise_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, *,
                   mode: Mode = "full", implementation: Implementation = "auto",
                   params: ParamSelection = None, batch_size: int | None = None,
-                  memory_budget: float | None = None) -> dict[str, torch.Tensor]:
+                  memory_budget: float | None = None, progress: bool = False) -> dict[str, torch.Tensor]:
     """Per-layer empirical NTKs, keyed by the qualified name of the owning module.
 
     ``Θ_l`` sums over the parameters registered directly on module ``l`` (``""`` for the
@@ -257,7 +262,8 @@ def layerwise_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
         (['0', '2'], torch.Size([5, 5]))
     """
     return EmpiricalNTK(model, mode=mode, implementation=implementation, params=params,
-                        batch_size=batch_size, memory_budget=memory_budget, layerwise=True)(x1, x2)
+                        batch_size=batch_size, memory_budget=memory_budget, layerwise=True,
+                        progress=progress)(x1, x2)
 
 
 def empirical_nngp(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, *,

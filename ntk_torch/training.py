@@ -22,9 +22,6 @@ from ntk_torch.empirical import empirical_ntk
 from ntk_torch.predict import gradient_descent_mse
 from ntk_torch.records import Record
 
-PREDICTORS = ("network", "linearized", "kernel")
-
-
 class GradientDescent:
     """Full-batch gradient descent ``θ ← θ − η ∇L`` on ``L = 1/(2N) Σ_a ‖f(x_a) − y_a‖²``.
 

@@ -9,7 +9,7 @@ the one with the smallest predicted time
 
     seconds = FLOPs / (THROUGHPUT · EFFICIENCY) + OVERHEAD_S
 
-where FLOPs come from one profiled forward pass (``torch.utils.flop_counter``) and the
+where FLOPs come from one profiled forward pass (torch's FLOP formulas) and the
 engine's formula (its docstring), ``THROUGHPUT`` is a nominal matmul rate, and each
 engine module states its ``EFFICIENCY`` (fraction of that rate its work runs at) and
 ``OVERHEAD_S`` (fixed seconds per call), measured on the benchmark set
@@ -26,10 +26,6 @@ from ntk_torch._engines import jacobian, ntk_vp, structured
 from ntk_torch._engines._cost import Cost, Problem, profile_forward
 
 ENGINES: dict[str, ModuleType] = {"jacobian": jacobian, "ntk_vp": ntk_vp, "structured": structured}
-
-
-def register(name: str, module: ModuleType) -> None:
-    ENGINES[name] = module
 
 
 def estimate(name: str, problem: Problem) -> Cost:
@@ -61,4 +57,4 @@ def choose(problem: Problem, memory_budget: float | None) -> str | None:
 
 
 __all__ = ["ENGINES", "THROUGHPUT", "Cost", "Problem", "choose", "estimate", "predicted_seconds",
-           "profile_forward", "register"]
+           "profile_forward"]

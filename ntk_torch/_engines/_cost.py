@@ -8,7 +8,7 @@ refuses blocks that would not fit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -47,9 +47,6 @@ class Problem:
     activations: float
     itemsize: int
     structure: Structure | None = None
-
-    def with_sizes(self, n1: int, n2: int) -> "Problem":
-        return replace(self, n1=n1, n2=n2)
 
     def output_bytes(self) -> float:
         per_pair = {"full": self.n_out**2, "diagonal": self.n_out, "trace": 1}[self.mode]
