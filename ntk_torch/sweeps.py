@@ -98,15 +98,19 @@ def width_sweep(build: Builder, widths: Iterable[int], x: torch.Tensor, *, seeds
             model = build(width, seed)
             if not isinstance(model, nn.Module):
                 raise TypeError(f"`build({width}, {seed})` must return an nn.Module, got {type(model).__name__}")
-            k = empirical_ntk(model, x, mode="trace", implementation=implementation).double()
-            kernels.append(k)
             if i == 0 and analytic is not None:
                 limit = _analytic_kernel(analytic, model, x)
             fields = {"width": width, "seed": seed, **tags}
+            if train is None:
+                k = empirical_ntk(model, x, mode="trace", implementation=implementation)
+            else:  # the tracker's reference is the same trace-mode kernel at initialisation
+                tracker = KernelTracker(model, x, probe_y, implementation=implementation, top_k=0)
+                tracker.update(0)
+                k = tracker.reference_kernel
+                out += [{**fields, **r} for r in _train_and_track(tracker, train)]
+            kernels.append(k.detach().to("cpu", torch.float64))
             if limit is not None:
-                out.append({**fields, "metric": "ntk_error", "value": _relative(k - limit, limit)})
-            if train is not None:
-                out += [{**fields, **r} for r in _train_and_track(model, x, probe_y, train, implementation)]
+                out.append({**fields, "metric": "ntk_error", "value": _relative(kernels[-1] - limit, limit)})
             bar.update()
         if limit is not None:
             out += [{"width": width, **tags, "metric": m, "value": v}
@@ -145,7 +149,7 @@ def _analytic_kernel(analytic: AnalyticSpec, model: nn.Module, x: torch.Tensor) 
 
 
 def _split_error(kernels: list[torch.Tensor], limit: torch.Tensor) -> dict[str, float]:
-    stack = torch.stack([k.cpu() for k in kernels])
+    stack = torch.stack(kernels)
     mean = stack.mean(0)
     norm = float(limit.norm())
     out = {"ntk_error_of_mean": float((mean - limit).norm()) / norm}
@@ -157,11 +161,9 @@ def _split_error(kernels: list[torch.Tensor], limit: torch.Tensor) -> dict[str, 
     return out
 
 
-def _train_and_track(model: nn.Module, x: torch.Tensor, probe_y: torch.Tensor | None, train: Trainer,
-                     implementation: str) -> list[Record]:
-    tracker = KernelTracker(model, x, probe_y, implementation=implementation, top_k=0)
-    tracker.update(0)
-    result = train(model)
+def _train_and_track(tracker: KernelTracker, train: Trainer) -> list[Record]:
+    """Train the tracked model; the tracker's records at the end and the trainer's."""
+    result = train(tracker.model)
     steps = int(getattr(train, "steps", 1))
     tracker.update(steps, force=True)
     out = [r for r in tracker.records if r["step"] == steps]

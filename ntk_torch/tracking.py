@@ -146,6 +146,12 @@ class KernelTracker:
         """Step at which ``K_0``, ``h_0``, ``θ_0`` were measured, ``None`` before."""
         return None if self._reference is None else self._reference["step"]
 
+    @property
+    def reference_kernel(self) -> torch.Tensor | None:
+        """``K_0``, the total probe kernel of the reference measurement (in the tracker's
+        ``mode``: ``(N, N)``, ``(N, N, O)`` or ``(N, N, O, O)``), ``None`` before it."""
+        return None if self._reference is None else self._reference["kernels"][TOTAL]
+
     def update(self, step: int, *, force: bool = False) -> list[_records.Record]:
         """Measure if due: on the first call, when ``step % every == 0``, or if ``force``.
 

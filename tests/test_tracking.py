@@ -426,3 +426,16 @@ def test_update_schedule_and_errors():
         nt.KernelTracker(net, x[:4], torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="`mode` must be one of"):
         nt.KernelTracker(net, x[:4], mode="sum")
+
+
+def test_reference_kernel_is_the_initial_probe_kernel():
+    model = _small_mlp(3)
+    x = torch.randn(5, 4, dtype=DT)
+    tracker = nt.KernelTracker(model, x, mode="full")
+    assert tracker.reference_kernel is None
+    expected = naive_ntk(model, x, None, "full")
+    tracker.update(0)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    tracker.update(1)
+    torch.testing.assert_close(tracker.reference_kernel, expected, rtol=1e-10, atol=0)
