@@ -89,16 +89,13 @@ class EmpiricalNTK:
         fm = self.functional
         n1 = x1.shape[0]
         n2 = n1 if x2 is None else x2.shape[0]
-        reference = x1 if n1 else (x2 if x2 is not None else x1)
         any_param = next(iter(values.values()))
-        if reference.shape[0] == 0:
-            with torch.no_grad():
-                n_out = fm(values, reference).shape[1]
+        if n1 == 0 or n2 == 0:  # one forward (of one sample, if any) tells O
+            n_out = fm(values, (x1 if n1 or x2 is None else x2)[:1]).shape[1]
             return {g: _empty(n1, n2, n_out, self.mode, any_param) for g in groups}
-        flops, activations, n_out, structure = _engines.profile_forward(fm, values, reference)
+        flops, activations, n_out, structure = _engines.profile_forward(fm, values, x1)
         n_params = sum(values[n].numel() for n in fm.names)
-        b1 = min(self.batch_size or n1, n1) or 1
-        b2 = min(self.batch_size or n2, n2) or 1
+        b1, b2 = min(self.batch_size or n1, n1), min(self.batch_size or n2, n2)
         problem = Problem(n1=b1, n2=b2, symmetric=x2 is None and b1 >= n1, mode=self.mode,
                           n_out=n_out, n_params=n_params, n_groups=len(groups),
                           forward_flops=flops, activations=activations,
@@ -107,8 +104,6 @@ class EmpiricalNTK:
         engine = self._resolve(problem, budget, n1, n2)
         self.last_implementation = engine
         module = _engines.ENGINES[engine]
-        if n1 == 0 or n2 == 0:
-            return {g: _empty(n1, n2, n_out, self.mode, any_param) for g in groups}
 
         def block(xa, xb):
             return module.compute(fm, values, xa, xb, self.mode, groups, problem=problem,
