@@ -3,7 +3,7 @@
 Public surface, grouped by purpose; everything else is private.
 """
 
-from ntk_torch import analytic, data, metrics, nn
+from ntk_torch import analytic, data, metrics, nn, predict, records, sweeps, training
 from ntk_torch.empirical import (
     EmpiricalNTK,
     empirical_nngp,
@@ -11,7 +11,6 @@ from ntk_torch.empirical import (
     empirical_ntk_fn,
     layerwise_ntk,
 )
-from ntk_torch import predict
 from ntk_torch.kernels import Eigenmodes, eigenmodes, natural_ntk, prior_logprob
 from ntk_torch.linearize import LinearizedModel, linearize
 from ntk_torch.predict import (
@@ -24,9 +23,8 @@ from ntk_torch.predict import (
     kernel_regression,
     ntk_gp_posterior,
 )
-from ntk_torch.tracking import KernelTracker
-from ntk_torch import records, sweeps, training
 from ntk_torch.sweeps import fit_power_law, width_sweep
+from ntk_torch.tracking import KernelTracker
 
 __version__ = "0.1.0"
 
