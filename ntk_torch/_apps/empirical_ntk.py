@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import ntk_torch as nt
-from ntk_torch._apps._args import ArgumentParser
+from ntk_torch._apps._args import ArgumentParser, add_common_options, apply_threads
 
 
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
@@ -31,11 +31,7 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     parser.add_argument("--samples", type=int, default=200, help="digits used as inputs")
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--depth", type=int, default=2, help="hidden layers")
-    parser.add_argument("--implementation", default="auto",
-                        help="auto, jacobian, ntk_vp or structured")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+    add_common_options(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.samples, args.width = min(args.samples, 30), min(args.width, 32)
@@ -56,6 +52,7 @@ def build_mlp(width: int, depth: int) -> nn.Sequential:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
+    apply_threads(args.threads)
     torch.manual_seed(args.seed)
     x, y = nt.data.load_digits(args.samples, seed=args.seed, sort_by_label=True)
     labels = y.numpy()

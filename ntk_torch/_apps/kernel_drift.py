@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 import ntk_torch as nt
-from ntk_torch._apps._args import ArgumentParser
+from ntk_torch._apps._args import ArgumentParser, add_common_options, apply_threads
 from ntk_torch import records as rec
 from ntk_torch.plotting import plot_drift
 from ntk_torch.tracking import TOTAL
@@ -59,13 +59,7 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     parser.add_argument("--lr-ntk", type=float, default=1.0)
     parser.add_argument("--lr-standard", type=float, default=0.05)
     parser.add_argument("--lr-mup", type=float, default=0.5)
-    parser.add_argument("--implementation", default="auto",
-                        help="auto, jacobian, ntk_vp or structured")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+    add_common_options(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.widths = [w for w in args.widths if w <= 64] or [16, 64]
@@ -178,8 +172,7 @@ def plot_width_scaling(path: Path, summary: list[rec.Record]) -> None:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     x, y = nt.data.load_digits(seed=args.seed)
     x, y = x.to(args.device), y.to(args.device)
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(args.seed))

@@ -34,7 +34,7 @@ from torch import nn
 
 import ntk_torch as nt
 from ntk_torch import records as rec
-from ntk_torch._apps._args import ArgumentParser
+from ntk_torch._apps._args import ArgumentParser, add_common_options, apply_threads
 from ntk_torch.plotting import plot_kernel_error, plot_vs_width
 from ntk_torch.sweeps import fit_power_law, width_sweep
 from ntk_torch.training import GradientDescent
@@ -68,11 +68,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=100, help="full-batch gradient steps (0: no training)")
     parser.add_argument("--lr-factor", type=float, default=0.5,
                         help="step size as a fraction of N/λ_max of the initial NTK (stable below 2)")
-    parser.add_argument("--implementation", default="auto", help="eNTK engine")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data split; seeds 0..S-1 initialise")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: finishes in seconds (tests)")
+    add_common_options(parser, seed_help="seed of the data split; seeds 0..S-1 initialise")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -223,8 +219,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     device = torch.device(args.device)
     x, y = nt.data.load_digits(args.probe + args.train + args.test, seed=args.seed)
     x, targets = x.to(device), nt.data.one_hot(y).to(device)
