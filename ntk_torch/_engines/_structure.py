@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -142,6 +142,9 @@ class Structure:
         feature_elements: per sample, elements of the layer inputs kept (unfolded
             convolution patches counted at their unfolded size).
         cotangent_elements: per sample and output, elements of the layer-output cotangents.
+        heads: ``(site, readout site)`` pairs where the site's output reaches the readout's
+            input channel by channel on the probe (``_capture.separable_heads``): the
+            site's unit may take the factored rule.
     """
 
     sites: tuple[Site, ...]
@@ -150,6 +153,7 @@ class Structure:
     fallback_params: int
     feature_elements: int
     cotangent_elements: int
+    heads: tuple[tuple[int, int], ...] = ()
 
 
 class _ParameterUses(TorchFunctionMode):
@@ -250,9 +254,35 @@ def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Struc
     fallback = tuple(n for n in params if n not in done)
     features = sum(_feature_elements(candidates[s.module], s) for s in sites)
     cotangents = sum(math.prod(s.out_shape) for s in sites)
-    return Structure(sites=sites, units=tuple(units), fallback=fallback,
-                     fallback_params=sum(params[n].numel() for n in fallback),
-                     feature_elements=features, cotangent_elements=cotangents)
+    structure = Structure(sites=sites, units=tuple(units), fallback=fallback,
+                          fallback_params=sum(params[n].numel() for n in fallback),
+                          feature_elements=features, cotangent_elements=cotangents)
+    pairs = _head_candidates(candidates, structure)
+    if not pairs:
+        return structure
+    from ntk_torch._engines._capture import probe_heads  # it builds on this module
+
+    return replace(structure, heads=probe_heads(fm, params, sample, structure, pairs))
+
+
+def _head_candidates(layers: dict[str, nn.Module], structure: Structure) -> list[tuple[int, int]]:
+    """``(site, readout site)`` pairs that may form a separable head: a convolution or a
+    Linear over positions, called once, and the first later Linear call on one position
+    whose input size is the site's number of output channels."""
+    sites = structure.sites
+    pairs = []
+    for unit in structure.units:
+        if len(unit.sites) != 1 or unit.kind not in ("linear", "conv") or unit.positions == 1:
+            continue
+        s = unit.sites[0]
+        channels = unit.groups * unit.k_out
+        for r in range(s + 1, len(sites)):
+            module = layers[sites[r].module]
+            if (sites[r].kind == "linear" and layer_sizes(module, sites[r])[0] == 1
+                    and module.in_features == channels):
+                pairs.append((s, r))
+                break
+    return pairs
 
 
 def layer_sizes(module: nn.Module, site: Site) -> tuple[int, int, int, int]:

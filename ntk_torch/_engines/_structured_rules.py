@@ -19,6 +19,14 @@ structured derivatives):
 - ``"explicit"``: per-sample gradients ``(O, N, G·k_out·k_in)`` of this layer only, then
   their inner products. Cheapest when ``T²`` exceeds the layer's parameter count
   (convolutions on large images), and done in blocks of samples to bound memory.
+- ``"factored"``, for a layer whose output reaches a later vector ``h`` channel by channel
+  (a separable head, ``_capture.separable_heads``): there ``D[a, i, t, c] = V[a, i, c]
+  U[a, t, c]`` over the output channels ``c``, so ``g[a, i, c, :] = V[a, i, c] M[a, c, :]``
+  with ``M[a, c, :] = Σ_t U[a, t, c] A[a, t, g(c)]`` and
+
+      K[a, b, i, j] = Σ_c V[a, i, c] V[b, j, c] (M[a, c] · M[b, c]),
+
+  one ``M`` per sample instead of ``O`` gradients and no ``O²`` factor on the parameters.
 """
 
 from __future__ import annotations
@@ -160,8 +168,22 @@ def strategy_costs(unit: Unit, n1: int, n2: int, symmetric: bool, n_out: int,
     return {"gram": (gram, work), "explicit": (make + contract, explicit_work)}
 
 
-def choose_strategy(unit: Unit, n1: int, n2: int, symmetric: bool, n_out: int, mode: str) -> str:
+def factored_costs(unit: Unit, n1: int, n2: int, symmetric: bool, n_out: int,
+                   mode: str) -> tuple[float, float]:
+    """``(flops, working elements)`` of the factored rule for one block."""
+    c, k = unit.groups * unit.k_out, unit.k_in + (unit.bias is not None)
+    pairs = float(n1) * n2
+    sides = n1 if symmetric else n1 + n2
+    per_pair = n_out * (n_out + 1) if mode == "full" else 2 * n_out
+    return 2.0 * sides * unit.positions * c * k + 2.0 * pairs * c * (k + per_pair), pairs * c * (n_out + 1)
+
+
+def choose_strategy(unit: Unit, n1: int, n2: int, symmetric: bool, n_out: int, mode: str,
+                    factored: bool = False) -> str:
+    """The cheapest strategy; ``"factored"`` competes where the unit has a separable head."""
     costs = strategy_costs(unit, n1, n2, symmetric, n_out, mode)
+    if factored:
+        costs["factored"] = factored_costs(unit, n1, n2, symmetric, n_out, mode)
     return min(costs, key=lambda s: costs[s][0])
 
 
@@ -209,20 +231,50 @@ def gram_kernel(ga: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, mode: str)
     return (ga * gd).sum((2, 3, 4)) / n_out
 
 
-def weight_gradients(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``(O, N, G·k_out·k_in)``: per-sample weight gradients ``Σ_t D[a,i,t] ⊗ A[a,t]``.
+def weight_gradients(a: torch.Tensor, d: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``(O, N, G·k_out·k_in)``: per-sample weight gradients ``Σ_t D[a,i,t] ⊗ A[a,t]``
+    (written into ``out`` when given).
 
     With one group, one batched matrix product per output on strided views of ``d``
     (whatever its memory layout, BLAS reads it transposed or not, without a copy).
     """
     n, n_out, _, g, ko = d.shape
     ki = a.shape[-1]
+    if out is None:
+        out = d.new_empty(n_out, n, g * ko * ki)
     if g == 1:
-        out = d.new_empty(n_out, n, ko, ki)
         for i in range(n_out):
-            torch.bmm(d[:, i, :, 0, :].transpose(1, 2), a[:, :, 0, :], out=out[i])
-        return out.view(n_out, n, ko * ki)
-    return torch.einsum("aitgo,atgk->iagok", d, a).reshape(n_out, n, g * ko * ki)
+            torch.bmm(d[:, i, :, 0, :].transpose(1, 2), a[:, :, 0, :], out=out[i].view(n, ko, ki))
+    else:
+        out.view(n_out, n, g, ko, ki).copy_(torch.einsum("aitgo,atgk->iagok", d, a))
+    return out
+
+
+def factored_features(a: torch.Tensor | None, u: torch.Tensor, bias_scale: float | None) -> torch.Tensor:
+    """``(N, C, K)``: per output channel, ``M = Σ_t U[:, t, c] A[:, t, g(c)]`` (``K = k_in``,
+    without a weight nothing), then ``m_b Σ_t U[:, t, c]`` for a bias (``bias_scale`` not
+    None). ``a`` is ``(N, T, G, k_in)`` or None, ``u`` is ``(N, T, G, k_out)``."""
+    n, _, g, ko = u.shape
+    parts = []
+    if a is not None:
+        if g == 1:
+            parts.append(torch.bmm(u[:, :, 0, :].transpose(1, 2), a[:, :, 0, :]))
+        else:
+            parts.append(torch.einsum("atgo,atgk->agok", u, a).reshape(n, g * ko, -1))
+    if bias_scale is not None:
+        parts.append(bias_scale * u.sum(1).reshape(n, g * ko, 1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def factored_kernel(f1: torch.Tensor, v1: torch.Tensor, f2: torch.Tensor, v2: torch.Tensor,
+                    mode: str) -> torch.Tensor:
+    """Kernel from per-channel features ``F (N, C, K)`` and head cotangents ``V (N, O, C)``."""
+    g = torch.bmm(f1.transpose(0, 1), f2.permute(1, 2, 0)).permute(1, 2, 0)  # (N1, N2, C)
+    if mode == "full":
+        return torch.einsum("abc,aic,bjc->abij", g, v1, v2)
+    if mode == "diagonal":
+        return torch.einsum("abc,aic,bic->abi", g, v1, v2)
+    return torch.einsum("abc,aic,bic->ab", g, v1, v2) / v1.shape[1]
 
 
 def bias_gradients(d: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

@@ -28,13 +28,13 @@ per-sample derivatives because each sample's outputs depend on that sample alone
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from collections import Counter
 from dataclasses import replace
 
 import torch
-from torch.func import vjp, vmap
 
 from ntk_torch._engines import jacobian
+from ntk_torch._engines._capture import Plan, capture_batched, capture_per_sample
 from ntk_torch._engines._cost import Cost, Problem
 from ntk_torch._engines._structure import Structure, Unit, discover
 from ntk_torch._engines._structured_rules import (
@@ -42,10 +42,12 @@ from ntk_torch._engines._structured_rules import (
     choose_strategy,
     cotangents,
     explicit_kernel,
+    factored_costs,
+    factored_features,
+    factored_kernel,
     features,
     gram_kernel,
     gram_of_inputs,
-    input_feature,
     one_hot,
     strategy_costs,
     weight_gradients,
@@ -95,9 +97,14 @@ def _cost_parts(problem: Problem) -> tuple[float, float, float]:
     kept = samples * (s.feature_elements + o * s.cotangent_elements + o * s.fallback_params)
     work = samples * (1 + o) * p.activations
     contraction_work = 0.0
+    heads = {site for site, _ in s.heads}
     for unit in s.units:
-        costs = strategy_costs(unit, p.n1, p.n2, p.symmetric, o, p.mode)
-        f, w = costs[choose_strategy(unit, p.n1, p.n2, p.symmetric, o, p.mode)]
+        factored = unit.sites[0] in heads
+        strategy = choose_strategy(unit, p.n1, p.n2, p.symmetric, o, p.mode, factored)
+        if strategy == "factored":
+            f, w = factored_costs(unit, p.n1, p.n2, p.symmetric, o, p.mode)
+        else:
+            f, w = strategy_costs(unit, p.n1, p.n2, p.symmetric, o, p.mode)[strategy]
         flops += f
         contraction_work = max(contraction_work, min(w * p.itemsize, WORK_BYTES))
     per_pair = o * o if p.mode == "full" else o
@@ -112,26 +119,63 @@ def compute(fm, params, x1, x2, mode, groups, *, problem=None, memory_budget=Non
     if structure is None:
         structure = discover(fm, params, x1[:1])
     n1 = x1.shape[0]
-    xs = x1 if x2 is None else torch.cat([x1, x2])
-    feats, cots, fb_jac = _capture(fm, params, xs, structure)
+    symmetric = x2 is None
+    n2 = n1 if symmetric else x2.shape[0]
+    xs = x1 if symmetric else torch.cat([x1, x2])
     dtype = next(iter(params.values())).dtype
     work = WORK_BYTES if memory_budget is None else max(min(WORK_BYTES, memory_budget / 4), MIN_WORK_BYTES)
     work_elements = work / torch.finfo(dtype).bits * 8
-
+    modules = dict(fm.module.named_modules())
     group_of = {name: g for g, names in groups.items() for name in names}
+    # Units alone at their one site may stream or factor (no other unit needs its cotangents).
+    sharing = Counter(k for u in structure.units for k in u.sites)
+    single = {u.sites[0]: u for u in structure.units
+              if len(u.sites) == 1 and sharing[u.sites[0]] == 1 and any(n in group_of for n in u.names)}
+    streams: dict[int, _Streamed] = {}
+
+    heads = {site for site, _ in structure.heads}
+
+    def plan(n_out: int, feats: dict[int, torch.Tensor]) -> Plan:
+        factor = set()
+        for site, unit in single.items():
+            strategy = choose_strategy(unit, n1, n2, symmetric, n_out, mode, site in heads)
+            if strategy == "factored":
+                factor.add(site)
+            elif (strategy == "explicit" and not unit.vocab
+                  and strategy_costs(unit, n1, n2, symmetric, n_out, mode)["explicit"][1] <= work_elements):
+                s = structure.sites[site]
+                streams[site] = _Streamed(unit, s, modules[s.module], feats[site], n_out)
+        return Plan(factor, streams)
+
+    cap = capture_batched(fm, params, xs, structure, plan)
+    if cap is None:
+        streams.clear()
+        cap = capture_per_sample(fm, params, xs, structure)
+
     out: dict[str, torch.Tensor] = {}
 
     def add(group: str, k: torch.Tensor) -> None:
         out[group] = k if group not in out else out[group] + k
 
-    modules = dict(fm.module.named_modules())
     for unit in structure.units:
         wanted = [n for n in unit.names if n in group_of]
         if not wanted:
             continue
-        a, d = _unit_tensors(unit, structure, modules, feats, cots)
+        if unit.sites[0] in cap.heads:
+            site = structure.sites[unit.sites[0]]
+            a = features(site, modules[site.module], cap.feats[unit.sites[0]]) if unit.weight else None
+            u, v = cap.heads[unit.sites[0]]
+            for part in _split_by_group(unit, wanted, group_of):
+                k = _factored(part, a, u, v, n1, symmetric, mode, work_elements)
+                add(group_of[part.names[0]], k)
+            continue
+        if unit.sites[0] in streams:
+            for part in _split_by_group(unit, wanted, group_of):
+                add(group_of[part.names[0]], streams[unit.sites[0]].kernel(part, n1, symmetric, mode))
+            continue
+        a, d = _unit_tensors(unit, structure, modules, cap.feats, cap.cots)
         for part in _split_by_group(unit, wanted, group_of):
-            if x2 is None:
+            if symmetric:
                 k = _unit_kernel(part, a, d, a, d, mode, True, work_elements)
             else:
                 k = _unit_kernel(part, _rows(a, 0, n1), d[:n1], _rows(a, n1, None), d[n1:],
@@ -141,89 +185,16 @@ def compute(fm, params, x1, x2, mode, groups, *, problem=None, memory_budget=Non
     for name in structure.fallback:
         if name not in group_of:
             continue
-        j = fb_jac[name]
+        j = cap.fallback[name]
         j = j.reshape(j.shape[0], j.shape[1], -1)
         add(group_of[name], jacobian.contract(j[:n1], j if x2 is None else j[n1:], mode))
 
-    n2 = n1 if x2 is None else x2.shape[0]
-    n_out = next(iter(cots.values())).shape[1] if cots else _n_out(fb_jac)
+    n_out = cap.n_out
     for group in groups:
         if group not in out:  # parameters that do not affect the outputs here
             shape = {"full": (n1, n2, n_out, n_out), "diagonal": (n1, n2, n_out), "trace": (n1, n2)}[mode]
             out[group] = torch.zeros(shape, dtype=dtype, device=x1.device)
     return {g: k.contiguous() for g, k in out.items()}
-
-
-def _n_out(fb_jac: dict[str, torch.Tensor]) -> int:
-    return next(iter(fb_jac.values())).shape[1]
-
-
-# ---------------------------------------------------------------------------------------
-# One forward and one vectorised backward for all samples and outputs.
-
-
-@contextmanager
-def _capture_hooks(modules, sites, eps, feats):
-    """Keep each call's input feature and add ``eps[k]`` to its output (the k-th call)."""
-    calls = iter(range(len(sites)))
-
-    def hook(module, args, output):
-        k = next(calls)
-        site = sites[k]
-        if modules[site.module] is not module:
-            raise RuntimeError(
-                f"the structured engine saw layer calls in a different order than when it probed "
-                f"the model (expected {site.module!r}); the model's control flow depends on its "
-                "inputs: use implementation='jacobian'"
-            )
-        feats[k] = input_feature(site.kind, module, args[0])
-        return output + eps[k]
-
-    with ExitStack() as stack:
-        for m in {id(modules[s.module]): modules[s.module] for s in sites}.values():
-            stack.callback(m.register_forward_hook(hook).remove)
-        yield
-
-
-def _capture(fm, params, x, structure: Structure):
-    """Input features ``{site: (N, *in)}``, cotangents ``{site: (N, O, *out)}`` and fallback
-    Jacobians ``{name: (N, O, *shape)}``, from one forward and one backward pass."""
-    modules = dict(fm.module.named_modules())
-    sites = structure.sites
-    fallback = {n: params[n] for n in structure.fallback}
-    fixed = {n: _fast_layout(t) for n, t in params.items() if n not in fallback}
-    ref = next(iter(params.values()))
-
-    def per_sample(xs):
-        zeros = tuple(torch.zeros(s.out_shape, dtype=s.out_dtype, device=ref.device) for s in sites)
-
-        def f(eps, fb):
-            feats = [None] * len(sites)
-            with _capture_hooks(modules, sites, eps, feats):
-                out = fm.single({**fixed, **fb}, xs)
-            return out, tuple(feats)
-
-        out, vjp_fn, feats = vjp(f, zeros, fallback, has_aux=True)
-        basis = torch.eye(out.numel(), dtype=out.dtype, device=out.device)
-        d_eps, d_fb = vmap(vjp_fn)(basis)
-        return feats, d_eps, d_fb
-
-    # torch.func ignores an outer no_grad; it only stops unselected parameters that
-    # require grad from recording a graph nobody will use.
-    with torch.no_grad():
-        feats, d_eps, d_fb = vmap(per_sample, randomness="error")(x)
-    return dict(enumerate(feats)), dict(enumerate(d_eps)), d_fb
-
-
-def _fast_layout(t: torch.Tensor) -> torch.Tensor:
-    """Same values; 2-d convolution weights in channels-last layout.
-
-    oneDNN then runs the convolutions and, above all, the transposed convolutions of the
-    backward pass in channels-last, several times faster on CPU for the O·N cotangents.
-    """
-    if t.dim() == 4 and t.device.type == "cpu":
-        return t.contiguous(memory_format=torch.channels_last)
-    return t
 
 
 # ---------------------------------------------------------------------------------------
@@ -287,6 +258,46 @@ def _unit_kernel(unit: Unit, a1, d1, a2, d2, mode: str, symmetric: bool,
         rows = d1[r : r + step]
         ga = gram_of_inputs(unit, _rows(a1, r, r + step), a2, rows.shape[0], n2, d1)
         blocks.append(gram_kernel(ga, rows, d2, mode))
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+
+class _Streamed:
+    """Per-sample gradients ``(O, N, ·)`` of one explicit unit, filled output by output
+    from the cotangents as the batched capture produces them (never kept whole)."""
+
+    def __init__(self, unit: Unit, site, module, feat: torch.Tensor, n_out: int) -> None:
+        self.unit, self.site, self.module = unit, site, module
+        n = feat.shape[0]
+        self.a = features(site, module, feat) if unit.weight is not None else None
+        width = unit.groups * unit.k_out
+        self.w = feat.new_empty(n_out, n, width * unit.k_in) if self.a is not None else None
+        self.b = feat.new_empty(n_out, n, width) if unit.bias is not None else None
+
+    def __call__(self, i: int, g: torch.Tensor) -> None:
+        d = cotangents(self.site, self.module, g)  # (N, 1, T, G, k_out)
+        if self.w is not None:
+            weight_gradients(self.a, d, out=self.w[i : i + 1])
+        if self.b is not None:
+            self.b[i] = bias_gradients(d, self.unit.bias_scale)[0]
+
+    def kernel(self, part: Unit, n1: int, symmetric: bool, mode: str) -> torch.Tensor:
+        """Block of ``part`` (the unit, or its weight or bias alone)."""
+        k = 0
+        for name, j in ((part.weight, self.w), (part.bias, self.b)):
+            if name is not None:
+                k = k + explicit_kernel(j[:, :n1], j[:, :n1] if symmetric else j[:, n1:], mode)
+        return k
+
+
+def _factored(unit: Unit, a, u, v, n1: int, symmetric: bool, mode: str, work_elements: float) -> torch.Tensor:
+    """The factored rule (a separable head), in blocks of rows of x1 that fit the budget."""
+    f = factored_features(a if unit.weight is not None else None, u,
+                          unit.bias_scale if unit.bias is not None else None)
+    f1, v1 = f[:n1], v[:n1]
+    f2, v2 = (f1, v1) if symmetric else (f[n1:], v[n1:])
+    n2, n_out, c = f2.shape[0], v.shape[1], v.shape[2]
+    step = max(1, int(work_elements // (n2 * c * (n_out + 1))))
+    blocks = [factored_kernel(f1[r : r + step], v1[r : r + step], f2, v2, mode) for r in range(0, n1, step)]
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
 
