@@ -286,3 +286,56 @@ CASES.update({
         Case("ntk_torch_layers", _ntk_torch_layers, _normal(2, 4, 4)),
     ]
 })
+
+
+# Cases for separable heads: a layer whose output reaches the readout channel by channel
+# (factored rule), next to layers that must not be factored.
+
+
+class ResidualConvHead(nn.Module):
+    """stem -> relu -> conv_a -> relu -> conv_b, plus the stem as a skip, then a pooled head.
+
+    Only ``conv_b`` reaches the head channel by channel; the stem also reaches it around
+    ``conv_b`` (through the skip), ``conv_a`` only through ``conv_b``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.conv_a = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv_b = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):  # x: (N, 2, 4, 4)
+        s = torch.relu(self.stem(x))
+        z = torch.relu(self.conv_b(torch.relu(self.conv_a(s))) + s)
+        return self.head(z.mean((2, 3)))
+
+
+class HeadBypass(nn.Module):
+    """A pooled head plus a second path from the convolution's output to the outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 2)
+        self.head = nn.Linear(3, 2)
+        self.side = nn.Linear(3 * 3 * 3, 2)
+
+    def forward(self, x):  # x: (N, 2, 4, 4)
+        y = self.conv(x)
+        return self.head(torch.relu(y).mean((2, 3))) + self.side(y.flatten(1))
+
+
+CASES.update({
+    c.name: c
+    for c in [
+        Case("pooled_cnn_head",
+             lambda: nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(),
+                                   nn.Conv2d(4, 5, 3, stride=2, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
+                                   nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 6), nn.Tanh(),
+                                   nn.Linear(6, 3)),
+             _normal(2, 6, 6)),
+        Case("residual_conv_head", ResidualConvHead, _normal(2, 4, 4)),
+        Case("head_bypass", HeadBypass, _normal(2, 4, 4)),
+    ]
+})

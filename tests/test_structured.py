@@ -66,21 +66,29 @@ def test_matches_oracle_in_every_mode(case, symmetric, batch_size):
             assert torch.equal(k, transpose_pairs(k)), "x2=None must give an exactly symmetric kernel"
 
 
-@pytest.mark.parametrize("strategy", ["gram", "explicit"])
+def _forced(strategy: str):
+    """A ``choose_strategy`` that always answers ``strategy`` ("factored" where allowed)."""
+    def choose(unit, n1, n2, symmetric, n_out, mode, factored=False):
+        return "explicit" if strategy == "factored" and not factored else strategy
+    return choose
+
+
+@pytest.mark.parametrize("strategy", ["gram", "explicit", "factored"])
 def test_each_strategy_is_exact_on_every_case(case, strategy, monkeypatch):
-    # The FLOP model picks one route per layer; both must be exact everywhere.
-    monkeypatch.setattr(structured, "choose_strategy", lambda *args: strategy)
+    # The FLOP model picks one route per layer; each must be exact everywhere (factored:
+    # where a separable head is verified, else the explicit route).
+    monkeypatch.setattr(structured, "choose_strategy", _forced(strategy))
     for mode in MODES:
         for symmetric in (False, True):
             assert_close(structured_ntk(case, mode, symmetric), oracle(case, mode, symmetric))
 
 
 @pytest.mark.parametrize("name", ["cnn2d", "embedding", "sequence_layernorm", "tied_weights",
-                                  "conv_called_twice", "groupnorm", "linear_positions"])
-@pytest.mark.parametrize("strategy", ["gram", "explicit"])
+                                  "conv_called_twice", "groupnorm", "linear_positions", "pooled_cnn_head"])
+@pytest.mark.parametrize("strategy", ["gram", "explicit", "factored"])
 def test_contraction_in_blocks_of_samples_is_exact(name, strategy, monkeypatch):
     # A working-memory cap of a few bytes forces one sample per contraction block.
-    monkeypatch.setattr(structured, "choose_strategy", lambda *args: strategy)
+    monkeypatch.setattr(structured, "choose_strategy", _forced(strategy))
     monkeypatch.setattr(structured, "WORK_BYTES", 8)
     monkeypatch.setattr(structured, "MIN_WORK_BYTES", 8)
     case = CASES[name]
@@ -201,6 +209,80 @@ def test_module_is_left_untouched_even_when_the_forward_fails():
         assert not m._forward_hooks and not m._forward_pre_hooks
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not model.training and all(p.requires_grad for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------
+# Separable heads and the batched capture.
+
+
+def _heads(case) -> set[tuple[str, str]]:
+    """``(layer, readout layer)`` pairs the probe found separable."""
+    fm = functionalize(case.build())
+    s = discover(fm, fm.params(), case.inputs(1))
+    return {(s.sites[a].module, s.sites[b].module) for a, b in s.heads}
+
+
+def test_separable_heads_are_found_where_channels_stay_apart_only():
+    # BatchNorm, ReLU, pooling and a skip added after the layer keep channels apart;
+    # a convolution or GroupNorm after it, or a path around the readout, do not.
+    assert _heads(CASES["pooled_cnn_head"]) == {("2", "7")}
+    assert _heads(CASES["residual_conv_head"]) == {("conv_b", "head")}
+    assert _heads(CASES["linear_positions"]) == {("inner", "head")}
+    assert _heads(CASES["groupnorm"]) == set()
+    assert _heads(CASES["head_bypass"]) == set()
+
+
+def test_slight_channel_mixing_is_not_mistaken_for_a_separable_head():
+    torch.manual_seed(0)
+    mix = nn.Conv2d(3, 3, 1, bias=False)
+    with torch.no_grad():
+        mix.weight.copy_(torch.eye(3)[:, :, None, None] + 1e-6 * torch.randn(3, 3, 1, 1))
+    model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.ReLU(), mix, nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(3, 2)).double().eval()
+    case = type(CASES["cnn2d"])("mixing", lambda: model, lambda n, g: torch.randn(n, 2, 4, 4, generator=g,
+                                                                                 dtype=torch.float64))
+    assert _heads(case) == {("2", "6")}  # the 1x1 convolution itself; the first one mixes
+
+
+def test_factored_rule_and_head_shortcut_are_taken(monkeypatch):
+    from ntk_torch._engines import _capture
+
+    used, shortcut = [], []
+    factored = structured._factored
+    monkeypatch.setattr(structured, "_factored", lambda *a: used.append(a[0].weight) or factored(*a))
+    reached = _capture._leaves_reached
+    monkeypatch.setattr(_capture, "_leaves_reached", lambda *a, **k: shortcut.append(1) or reached(*a, **k))
+    monkeypatch.setattr(structured, "choose_strategy", _forced("factored"))
+    for name, layer in (("pooled_cnn_head", "2.weight"), ("residual_conv_head", "conv_b.weight")):
+        used.clear(), shortcut.clear()
+        case = CASES[name]
+        assert_close(structured_ntk(case, "full", False), oracle(case, "full", False))
+        assert used == [layer] and shortcut, name
+
+
+class _BatchCentred(nn.Module):
+    """Subtracts the batch mean: each sample's outputs depend on the others in the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.head(torch.tanh(h - h.mean(0, keepdim=True) + h))
+
+
+def test_samples_that_interact_in_the_batch_get_per_sample_kernels():
+    from ntk_torch._engines._capture import capture_batched
+
+    torch.manual_seed(0)
+    model = _BatchCentred().double().eval()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    fm = functionalize(model)
+    assert capture_batched(fm, fm.params(), x, discover(fm, fm.params(), x[:1])) is None
+    # Like every engine and the oracle: the kernel of the model applied to one sample at a time.
+    assert_close(nt.empirical_ntk(model, x, implementation="structured"), naive_ntk(model, x, None, "full"))
 
 
 # ---------------------------------------------------------------------------------------
