@@ -58,6 +58,7 @@ class EmpiricalNTK:
         self.layerwise = layerwise
         self.functional: FunctionalModel = functionalize(model, params)
         self.last_implementation: str | None = None
+        self._profile: tuple[tuple, tuple] | None = None  # (key, profile_forward's result)
 
     def __call__(self, x1: torch.Tensor, x2: torch.Tensor | None = None, *,
                  params: dict[str, torch.Tensor] | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
@@ -93,7 +94,7 @@ class EmpiricalNTK:
         if n1 == 0 or n2 == 0:  # one forward (of one sample, if any) tells O
             n_out = fm(values, (x1 if n1 or x2 is None else x2)[:1]).shape[1]
             return {g: _empty(n1, n2, n_out, self.mode, any_param) for g in groups}
-        flops, activations, n_out, structure = _engines.profile_forward(fm, values, x1)
+        flops, activations, n_out, structure = self._profiled(values, x1)
         n_params = sum(values[n].numel() for n in fm.names)
         b1, b2 = min(self.batch_size or n1, n1), min(self.batch_size or n2, n2)
         problem = Problem(n1=b1, n2=b2, symmetric=x2 is None and b1 >= n1, mode=self.mode,
@@ -110,6 +111,20 @@ class EmpiricalNTK:
                                   memory_budget=budget)
 
         return tiled(block, x1, x2, self.batch_size, progress=self.progress)
+
+    def _profiled(self, values: dict[str, torch.Tensor], x1: torch.Tensor) -> tuple:
+        """``profile_forward`` (FLOPs, sizes, layer structure), reused while nothing it
+        depends on changed: input shape, dtype and device, parameter shapes, and the module
+        tree (modules, their hooks and modes). Parameter values do not matter to it."""
+        module = self.functional.module
+        key = (tuple(x1.shape[1:]), x1.dtype, x1.device,
+               tuple((n, v.shape, v.dtype, v.device) for n, v in values.items()),
+               tuple((name, id(m), m.training, tuple(m._forward_hooks), tuple(m._forward_pre_hooks),
+                      tuple((k, id(p)) for k, p in m._parameters.items()))
+                     for name, m in module.named_modules()))
+        if self._profile is None or self._profile[0] != key:
+            self._profile = (key, _engines.profile_forward(self.functional, values, x1))
+        return self._profile[1]
 
     def _resolve(self, problem: Problem, budget: float, n1: int, n2: int) -> str:
         if self.implementation == "auto":

@@ -155,6 +155,25 @@ def test_kernel_fn_follows_parameter_updates_and_overrides():
     assert_close(fn(x, params=snapshot), before)
 
 
+def test_kernel_fn_profiles_once_and_again_when_the_model_changes(monkeypatch):
+    from ntk_torch import _engines
+
+    calls = []
+    profile = _engines.profile_forward
+    monkeypatch.setattr(_engines, "profile_forward", lambda *a: calls.append(1) or profile(*a))
+    case = CASES["mlp"]
+    model, x = case.build(), case.inputs(4)
+    fn = nt.empirical_ntk_fn(model, implementation="structured")
+    fn(x), fn(x + 1.0)
+    assert len(calls) == 1
+    # A hook that changes a layer's output: the layer must leave the structured rule.
+    handle = model[2].register_forward_hook(lambda m, args, out: 3.0 * out)
+    assert_close(fn(x), naive_ntk(model, x, None, "full"))
+    handle.remove()
+    fn(2.0 * x), fn(case.inputs(3))
+    assert len(calls) == 3  # hook added, hook removed; same input shape otherwise
+
+
 def test_output_shape_and_dtype_follow_inputs():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 6), nn.Unflatten(1, (2, 3)))
     k = nt.empirical_ntk(model, torch.randn(5, 3), torch.randn(2, 3))

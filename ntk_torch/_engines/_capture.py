@@ -185,7 +185,10 @@ def capture_batched(fm, params, x, structure: Structure,
             for key, g, t in zip([*above, *(("v", r) for r in readouts)], grads, targets):
                 take(key, i, g, t)
             if below:
-                d_y = kept[("v", readouts[0])][:, i].reshape(channel_shape) * u_head
+                # In y's memory layout: a channels-last cotangent keeps the convolutions'
+                # backward in channels-last (several times faster on CPU).
+                d_y = torch.mul(kept[("v", readouts[0])][:, i].reshape(channel_shape), u_head,
+                                out=torch.empty_like(y))
                 grads = torch.autograd.grad(y, [run.eps[k] for k in below], d_y, retain_graph=True,
                                             allow_unused=True)
                 for k, g in zip(below, grads):

@@ -231,23 +231,20 @@ def gram_kernel(ga: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, mode: str)
     return (ga * gd).sum((2, 3, 4)) / n_out
 
 
-def weight_gradients(a: torch.Tensor, d: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``(O, N, G·k_out·k_in)``: per-sample weight gradients ``Σ_t D[a,i,t] ⊗ A[a,t]``
-    (written into ``out`` when given).
+def weight_gradients(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``(O, N, G·k_out·k_in)``: per-sample weight gradients ``Σ_t D[a,i,t] ⊗ A[a,t]``.
 
     With one group, one batched matrix product per output on strided views of ``d``
     (whatever its memory layout, BLAS reads it transposed or not, without a copy).
     """
     n, n_out, _, g, ko = d.shape
     ki = a.shape[-1]
-    if out is None:
-        out = d.new_empty(n_out, n, g * ko * ki)
     if g == 1:
+        out = d.new_empty(n_out, n, ko, ki)
         for i in range(n_out):
-            torch.bmm(d[:, i, :, 0, :].transpose(1, 2), a[:, :, 0, :], out=out[i].view(n, ko, ki))
-    else:
-        out.view(n_out, n, g, ko, ki).copy_(torch.einsum("aitgo,atgk->iagok", d, a))
-    return out
+            torch.bmm(d[:, i, :, 0, :].transpose(1, 2), a[:, :, 0, :], out=out[i])
+        return out.view(n_out, n, ko * ki)
+    return torch.einsum("aitgo,atgk->iagok", d, a).reshape(n_out, n, g * ko * ki)
 
 
 def factored_features(a: torch.Tensor | None, u: torch.Tensor, bias_scale: float | None) -> torch.Tensor:

@@ -263,20 +263,28 @@ def _unit_kernel(unit: Unit, a1, d1, a2, d2, mode: str, symmetric: bool,
 
 class _Streamed:
     """Per-sample gradients ``(O, N, ·)`` of one explicit unit, filled output by output
-    from the cotangents as the batched capture produces them (never kept whole)."""
+    from the cotangents as the batched capture produces them (never kept whole).
+
+    The weight's entries are in (k_in, k_out) order here, a layout of their own: only
+    inner products between these gradients are taken.
+    """
 
     def __init__(self, unit: Unit, site, module, feat: torch.Tensor, n_out: int) -> None:
         self.unit, self.site, self.module = unit, site, module
         n = feat.shape[0]
-        self.a = features(site, module, feat) if unit.weight is not None else None
+        a = features(site, module, feat) if unit.weight is not None else None
+        # One group: (N, k_in, T) @ (N, T, k_out) per output, BLAS's favourite layout.
+        self.a = a if a is None or unit.groups > 1 else a[:, :, 0, :].transpose(1, 2).contiguous()
         width = unit.groups * unit.k_out
-        self.w = feat.new_empty(n_out, n, width * unit.k_in) if self.a is not None else None
+        self.w = feat.new_empty(n_out, n, width * unit.k_in) if a is not None else None
         self.b = feat.new_empty(n_out, n, width) if unit.bias is not None else None
 
     def __call__(self, i: int, g: torch.Tensor) -> None:
         d = cotangents(self.site, self.module, g)  # (N, 1, T, G, k_out)
-        if self.w is not None:
-            weight_gradients(self.a, d, out=self.w[i : i + 1])
+        if self.w is not None and self.unit.groups == 1:
+            torch.bmm(self.a, d[:, 0, :, 0, :], out=self.w[i].view(d.shape[0], self.unit.k_in, -1))
+        elif self.w is not None:
+            self.w[i] = weight_gradients(self.a, d)[0]
         if self.b is not None:
             self.b[i] = bias_gradients(d, self.unit.bias_scale)[0]
 
