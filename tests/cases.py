@@ -292,6 +292,15 @@ CASES.update({
 # (factored rule), next to layers that must not be factored.
 
 
+def _ntk_torch_pooled_head() -> nn.Module:
+    """ntk_torch.nn layers (multipliers on weights and biases) before and after pooling."""
+    from ntk_torch import nn as ntk_nn
+
+    return nn.Sequential(ntk_nn.Conv2d(2, 3, 3, parameterization="ntk", bias_std=0.5, padding="valid"),
+                         nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         ntk_nn.Dense(3, 2, parameterization="mup", bias_std=0.7, role="readout"))
+
+
 class ResidualConvHead(nn.Module):
     """stem -> relu -> conv_a -> relu -> conv_b, plus the stem as a skip, then a pooled head.
 
@@ -337,5 +346,11 @@ CASES.update({
              _normal(2, 6, 6)),
         Case("residual_conv_head", ResidualConvHead, _normal(2, 4, 4)),
         Case("head_bypass", HeadBypass, _normal(2, 4, 4)),
+        Case("grouped_conv1d_head",
+             lambda: nn.Sequential(nn.Conv1d(4, 6, 3, groups=2, dilation=2, padding=2, padding_mode="reflect",
+                                             stride=2),
+                                   nn.GELU(), nn.AdaptiveMaxPool1d(1), nn.Flatten(), nn.Linear(6, 2)),
+             _normal(4, 9)),
+        Case("ntk_torch_pooled_head", _ntk_torch_pooled_head, _normal(2, 5, 5)),
     ]
 })

@@ -228,6 +228,7 @@ def test_separable_heads_are_found_where_channels_stay_apart_only():
     assert _heads(CASES["pooled_cnn_head"]) == {("2", "7")}
     assert _heads(CASES["residual_conv_head"]) == {("conv_b", "head")}
     assert _heads(CASES["linear_positions"]) == {("inner", "head")}
+    assert _heads(CASES["grouped_conv1d_head"]) == {("0", "4")}  # GELU, max-pooling
     assert _heads(CASES["groupnorm"]) == set()
     assert _heads(CASES["head_bypass"]) == set()
 
@@ -244,20 +245,23 @@ def test_slight_channel_mixing_is_not_mistaken_for_a_separable_head():
     assert _heads(case) == {("2", "6")}  # the 1x1 convolution itself; the first one mixes
 
 
-def test_factored_rule_and_head_shortcut_are_taken(monkeypatch):
+@pytest.mark.parametrize("name,layer", [("pooled_cnn_head", "2"), ("residual_conv_head", "conv_b"),
+                                        ("grouped_conv1d_head", "0"), ("ntk_torch_pooled_head", "0"),
+                                        ("linear_positions", "inner")])
+def test_factored_rule_and_head_shortcut_are_taken(name, layer, monkeypatch):
     from ntk_torch._engines import _capture
 
     used, shortcut = [], []
-    factored = structured._factored
-    monkeypatch.setattr(structured, "_factored", lambda *a: used.append(a[0].weight) or factored(*a))
+    features = structured.factored_features
+    monkeypatch.setattr(structured, "factored_features", lambda *a: used.append(a[0].module) or features(*a))
     reached = _capture._leaves_reached
     monkeypatch.setattr(_capture, "_leaves_reached", lambda *a, **k: shortcut.append(1) or reached(*a, **k))
     monkeypatch.setattr(structured, "choose_strategy", _forced("factored"))
-    for name, layer in (("pooled_cnn_head", "2.weight"), ("residual_conv_head", "conv_b.weight")):
+    case = CASES[name]
+    for mode in MODES:
         used.clear(), shortcut.clear()
-        case = CASES[name]
-        assert_close(structured_ntk(case, "full", False), oracle(case, "full", False))
-        assert used == [layer] and shortcut, name
+        assert_close(structured_ntk(case, mode, False), oracle(case, mode, False))
+        assert set(used) == {layer} and shortcut
 
 
 class _BatchCentred(nn.Module):

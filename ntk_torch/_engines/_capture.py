@@ -41,7 +41,7 @@ SEPARABLE_RTOL_ULPS = 64
 class Captured:
     """``O`` outputs; input features ``{site: (N, *in)}``, cotangents ``{site: (N, O, *out)}``,
     fallback Jacobians ``{name: (N, O, *shape)}`` and separable heads ``{site: (U, V)}`` with
-    ``U (N, T, G, k_out)`` (the cotangents' layout without ``O``) and ``V (N, O, C)``."""
+    ``U (N, *out)`` (the head's cotangent at the layer's output) and ``V (N, O, C)``."""
 
     n_out: int
     feats: dict[int, torch.Tensor]
@@ -193,11 +193,7 @@ def capture_batched(fm, params, x, structure: Structure,
                                             allow_unused=True)
                 for k, g in zip(below, grads):
                     take(k, i, g, run.eps[k])
-    factored = {}
-    for s, (r, u) in heads.items():
-        site = structure.sites[s]
-        u = cotangents(site, run.modules[site.module], u[:, None, None])[:, 0]  # (N, T, G, k_out)
-        factored[s] = (u, kept[("v", r)].reshape(n, n_out, -1))
+    factored = {s: (u, kept[("v", r)].reshape(n, n_out, -1)) for s, (r, u) in heads.items()}
     return Captured(n_out, feats, {k: kept[k].unsqueeze(2) for k in rest if k in kept}, heads=factored)
 
 

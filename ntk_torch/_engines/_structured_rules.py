@@ -247,19 +247,27 @@ def weight_gradients(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return torch.einsum("aitgo,atgk->iagok", d, a).reshape(n_out, n, g * ko * ki)
 
 
-def factored_features(a: torch.Tensor | None, u: torch.Tensor, bias_scale: float | None) -> torch.Tensor:
-    """``(N, C, K)``: per output channel, ``M = Σ_t U[:, t, c] A[:, t, g(c)]`` (``K = k_in``,
-    without a weight nothing), then ``m_b Σ_t U[:, t, c]`` for a bias (``bias_scale`` not
-    None). ``a`` is ``(N, T, G, k_in)`` or None, ``u`` is ``(N, T, G, k_out)``."""
-    n, _, g, ko = u.shape
+def factored_features(site: Site, module: nn.Module, feat: torch.Tensor | None, u: torch.Tensor,
+                      bias_scale: float | None) -> torch.Tensor:
+    """``(N, C, K)``: per output channel ``c``, ``M = Σ_t U[:, c, t] A[:, t, g(c)]`` (none
+    without a weight), then ``m_b Σ_t U[:, c, t]`` for a bias (``bias_scale`` not None).
+
+    ``feat`` is the captured input ``(N, 1, *in)`` and ``u`` the head's cotangent
+    ``(N, *out)`` at the layer's output: ``M`` is the layer's weight gradient for the
+    cotangent ``U``, per sample.
+    """
+    n = u.shape[0]
+    d = cotangents(site, module, u[:, None, None])[:, 0]  # (N, T, G, k_out)
+    g, channels = d.shape[2], d.shape[2] * d.shape[3]
     parts = []
-    if a is not None:
+    if feat is not None:
+        a = features(site, module, feat)  # (N, T, G, k_in)
         if g == 1:
-            parts.append(torch.bmm(u[:, :, 0, :].transpose(1, 2), a[:, :, 0, :]))
+            parts.append(torch.bmm(d[:, :, 0, :].transpose(1, 2), a[:, :, 0, :]))
         else:
-            parts.append(torch.einsum("atgo,atgk->agok", u, a).reshape(n, g * ko, -1))
+            parts.append(torch.einsum("atgo,atgk->agok", d, a).reshape(n, channels, -1))
     if bias_scale is not None:
-        parts.append(bias_scale * u.sum(1).reshape(n, g * ko, 1))
+        parts.append(bias_scale * d.sum(1).reshape(n, channels, 1))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 

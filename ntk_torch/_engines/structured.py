@@ -163,11 +163,12 @@ def compute(fm, params, x1, x2, mode, groups, *, problem=None, memory_budget=Non
             continue
         if unit.sites[0] in cap.heads:
             site = structure.sites[unit.sites[0]]
-            a = features(site, modules[site.module], cap.feats[unit.sites[0]]) if unit.weight else None
             u, v = cap.heads[unit.sites[0]]
             for part in _split_by_group(unit, wanted, group_of):
-                k = _factored(part, a, u, v, n1, symmetric, mode, work_elements)
-                add(group_of[part.names[0]], k)
+                f = factored_features(site, modules[site.module],
+                                      cap.feats[unit.sites[0]] if part.weight is not None else None,
+                                      u, part.bias_scale if part.bias is not None else None)
+                add(group_of[part.names[0]], _factored(f, v, n1, symmetric, mode, work_elements))
             continue
         if unit.sites[0] in streams:
             for part in _split_by_group(unit, wanted, group_of):
@@ -297,10 +298,10 @@ class _Streamed:
         return k
 
 
-def _factored(unit: Unit, a, u, v, n1: int, symmetric: bool, mode: str, work_elements: float) -> torch.Tensor:
-    """The factored rule (a separable head), in blocks of rows of x1 that fit the budget."""
-    f = factored_features(a if unit.weight is not None else None, u,
-                          unit.bias_scale if unit.bias is not None else None)
+def _factored(f: torch.Tensor, v: torch.Tensor, n1: int, symmetric: bool, mode: str,
+              work_elements: float) -> torch.Tensor:
+    """The factored rule (a separable head) from per-channel features ``f (N, C, K)`` and
+    head cotangents ``v (N, O, C)``, in blocks of rows of x1 that fit the budget."""
     f1, v1 = f[:n1], v[:n1]
     f2, v2 = (f1, v1) if symmetric else (f[n1:], v[n1:])
     n2, n_out, c = f2.shape[0], v.shape[1], v.shape[2]
