@@ -86,7 +86,7 @@ def fast_layout(t: torch.Tensor) -> torch.Tensor:
     """Same values; 2-d convolution weights in channels-last layout.
 
     oneDNN then runs the convolutions and, above all, the transposed convolutions of the
-    backward pass in channels-last, several times faster on CPU for the O·N cotangents.
+    backward pass in channels-last, several times faster on CPU for the cotangents.
     """
     if t.dim() == 4 and t.device.type == "cpu":
         return t.contiguous(memory_format=torch.channels_last)

@@ -7,23 +7,19 @@ the layer's input, over positions ``t``), so their kernel block is
 
     Θ_W[a, b, i, j] = Σ_{t,s} (a_t(x_a) · a_s(x_b)) (δ_{i,t}(x_a) · δ_{j,s}(x_b))
 
-(Novak et al. 2022, structured derivatives). One forward pass, vectorised over samples,
-keeps every layer's input; adding a zero tensor to each layer's output (a hook) and taking
-the vector-Jacobian product with respect to those zeros, vectorised over the ``O`` output
-basis vectors, gives all cotangents in one backward pass without any weight gradient.
-Per layer, the Gram route or explicit per-sample gradients of that layer alone are taken,
-whichever costs fewer FLOPs (``_structured_rules.strategy_costs``). Parameters that are
-not used only through such layers (see ``_structure``) get exact per-sample Jacobians from
-the same backward pass, contracted as in ``"jacobian"``.
+(Novak et al. 2022, structured derivatives). One forward pass keeps every layer's input
+and adds a zero tensor to each layer's output; differentiating with respect to those zeros,
+output by output, gives all cotangents without any weight gradient (``_capture``). Per
+layer, the Gram route, explicit per-sample gradients of that layer alone (streamed as the
+cotangents come), or — behind a separable head — the factored rule is taken, whichever
+costs fewest FLOPs (``_structured_rules``). Parameters that are not used only through such
+layers (see ``_structure``) get exact per-sample Jacobians from a per-sample backward pass,
+contracted as in ``"jacobian"``.
 
 Cost: one forward and ``O`` input-gradient backward passes per sample, plus per layer
 ``2·N1·N2·(T²·k_in + O²·k_out)`` FLOPs (dense layers, ``T = 1``); memory: the layer inputs
 and ``O`` cotangents per sample, never an ``(N, O, P)`` Jacobian. Uses ``fm.module`` only
 through temporary hooks during a ``functional_call``; the module is not modified.
-
-The cotangents come from a batched backward of a batched forward, which equals the
-per-sample derivatives because each sample's outputs depend on that sample alone
-(the property every kernel needs; ``check_model_state`` refuses batch statistics).
 """
 
 from __future__ import annotations
