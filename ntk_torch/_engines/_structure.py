@@ -18,6 +18,7 @@ sends the parameter to the fallback, so the kernel stays exact for any model.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -267,12 +268,14 @@ def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Struc
 
 def _head_candidates(layers: dict[str, nn.Module], structure: Structure) -> list[tuple[int, int]]:
     """``(site, readout site)`` pairs that may form a separable head: a convolution or a
-    Linear over positions, called once, and the first later Linear call on one position
-    whose input size is the site's number of output channels."""
+    Linear over positions, called once and holding the only unit at that call, and the first
+    later Linear call on one position whose input size is the site's number of channels."""
     sites = structure.sites
+    sharing = Counter(k for u in structure.units for k in u.sites)
     pairs = []
     for unit in structure.units:
-        if len(unit.sites) != 1 or unit.kind not in ("linear", "conv") or unit.positions == 1:
+        if (len(unit.sites) != 1 or sharing[unit.sites[0]] > 1 or unit.kind not in ("linear", "conv")
+                or unit.positions == 1):
             continue
         s = unit.sites[0]
         channels = unit.groups * unit.k_out

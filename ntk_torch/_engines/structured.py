@@ -127,9 +127,8 @@ def compute(fm, params, x1, x2, mode, groups, *, problem=None, memory_budget=Non
     sharing = Counter(k for u in structure.units for k in u.sites)
     single = {u.sites[0]: u for u in structure.units
               if len(u.sites) == 1 and sharing[u.sites[0]] == 1 and any(n in group_of for n in u.names)}
-    streams: dict[int, _Streamed] = {}
-
     heads = {site for site, _ in structure.heads}
+    streams: dict[int, _Streamed] = {}
 
     def plan(n_out: int, feats: dict[int, torch.Tensor]) -> Plan:
         factor = set()
