@@ -352,5 +352,11 @@ CASES.update({
                                    nn.GELU(), nn.AdaptiveMaxPool1d(1), nn.Flatten(), nn.Linear(6, 2)),
              _normal(4, 9)),
         Case("ntk_torch_pooled_head", _ntk_torch_pooled_head, _normal(2, 5, 5)),
+        # The in-place activation rewrites the convolution's output tensor after the call.
+        Case("inplace_activation_head",
+             lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 4, 3),
+                                   nn.LeakyReLU(0.3, inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                   nn.Linear(4, 3)),
+             _normal(2, 5, 5)),
     ]
 })

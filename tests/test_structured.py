@@ -245,10 +245,13 @@ def test_slight_channel_mixing_is_not_mistaken_for_a_separable_head():
     assert _heads(case) == {("2", "6")}  # the 1x1 convolution itself; the first one mixes
 
 
-@pytest.mark.parametrize("name,layer", [("pooled_cnn_head", "2"), ("residual_conv_head", "conv_b"),
-                                        ("grouped_conv1d_head", "0"), ("ntk_torch_pooled_head", "0"),
-                                        ("linear_positions", "inner")])
-def test_factored_rule_and_head_shortcut_are_taken(name, layer, monkeypatch):
+@pytest.mark.parametrize("name,layer,shortcut_taken", [
+    ("pooled_cnn_head", "2", True), ("residual_conv_head", "conv_b", True),
+    ("grouped_conv1d_head", "0", True), ("ntk_torch_pooled_head", "0", True),
+    ("linear_positions", "inner", True),
+    ("inplace_activation_head", "2", False),  # its output tensor is rewritten: no shortcut
+])
+def test_factored_rule_and_head_shortcut_are_taken(name, layer, shortcut_taken, monkeypatch):
     from ntk_torch._engines import _capture
 
     used, shortcut = [], []
@@ -261,7 +264,7 @@ def test_factored_rule_and_head_shortcut_are_taken(name, layer, monkeypatch):
     for mode in MODES:
         used.clear(), shortcut.clear()
         assert_close(structured_ntk(case, mode, False), oracle(case, mode, False))
-        assert set(used) == {layer} and shortcut
+        assert set(used) == {layer} and bool(shortcut) == shortcut_taken
 
 
 class _BatchCentred(nn.Module):

@@ -56,8 +56,8 @@ class _NotBatched(Exception):
 
 @contextmanager
 def _site_hooks(modules, sites, perturb, feats, inputs=None, outputs=None):
-    """At the k-th layer call keep its input feature (and input) and return
-    ``output + perturb(k, output)`` (kept in ``outputs``)."""
+    """At the k-th layer call keep its input feature and return ``output + perturb(k, output)``;
+    ``inputs``/``outputs`` get that input and returned tensor with their version counters."""
     calls = iter(range(len(sites)))
 
     def hook(module, args, output):
@@ -73,7 +73,9 @@ def _site_hooks(modules, sites, perturb, feats, inputs=None, outputs=None):
             feats[k] = input_feature(site.kind, module, args[0].detach())
         result = output + perturb(k, output)
         if inputs is not None:
-            inputs[k], outputs[k] = args[0], result
+            # With the versions at this point: an in-place operation later (LeakyReLU(inplace=True)
+            # on the layer's output) changes what the tensor holds and its autograd node.
+            inputs[k], outputs[k] = (args[0], args[0]._version), (result, result._version)
         return result
 
     with ExitStack() as stack:
@@ -159,15 +161,15 @@ def capture_batched(fm, params, x, structure: Structure,
     readouts = sorted({r for r, _ in heads.values()})
     rest = [k for k in range(len(structure.sites)) if k not in heads]
     below: list[int] = []
-    if len(heads) == 1:
+    y = run.output(next(iter(heads))) if len(heads) == 1 else None
+    if y is not None:
         ((s, (_, u_head)),) = heads.items()
-        y = run.outputs[s]
         direct = _leaves_reached(out.grad_fn, stop=y.grad_fn)
         below = [k for k in rest if id(run.eps[k]) not in direct]
         channel_shape = [1] * y.dim()
         channel_shape[0], channel_shape[_channel_axis(structure.sites[s])] = n, -1
     above = [k for k in rest if k not in below]
-    targets = [run.eps[k] for k in above] + [run.inputs[r] for r in readouts]
+    targets = [run.eps[k] for k in above] + [run.input(r) for r in readouts]
     kept: dict = {}
 
     def take(key, i: int, g: torch.Tensor | None, like: torch.Tensor) -> None:
@@ -236,9 +238,19 @@ class _Run:
     out: torch.Tensor
     eps: list[torch.Tensor]
     feats: list[torch.Tensor]
-    inputs: list[torch.Tensor]
-    outputs: list[torch.Tensor]
+    inputs: list[tuple[torch.Tensor, int]]
+    outputs: list[tuple[torch.Tensor, int]]
     modules: dict
+
+    def input(self, k: int) -> torch.Tensor | None:
+        """Site ``k``'s input, None if an in-place operation changed it after the call."""
+        t, version = self.inputs[k]
+        return t if t._version == version else None
+
+    def output(self, k: int) -> torch.Tensor | None:
+        """Site ``k``'s output, None if an in-place operation changed it after the call."""
+        t, version = self.outputs[k]
+        return t if t._version == version else None
 
 
 def _forward(fm, params, x, structure: Structure) -> _Run | None:
@@ -310,7 +322,7 @@ def separable_heads(structure: Structure, run: _Run, pairs) -> dict[int, tuple[i
     gen = torch.Generator(device=out.device).manual_seed(0)
     rho = torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
     for s, r in pairs:
-        h, e = run.inputs[r], run.eps[s]
+        h, e = run.input(r), run.eps[s]
         if h is None or e is None or not h.requires_grad:
             continue
         site = structure.sites[s]
