@@ -145,9 +145,10 @@ def capture_batched(fm, params, x, structure: Structure,
     """Batched forward and ``O`` backward passes; None where that would not be per-sample.
 
     ``plan(O, features)`` says which candidate heads to factor and which sites' cotangents
-    to stream into consumers. With one factored head at site ``s``, the sites the outputs reach only through ``s``'s
-    output ``y`` get their cotangents by a backward from ``y`` with ``δ_i = V_i U`` (exact
-    there), skipping the head's own backward (pooling, activations) for every output.
+    to stream into consumers. With one factored head at site ``s``, the sites that the
+    outputs reach only through ``s``'s output ``y`` (checked on the autograd graph) get their
+    cotangents by a backward from ``y`` with ``δ_i = V_i U`` (exact there), skipping the
+    head's own backward (pooling, activations) for every output.
     """
     fixed = {n: fast_layout(t) for n, t in params.items()}
     run = _forward(fm, fixed, x, structure)
