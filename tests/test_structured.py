@@ -21,11 +21,11 @@ from torch.utils._pytree import tree_flatten
 
 import ntk_torch as nt
 from ntk_torch import _engines
-from ntk_torch._engines import Problem, structured
+from ntk_torch._engines import Problem, _capture, structured
 from ntk_torch._engines._structure import discover
 from ntk_torch._functional import functionalize
 from ntk_torch._tiling import transpose_pairs
-from tests.cases import CASES
+from tests.cases import CASES, Case
 from tests.conftest import RTOL, assert_close
 from tests.oracle import naive_ntk, owner_names
 
@@ -240,8 +240,7 @@ def test_slight_channel_mixing_is_not_mistaken_for_a_separable_head():
         mix.weight.copy_(torch.eye(3)[:, :, None, None] + 1e-6 * torch.randn(3, 3, 1, 1))
     model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.ReLU(), mix, nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(3, 2)).double().eval()
-    case = type(CASES["cnn2d"])("mixing", lambda: model, lambda n, g: torch.randn(n, 2, 4, 4, generator=g,
-                                                                                 dtype=torch.float64))
+    case = Case("mixing", lambda: model, lambda n, g: torch.randn(n, 2, 4, 4, generator=g, dtype=torch.float64))
     assert _heads(case) == {("2", "6")}  # the 1x1 convolution itself; the first one mixes
 
 
@@ -252,8 +251,6 @@ def test_slight_channel_mixing_is_not_mistaken_for_a_separable_head():
     ("inplace_activation_head", "2", False),  # its output tensor is rewritten: no shortcut
 ])
 def test_factored_rule_and_head_shortcut_are_taken(name, layer, shortcut_taken, monkeypatch):
-    from ntk_torch._engines import _capture
-
     used, shortcut = [], []
     features = structured.factored_features
     monkeypatch.setattr(structured, "factored_features", lambda *a: used.append(a[0].module) or features(*a))
@@ -281,13 +278,11 @@ class _BatchCentred(nn.Module):
 
 
 def test_samples_that_interact_in_the_batch_get_per_sample_kernels():
-    from ntk_torch._engines._capture import capture_batched
-
     torch.manual_seed(0)
     model = _BatchCentred().double().eval()
     x = torch.randn(5, 3, dtype=torch.float64)
     fm = functionalize(model)
-    assert capture_batched(fm, fm.params(), x, discover(fm, fm.params(), x[:1])) is None
+    assert _capture.capture_batched(fm, fm.params(), x, discover(fm, fm.params(), x[:1])) is None
     # Like every engine and the oracle: the kernel of the model applied to one sample at a time.
     assert_close(nt.empirical_ntk(model, x, implementation="structured"), naive_ntk(model, x, None, "full"))
 
