@@ -10,7 +10,9 @@ Two ways to get them, with the same result:
   sample is also run on its own), batch-first layer calls, and no fallback parameter
   (their per-sample Jacobians need the per-sample transform below).
 - **per sample** (``capture_per_sample``): ``vmap`` over samples of a ``vjp`` vectorised
-  over the output basis; it also returns the fallback parameters' per-sample Jacobians.
+  over the output basis; it also returns the fallback parameters' per-sample Jacobians, and
+  ``compute`` prefers it where every layer takes the Gram route (no streaming or factoring
+  to gain; dense nets run about 10% faster this way).
 
 The batched capture also finds *separable heads* (see ``separable_heads``): a layer whose
 output reaches a later vector ``h`` channel by channel — ReLU/BatchNorm, global average

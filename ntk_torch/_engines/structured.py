@@ -142,7 +142,12 @@ def compute(fm, params, x1, x2, mode, groups, *, problem=None, memory_budget=Non
                 streams[site] = _Streamed(unit, s, modules[s.module], feats[site], n_out)
         return Plan(factor, streams)
 
-    cap = capture_batched(fm, params, xs, structure, plan)
+    # The batched passes pay off where a layer streams or factors; for Gram-only models (dense
+    # nets) the per-sample vectorised pass measured ~10% faster.
+    batched = problem is None or any(
+        choose_strategy(unit, n1, n2, symmetric, problem.n_out, mode, site in heads) != "gram"
+        for site, unit in single.items())
+    cap = capture_batched(fm, params, xs, structure, plan) if batched else None
     if cap is None:
         streams.clear()
         cap = capture_per_sample(fm, params, xs, structure)
