@@ -130,10 +130,14 @@ def compute(fm, params, x1, x2, mode, groups, *, problem=None, memory_budget=Non
     heads = {site for site, _ in structure.heads}
     streams: dict[int, _Streamed] = {}
 
+    def strategies(n_out: int) -> dict[int, str]:
+        return {site: choose_strategy(unit, n1, n2, symmetric, n_out, mode, site in heads)
+                for site, unit in single.items()}
+
     def plan(n_out: int, feats: dict[int, torch.Tensor]) -> Plan:
         factor = set()
-        for site, unit in single.items():
-            strategy = choose_strategy(unit, n1, n2, symmetric, n_out, mode, site in heads)
+        for site, strategy in strategies(n_out).items():
+            unit = single[site]
             if strategy == "factored":
                 factor.add(site)
             elif (strategy == "explicit" and not unit.vocab
@@ -144,9 +148,7 @@ def compute(fm, params, x1, x2, mode, groups, *, problem=None, memory_budget=Non
 
     # The batched passes pay off where a layer streams or factors; for Gram-only models (dense
     # nets) the per-sample vectorised pass measured ~10% faster.
-    batched = problem is None or any(
-        choose_strategy(unit, n1, n2, symmetric, problem.n_out, mode, site in heads) != "gram"
-        for site, unit in single.items())
+    batched = problem is None or any(s != "gram" for s in strategies(problem.n_out).values())
     cap = capture_batched(fm, params, xs, structure, plan) if batched else None
     if cap is None:
         streams.clear()
