@@ -104,13 +104,8 @@ class EmpiricalNTK:
         budget = self.memory_budget or default_memory_budget(any_param.device)
         engine = self._resolve(problem, budget, n1, n2)
         self.last_implementation = engine
-        module = _engines.ENGINES[engine]
-
-        def block(xa, xb):
-            return module.compute(fm, values, xa, xb, self.mode, groups, problem=problem,
-                                  memory_budget=budget)
-
-        return tiled(block, x1, x2, self.batch_size, progress=self.progress)
+        bound = _engines.Bound(_engines.ENGINES[engine], fm, values, self.mode, groups, problem, budget)
+        return tiled(bound, x1, x2, self.batch_size, progress=self.progress)
 
     def _profiled(self, values: dict[str, torch.Tensor], x1: torch.Tensor) -> tuple:
         """``profile_forward`` (FLOPs, sizes, layer structure), reused while nothing it
@@ -297,17 +292,29 @@ def empirical_nngp(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None =
     check_inputs(x1, x2)
     check_model_state(model)
 
-    def block(xa: torch.Tensor, xb: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    return tiled(_OutputProducts(model, mode), x1, x2, batch_size)[""]
+
+
+class _OutputProducts:
+    """The empirical NNGP as a ``_tiling.Blockwise`` kernel: outputs per block, then products."""
+
+    def __init__(self, model: nn.Module, mode: str) -> None:
+        self.model, self.mode = model, mode
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            fa = _outputs(model, xa)
-            fb = fa if xb is None else _outputs(model, xb)
-        if mode == "full":
+            return _outputs(self.model, x)
+
+    def contract(self, fa: torch.Tensor, fb: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        fb = fa if fb is None else fb
+        if self.mode == "full":
             return {"": torch.einsum("ai,bj->abij", fa, fb)}
-        if mode == "diagonal":
+        if self.mode == "diagonal":
             return {"": fa[:, None, :] * fb[None, :, :]}
         return {"": fa @ fb.T / fa.shape[1]}
 
-    return tiled(block, x1, x2, batch_size)[""]
+    def compute(self, xa: torch.Tensor, xb: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        return self.contract(self.prepare(xa), None if xb is None else self.prepare(xb))
 
 
 def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

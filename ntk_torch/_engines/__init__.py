@@ -2,7 +2,13 @@
 
 Each engine module provides ``estimate(problem) -> Cost`` (FLOPs, peak bytes of one
 block) and ``compute(fm, params, x1, x2, mode, groups, *, problem, memory_budget)``
-returning ``{group: block}`` where ``x2=None`` means ``x2 = x1``.
+returning ``{group: block}`` where ``x2=None`` means ``x2 = x1``. The same work in two
+steps, so that a block of samples met in several blocks of a kernel is worked on once:
+``prepare(fm, params, x, mode, groups, *, problem, memory_budget)`` keeps what the kernel
+needs from samples ``x`` alone (per-sample Jacobians, layer inputs and cotangents), and
+``contract(pa, pb, fm, params, mode, groups, *, problem, memory_budget)`` gives the block
+between two prepared sets (``pb=None``: ``pa`` with itself). Blocks prepared with the same
+``problem`` contract with each other.
 
 Cost model of ``auto``: among the engines whose estimated peak memory fits the budget,
 the one with the smallest predicted time
@@ -20,7 +26,10 @@ structured engine's). An engine may instead price its parts itself with
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import ModuleType
+
+import torch
 
 from ntk_torch._engines import jacobian, ntk_vp, structured
 from ntk_torch._engines._cost import Cost, Problem, profile_forward
@@ -56,5 +65,30 @@ def choose(problem: Problem, memory_budget: float | None) -> str | None:
     return min(fitting, key=lambda n: predicted_seconds(n, problem))
 
 
-__all__ = ["ENGINES", "THROUGHPUT", "Cost", "Problem", "choose", "estimate", "predicted_seconds",
+@dataclass(frozen=True)
+class Bound:
+    """An engine with everything but the samples fixed: a ``_tiling.Blockwise`` kernel."""
+
+    module: ModuleType
+    fm: object
+    params: dict[str, torch.Tensor]
+    mode: str
+    groups: dict[str, tuple[str, ...]]
+    problem: Problem | None = None
+    memory_budget: float | None = None
+
+    def _settings(self) -> dict:
+        return {"problem": self.problem, "memory_budget": self.memory_budget}
+
+    def prepare(self, x: torch.Tensor):
+        return self.module.prepare(self.fm, self.params, x, self.mode, self.groups, **self._settings())
+
+    def contract(self, pa, pb) -> dict[str, torch.Tensor]:
+        return self.module.contract(pa, pb, self.fm, self.params, self.mode, self.groups, **self._settings())
+
+    def compute(self, xa: torch.Tensor, xb: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        return self.module.compute(self.fm, self.params, xa, xb, self.mode, self.groups, **self._settings())
+
+
+__all__ = ["ENGINES", "THROUGHPUT", "Bound", "Cost", "Problem", "choose", "estimate", "predicted_seconds",
            "profile_forward"]

@@ -37,7 +37,7 @@ def per_sample_jacobians(fm, params: dict[str, torch.Tensor], x: torch.Tensor) -
     return vmap(jacrev(fm.single), in_dims=(None, 0), randomness="error")(params, x)
 
 
-def contract(ja: torch.Tensor, jb: torch.Tensor, mode: str) -> torch.Tensor:
+def contract_pair(ja: torch.Tensor, jb: torch.Tensor, mode: str) -> torch.Tensor:
     """Kernel block from Jacobians ``ja (N1, O, p)`` and ``jb (N2, O, p)``."""
     n1, n_out, _ = ja.shape
     n2 = jb.shape[0]
@@ -49,18 +49,29 @@ def contract(ja: torch.Tensor, jb: torch.Tensor, mode: str) -> torch.Tensor:
     return (ja.reshape(n1, -1) @ jb.reshape(n2, -1).T) / n_out
 
 
-def compute(fm, params, x1, x2, mode, groups, *, problem=None, memory_budget=None):
-    """``{group: kernel block}``; ``x2=None`` reuses ``x1``'s Jacobians."""
-    jac1 = per_sample_jacobians(fm, params, x1)
-    jac2 = jac1 if x2 is None else per_sample_jacobians(fm, params, x2)
+def prepare(fm, params, x, mode, groups, *, problem=None, memory_budget=None) -> dict[str, torch.Tensor]:
+    """Per-sample Jacobians ``{name: (N, O, *param.shape)}`` of the samples ``x``."""
+    return per_sample_jacobians(fm, params, x)
+
+
+def contract(ja, jb, fm, params, mode, groups, *, problem=None, memory_budget=None):
+    """``{group: kernel block}`` from two blocks' Jacobians (``jb=None``: ``ja`` with itself)."""
+    jb = ja if jb is None else jb
     out = {}
     for group, names in groups.items():
         total = None
         for name in names:
-            k = contract(_flat(jac1[name]), _flat(jac2[name]), mode)
+            k = contract_pair(_flat(ja[name]), _flat(jb[name]), mode)
             total = k if total is None else total + k
         out[group] = total
     return out
+
+
+def compute(fm, params, x1, x2, mode, groups, *, problem=None, memory_budget=None):
+    """``{group: kernel block}``; ``x2=None`` reuses ``x1``'s Jacobians."""
+    jac1 = per_sample_jacobians(fm, params, x1)
+    jac2 = None if x2 is None else per_sample_jacobians(fm, params, x2)
+    return contract(jac1, jac2, fm, params, mode, groups)
 
 
 def _flat(jac: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,17 @@ def largest_chunk(problem: Problem, memory_budget: float | None) -> int:
     return int(max(1, min(problem.n2, spare // max(per_sample, 1.0))))
 
 
+def prepare(fm, params, x, mode, groups, *, problem=None, memory_budget=None) -> torch.Tensor:
+    """The samples themselves: every NTK-vector product involves both blocks, so nothing
+    of one block alone can be reused."""
+    return x
+
+
+def contract(xa, xb, fm, params, mode, groups, *, problem=None, memory_budget=None):
+    """:func:`compute` of two prepared blocks."""
+    return compute(fm, params, xa, xb, mode, groups, problem=problem, memory_budget=memory_budget)
+
+
 def compute(fm, params, x1, x2, mode, groups, *, problem=None, memory_budget=None):
     """``{group: kernel block}``, processing ``x2`` in chunks that fit ``memory_budget``."""
     x2_ = x1 if x2 is None else x2

@@ -25,12 +25,13 @@ through temporary hooks during a ``functional_call``; the module is not modified
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
 from ntk_torch._engines import jacobian
-from ntk_torch._engines._capture import Plan, capture_batched, capture_per_sample
+from ntk_torch._engines._capture import Captured, Plan, capture_batched, capture_per_sample
 from ntk_torch._engines._cost import Cost, Problem
 from ntk_torch._engines._structure import Structure, Unit, discover
 from ntk_torch._engines._structured_rules import (
@@ -109,24 +110,77 @@ def _cost_parts(problem: Problem) -> tuple[float, float, float]:
     return flops, fallback, nbytes
 
 
-def compute(fm, params, x1, x2, mode, groups, *, problem=None, memory_budget=None):
-    """``{group: kernel block}``; ``x2=None`` reuses ``x1``'s features and cotangents."""
+@dataclass(frozen=True)
+class _Context:
+    """What every block prepared for one kernel shares: the model's structure and settings."""
+
+    structure: Structure
+    modules: dict
+    group_of: dict[str, str]
+    work_elements: float
+    dtype: torch.dtype
+
+
+@dataclass
+class Prepared:
+    """One block of samples as the contraction needs it (see :func:`prepare`).
+
+    Attributes:
+        ctx: the shared context.
+        x: the samples ``(N, ...)`` (to recompute a pair whose plans came out differently).
+        cap: captured layer inputs, cotangents, fallback Jacobians and separable heads.
+        streams: per-sample gradients of the streamed units, by site.
+    """
+
+    ctx: _Context
+    x: torch.Tensor
+    cap: Captured
+    streams: dict[int, _Gradients]
+
+    @property
+    def n(self) -> int:
+        return self.x.shape[0]
+
+    def representation(self) -> tuple:
+        """Which layers were factored or streamed: blocks contract directly when equal."""
+        return (frozenset(self.cap.heads), frozenset(self.streams), frozenset(self.cap.fallback))
+
+    def rows(self, start: int, stop: int | None) -> Prepared:
+        """The same for samples ``start:stop`` (views, no copy)."""
+        cap = self.cap
+        sliced = Captured(
+            cap.n_out,
+            {k: t[start:stop] for k, t in cap.feats.items()},
+            {k: t[start:stop] for k, t in cap.cots.items()},
+            {k: t[start:stop] for k, t in cap.fallback.items()},
+            {k: (u[start:stop], v[start:stop]) for k, (u, v) in cap.heads.items()},
+        )
+        streams = {k: s.rows(start, stop) for k, s in self.streams.items()}
+        return Prepared(self.ctx, self.x[start:stop], sliced, streams)
+
+
+def prepare(fm, params, x, mode, groups, *, problem=None, memory_budget=None) -> Prepared:
+    """Everything the kernel needs from the samples ``x (N, ...)``: layer inputs, cotangents
+    (or streamed per-sample gradients and separable-head factors) and fallback Jacobians.
+
+    Each layer's representation is planned for blocks of ``problem.n1`` by ``problem.n2``
+    samples, so the features of any two blocks planned with the same ``problem`` contract
+    directly (:func:`contract`).
+    """
     structure = getattr(problem, "structure", None)
     if structure is None:
-        structure = discover(fm, params, x1[:1])
-    n1 = x1.shape[0]
-    symmetric = x2 is None
-    n2 = n1 if symmetric else x2.shape[0]
-    xs = x1 if symmetric else torch.cat([x1, x2])
+        structure = discover(fm, params, x[:1])
+    n1, n2 = (problem.n1, problem.n2) if problem is not None else (x.shape[0], x.shape[0])
+    symmetric = problem.symmetric if problem is not None else True
     dtype = next(iter(params.values())).dtype
     work = WORK_BYTES if memory_budget is None else max(min(WORK_BYTES, memory_budget / 4), MIN_WORK_BYTES)
-    work_elements = work / torch.finfo(dtype).bits * 8
-    modules = dict(fm.module.named_modules())
-    group_of = {name: g for g, names in groups.items() for name in names}
+    ctx = _Context(structure=structure, modules=dict(fm.module.named_modules()),
+                   group_of={name: g for g, names in groups.items() for name in names},
+                   work_elements=work / torch.finfo(dtype).bits * 8, dtype=dtype)
     # Units alone at their one site may stream or factor (no other unit needs its cotangents).
     sharing = Counter(k for u in structure.units for k in u.sites)
     single = {u.sites[0]: u for u in structure.units
-              if len(u.sites) == 1 and sharing[u.sites[0]] == 1 and any(n in group_of for n in u.names)}
+              if len(u.sites) == 1 and sharing[u.sites[0]] == 1 and any(n in ctx.group_of for n in u.names)}
     heads = {site for site, _ in structure.heads}
     streams: dict[int, _Streamed] = {}
 
@@ -141,19 +195,35 @@ def compute(fm, params, x1, x2, mode, groups, *, problem=None, memory_budget=Non
             if strategy == "factored":
                 factor.add(site)
             elif (strategy == "explicit" and not unit.vocab
-                  and strategy_costs(unit, n1, n2, symmetric, n_out, mode)["explicit"][1] <= work_elements):
+                  and strategy_costs(unit, n1, n2, symmetric, n_out, mode)["explicit"][1] <= ctx.work_elements):
                 s = structure.sites[site]
-                streams[site] = _Streamed(unit, s, modules[s.module], feats[site], n_out)
+                streams[site] = _Streamed(unit, s, ctx.modules[s.module], feats[site], n_out)
         return Plan(factor, streams)
 
     # The batched passes pay off where a layer streams or factors; for Gram-only models (dense
     # nets) the per-sample vectorised pass measured ~10% faster.
     batched = problem is None or any(s != "gram" for s in strategies(problem.n_out).values())
-    cap = capture_batched(fm, params, xs, structure, plan) if batched else None
+    cap = capture_batched(fm, params, x, structure, plan) if batched else None
     if cap is None:
         streams.clear()
-        cap = capture_per_sample(fm, params, xs, structure)
+        cap = capture_per_sample(fm, params, x, structure)
+    for site in streams:  # their gradients are all the contraction needs
+        cap.feats.pop(site, None)
+    return Prepared(ctx, x, cap, {site: _Gradients(s.w, s.b) for site, s in streams.items()})
 
+
+def contract(fa: Prepared, fb: Prepared | None, fm, params, mode, groups, *, problem=None,
+             memory_budget=None) -> dict[str, torch.Tensor]:
+    """``{group: kernel block}`` between the samples of ``fa`` and ``fb`` (``None``: ``fa``
+    with itself). Blocks whose plans came out differently (a head separable on one batch
+    only) are recomputed together."""
+    if fb is not None and fb.representation() != fa.representation():
+        return compute(fm, params, fa.x, fb.x, mode, groups, problem=problem, memory_budget=memory_budget)
+    ctx, structure = fa.ctx, fa.ctx.structure
+    group_of, work_elements = ctx.group_of, ctx.work_elements
+    symmetric = fb is None
+    fb = fa if fb is None else fb
+    n1, n2 = fa.n, fb.n
     out: dict[str, torch.Tensor] = {}
 
     def add(group: str, k: torch.Tensor) -> None:
@@ -163,41 +233,61 @@ def compute(fm, params, x1, x2, mode, groups, *, problem=None, memory_budget=Non
         wanted = [n for n in unit.names if n in group_of]
         if not wanted:
             continue
-        if unit.sites[0] in cap.heads:
-            site = structure.sites[unit.sites[0]]
-            u, v = cap.heads[unit.sites[0]]
+        site_index = unit.sites[0]
+        if site_index in fa.cap.heads:
+            site = structure.sites[site_index]
+            module = ctx.modules[site.module]
             for part in _split_by_group(unit, wanted, group_of):
-                f = factored_features(site, modules[site.module],
-                                      cap.feats[unit.sites[0]] if part.weight is not None else None,
-                                      u, part.bias_scale if part.bias is not None else None)
-                add(group_of[part.names[0]], _factored(f, v, n1, symmetric, mode, work_elements))
+                def moments(f: Prepared) -> torch.Tensor:
+                    return factored_features(site, module,
+                                             f.cap.feats[site_index] if part.weight is not None else None,
+                                             f.cap.heads[site_index][0],
+                                             part.bias_scale if part.bias is not None else None)
+
+                f1 = moments(fa)
+                f2 = f1 if symmetric else moments(fb)
+                add(group_of[part.names[0]], _factored(f1, fa.cap.heads[site_index][1], f2,
+                                                       fb.cap.heads[site_index][1], mode, work_elements))
             continue
-        if unit.sites[0] in streams:
+        if site_index in fa.streams:
+            sa, sb = fa.streams[site_index], fb.streams[site_index]
             for part in _split_by_group(unit, wanted, group_of):
-                add(group_of[part.names[0]], streams[unit.sites[0]].kernel(part, n1, symmetric, mode))
+                add(group_of[part.names[0]], sa.kernel(part, sb, mode))
             continue
-        a, d = _unit_tensors(unit, structure, modules, cap.feats, cap.cots)
+        a1, d1 = _unit_tensors(unit, structure, ctx.modules, fa.cap.feats, fa.cap.cots)
+        a2, d2 = (a1, d1) if symmetric else _unit_tensors(unit, structure, ctx.modules, fb.cap.feats, fb.cap.cots)
         for part in _split_by_group(unit, wanted, group_of):
-            if symmetric:
-                k = _unit_kernel(part, a, d, a, d, mode, True, work_elements)
-            else:
-                k = _unit_kernel(part, _rows(a, 0, n1), d[:n1], _rows(a, n1, None), d[n1:],
-                                 mode, False, work_elements)
-            add(group_of[part.names[0]], k)
+            add(group_of[part.names[0]], _unit_kernel(part, a1, d1, a2, d2, mode, symmetric, work_elements))
 
     for name in structure.fallback:
         if name not in group_of:
             continue
-        j = cap.fallback[name]
-        j = j.reshape(j.shape[0], j.shape[1], -1)
-        add(group_of[name], jacobian.contract(j[:n1], j if x2 is None else j[n1:], mode))
+        j1 = _flat(fa.cap.fallback[name])
+        add(group_of[name], jacobian.contract_pair(j1, j1 if symmetric else _flat(fb.cap.fallback[name]), mode))
 
-    n_out = cap.n_out
+    n_out = fa.cap.n_out
     for group in groups:
         if group not in out:  # parameters that do not affect the outputs here
             shape = {"full": (n1, n2, n_out, n_out), "diagonal": (n1, n2, n_out), "trace": (n1, n2)}[mode]
-            out[group] = torch.zeros(shape, dtype=dtype, device=x1.device)
+            out[group] = torch.zeros(shape, dtype=ctx.dtype, device=fa.x.device)
     return {g: k.contiguous() for g, k in out.items()}
+
+
+def compute(fm, params, x1, x2, mode, groups, *, problem=None, memory_budget=None):
+    """``{group: kernel block}``; ``x2=None`` reuses ``x1``'s features and cotangents.
+
+    The features of ``x1`` and ``x2`` come from one capture of both batches together."""
+    xs = x1 if x2 is None else torch.cat([x1, x2])
+    f = prepare(fm, params, xs, mode, groups, problem=problem, memory_budget=memory_budget)
+    kw = {"problem": problem, "memory_budget": memory_budget}
+    if x2 is None:
+        return contract(f, None, fm, params, mode, groups, **kw)
+    n1 = x1.shape[0]
+    return contract(f.rows(0, n1), f.rows(n1, None), fm, params, mode, groups, **kw)
+
+
+def _flat(jac: torch.Tensor) -> torch.Tensor:
+    return jac.reshape(jac.shape[0], jac.shape[1], -1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -291,22 +381,31 @@ class _Streamed:
         if self.b is not None:
             self.b[i] = bias_gradients(d, self.unit.bias_scale)[0]
 
-    def kernel(self, part: Unit, n1: int, symmetric: bool, mode: str) -> torch.Tensor:
-        """Block of ``part`` (the unit, or its weight or bias alone)."""
+
+
+class _Gradients(NamedTuple):
+    """Per-sample gradients ``(O, N, ·)`` of one streamed unit's weight and bias (or None)."""
+
+    w: torch.Tensor | None
+    b: torch.Tensor | None
+
+    def rows(self, start: int, stop: int | None) -> _Gradients:
+        return _Gradients(*(None if j is None else j[:, start:stop] for j in self))
+
+    def kernel(self, part: Unit, other: _Gradients, mode: str) -> torch.Tensor:
+        """Block of ``part`` (the unit, or its weight or bias alone) against ``other``'s samples."""
         k = 0
-        for name, j in ((part.weight, self.w), (part.bias, self.b)):
+        for name, ja, jb in ((part.weight, self.w, other.w), (part.bias, self.b, other.b)):
             if name is not None:
-                k = k + explicit_kernel(j[:, :n1], j[:, :n1] if symmetric else j[:, n1:], mode)
+                k = k + explicit_kernel(ja, jb, mode)
         return k
 
 
-def _factored(f: torch.Tensor, v: torch.Tensor, n1: int, symmetric: bool, mode: str,
+def _factored(f1: torch.Tensor, v1: torch.Tensor, f2: torch.Tensor, v2: torch.Tensor, mode: str,
               work_elements: float) -> torch.Tensor:
     """The factored rule (a separable head) from per-channel features ``f (N, C, K)`` and
     head cotangents ``v (N, O, C)``, in blocks of rows of x1 that fit the budget."""
-    f1, v1 = f[:n1], v[:n1]
-    f2, v2 = (f1, v1) if symmetric else (f[n1:], v[n1:])
-    n2, n_out, c = f2.shape[0], v.shape[1], v.shape[2]
+    n1, n2, n_out, c = f1.shape[0], f2.shape[0], v1.shape[1], v1.shape[2]
     step = max(1, int(work_elements // (n2 * c * (n_out + 1))))
     blocks = [factored_kernel(f1[r : r + step], v1[r : r + step], f2, v2, mode) for r in range(0, n1, step)]
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
@@ -347,4 +446,4 @@ def _weight_grads(unit: Unit, a, d, rows: slice) -> torch.Tensor:
     return weight_gradients(dense, d[rows])
 
 
-__all__ = ["compute", "estimate", "predicted_seconds"]
+__all__ = ["Prepared", "compute", "contract", "estimate", "predicted_seconds", "prepare"]
