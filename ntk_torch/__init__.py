@@ -23,6 +23,7 @@ from ntk_torch.predict import (
     kernel_regression,
     ntk_gp_posterior,
 )
+from ntk_torch.store import KernelStore, StoreError, compute_kernel
 from ntk_torch.sweeps import fit_power_law, width_sweep
 from ntk_torch.tracking import KernelTracker
 
@@ -35,6 +36,10 @@ __all__ = [
     "empirical_ntk",
     "empirical_ntk_fn",
     "layerwise_ntk",
+    # kernels bigger than memory: on-disk stores, many processes
+    "KernelStore",
+    "StoreError",
+    "compute_kernel",
     # data
     "data",
     # parameterized layers and their infinite-width kernels

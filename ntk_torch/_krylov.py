@@ -172,19 +172,22 @@ def _nystrom(op: SymmetricOperator, rank: int, mu: float, generator: torch.Gener
     """Inverse randomized Nyström preconditioner, one pass (Frangella, Tropp & Udell,
     SIAM J. Matrix Anal. Appl. 2023, Algorithm 2.1 and eq. (5.3)).
 
-    Sketch ``Y = K Ω`` with orthonormal ``Ω`` ``(n, ℓ)``; shift ``ν = √n·eps·‖Y‖₂`` with the
-    stored kernel's ``eps`` (it is PSD only to that precision), ``C = chol(Ωᵀ(Y + νΩ))``,
-    ``U Σ Vᵀ = svd((Y + νΩ) C⁻ᵀ)``, ``Λ̂ = max(0, Σ² - ν)``; then
+    Sketch ``Y = K Ω`` with orthonormal ``Ω`` ``(n, ℓ)``; shift ``ν = √n·eps·‖Y‖₂``,
+    ``C = chol(Ωᵀ(Y + νΩ))``, ``U Σ Vᵀ = svd((Y + νΩ) C⁻ᵀ)``, ``Λ̂ = max(0, Σ² - ν)``; then
 
         P⁻¹ = (λ̂_ℓ + μ) U (Λ̂ + μI)⁻¹ Uᵀ + (I - UUᵀ).
 
-    With ``μ = 0`` the directions with ``λ̂ = 0`` are dropped, so ``λ̂_ℓ`` is the smallest
-    positive one and ``P⁻¹`` stays positive definite.
+    The sketch resolves ``K`` only to about ``ν``: float64 rounding, or the indefiniteness
+    of a kernel stored in low precision that the Cholesky retry measured. When ``μ`` is
+    below that (``ridge = 0``), columns of ``U`` with ``λ̂ + μ ≤ 10ν`` are dropped and
+    ``λ̂_ℓ`` is the smallest kept: otherwise ``P⁻¹`` would amplify the unresolved, noisy
+    directions by up to ``λ̂_1/μ`` against the resolved ones. With ``μ ≥ 10ν`` this is the
+    paper's preconditioner.
     """
     n = op.size
     omega, _ = torch.linalg.qr(_random(n, rank, generator, op.device))
     y = _product(op, omega)
-    nu = math.sqrt(n) * torch.finfo(op.dtype).eps * float(torch.linalg.matrix_norm(y, ord=2))
+    nu = math.sqrt(n) * torch.finfo(torch.float64).eps * float(torch.linalg.matrix_norm(y, ord=2))
     nu = max(nu, torch.finfo(torch.float64).tiny)
     for _ in range(4):
         y_nu = y + nu * omega
@@ -192,17 +195,18 @@ def _nystrom(op: SymmetricOperator, rank: int, mu: float, generator: torch.Gener
         chol, info = torch.linalg.cholesky_ex((core + core.T) / 2)
         if info == 0:
             break
-        # Rounding left Ωᵀ K Ω indefinite beyond the shift: shift past its lowest eigenvalue.
+        # A kernel stored in low precision is PSD only to that precision, so Ωᵀ K Ω can be
+        # indefinite beyond the float64 shift: shift past its lowest eigenvalue.
         nu += nu - float(torch.linalg.eigvalsh((core + core.T) / 2)[0])
     else:
         raise RuntimeError("the Nyström sketch is not positive semi-definite; is `op` PSD?")
     b = torch.linalg.solve_triangular(chol.T, y_nu, upper=True, left=False)
     u, sigma, _ = torch.linalg.svd(b, full_matrices=False)
     lam = (sigma**2 - nu).clamp_min(0)
-    if mu == 0:
-        u, lam = u[:, lam > 0], lam[lam > 0]
-    if lam.numel() == 0:
+    keep = lam + mu > 10 * nu
+    if not keep.any():
         return lambda r: r
+    u, lam = u[:, keep], lam[keep]
     factor = (lam[-1] + mu) / (lam + mu) - 1
 
     def apply(r: torch.Tensor) -> torch.Tensor:
@@ -287,7 +291,7 @@ def solve_pcg(op: SymmetricOperator, rhs: torch.Tensor, *, ridge: float, tol: fl
     r = b.clone()
     generator = torch.Generator().manual_seed(seed)
     precondition = _nystrom(op, rank, mu, generator) if rank else _jacobi(op, mu)
-    passes, iterations = int(rank > 0), 0
+    passes, iterations, indefinite = int(rank > 0), 0, False
     for _restart in range(4):
         active = r.norm(dim=0) > tol * scale
         z = precondition(r)
@@ -306,6 +310,7 @@ def solve_pcg(op: SymmetricOperator, rhs: torch.Tensor, *, ridge: float, tol: fl
             # A non-positive curvature pᵀ(K + ridge·I)p means K is not PD on the data:
             # the column stops and shows up in the true residual.
             active[idx] = (relative[idx] > tol) & (pq > 0)
+            indefinite |= bool((pq <= 0).any())
             z = precondition(r[:, idx])
             rz_new = (r[:, idx] * z).sum(0)
             p[:, idx] = z + (rz_new / rz[idx].clamp_min(torch.finfo(rz.dtype).tiny)) * p[:, idx]
@@ -318,10 +323,12 @@ def solve_pcg(op: SymmetricOperator, rhs: torch.Tensor, *, ridge: float, tol: fl
             break
     if not converged:
         worst = int(residual.argmax())
+        cause = ("K + ridge·I is not positive definite to working precision: raise `ridge`"
+                 if indefinite else "the system may be too ill conditioned: raise `ridge` "
+                 "or `max_iter`")
         warnings.warn(f"solve_pcg stopped after {iterations} iterations with relative residual "
-                      f"{float(residual[worst]):.3g} > tol = {tol:.3g} (column {worst}); the "
-                      "system may be too ill conditioned: raise `ridge` or `max_iter`",
-                      RuntimeWarning, stacklevel=2)
+                      f"{float(residual[worst]):.3g} > tol = {tol:.3g} (column {worst}); "
+                      + cause, RuntimeWarning, stacklevel=2)
     return x, SolveInfo(iterations, passes, residual, converged)
 
 
