@@ -170,7 +170,7 @@ def _sign_fixed(vectors: torch.Tensor) -> torch.Tensor:
 def _nystrom(op: SymmetricOperator, rank: int, mu: float, generator: torch.Generator
              ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Inverse randomized Nyström preconditioner, one pass (Frangella, Tropp & Udell,
-    SIAM J. Matrix Anal. Appl. 2023, Algorithm 2.1 and eq. (5.3)).
+    SIAM J. Matrix Anal. Appl. 2023: Algorithm 2.1 for the sketch, §5 for ``P⁻¹``).
 
     Sketch ``Y = K Ω`` with orthonormal ``Ω`` ``(n, ℓ)``; shift ``ν = √n·eps·‖Y‖₂``,
     ``C = chol(Ωᵀ(Y + νΩ))``, ``U Σ Vᵀ = svd((Y + νΩ) C⁻ᵀ)``, ``Λ̂ = max(0, Σ² - ν)``; then
@@ -235,9 +235,13 @@ def solve_pcg(op: SymmetricOperator, rhs: torch.Tensor, *, ridge: float, tol: fl
 
     The preconditioner is the randomized Nyström preconditioner of rank ``ℓ`` (Frangella,
     Tropp & Udell, "Randomized Nyström preconditioning", SIAM J. Matrix Anal. Appl. 2023):
-    with ``ℓ`` past the eigenvalues of ``K`` that exceed ``ridge`` the preconditioned
-    condition number is ``O(1)`` and CG needs a few tens of iterations, however ill
-    conditioned ``K + ridge·I`` is.
+    once ``ℓ`` is a small multiple of the effective dimension ``tr(K (K + ridge·I)⁻¹)``
+    the preconditioned condition number is a small constant in expectation, however ill
+    conditioned ``K + ridge·I`` is. With fewer columns than that, the eigenvalues between
+    ``ridge`` and ``λ_ℓ`` cost of the order of ``½·√(λ_ℓ / ridge)·ln(2 / tol)`` iterations,
+    the CG bound for condition number ``λ_ℓ / ridge``. In the tests (geometric spectrum,
+    ``ℓ = 100``, ``λ_ℓ ≈ 1e-2``): 33 and 100 iterations for ``ridge = 1e-3`` and ``1e-4``,
+    against 550 and 1460 for Jacobi-preconditioned CG.
 
     Args:
         op: the PSD kernel ``K``, size ``n``.
@@ -344,10 +348,10 @@ def top_eigenpairs(op: SymmetricOperator, k: int, *, tol: float = 1e-8,
     all of ``V`` twice (full reorthogonalisation). After every pass, Rayleigh–Ritz on
     ``H = Vᵀ K V = Vᵀ W`` gives Ritz pairs ``(θ, u = V s)`` and their residuals
     ``‖W s - θ V s‖`` from the stored products, at no further pass. Once the basis holds
-    ``6b`` columns it restarts from the ``b`` leading Ritz vectors and their products
-    (Stathopoulos, Saad & Wu, SIAM J. Sci. Comput. 1998, thick restart; Golub & Van Loan,
-    "Matrix Computations", §10.3 for block Lanczos). Directions that rounding cancels
-    (low rank, invariant subspaces) are replaced by random ones.
+    ``6b`` columns it restarts from the ``b`` leading Ritz vectors and their products: block
+    Lanczos (Golub & Underwood, 1977) with thick restart (Wu & Simon, SIAM J. Matrix Anal.
+    Appl. 2000). Directions that rounding cancels (low rank, invariant subspaces) are
+    replaced by random ones.
 
     Args:
         op: the PSD kernel ``K``, size ``n``.
@@ -368,8 +372,8 @@ def top_eigenpairs(op: SymmetricOperator, k: int, *, tol: float = 1e-8,
         arbitrary), and :class:`EigInfo`.
 
     Cost:
-        ``passes`` of ``b`` columns each (a few tens for ``k = 10`` on a kernel spectrum);
-        memory ``O(n·6b)``.
+        ``passes`` of ``b`` columns each: 7 for ``k = 10`` on the geometric spectrum of the
+        tests, more where eigenvalues near ``λ_k`` cluster; memory ``O(n·6b)``.
 
     Example:
         >>> import torch

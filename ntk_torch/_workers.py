@@ -155,7 +155,10 @@ class Claims:
             except OSError:
                 return True
         if info.get("host") == self.host:
-            return info.get("pid") != os.getpid() and not _alive(int(info.get("pid", -1)))
+            pid = int(info.get("pid", -1))
+            if pid == os.getpid():  # ours, unless an earlier call of this process left it
+                return path not in self.held
+            return not _alive(pid)
         return age > STALE_AFTER_S
 
     def _start_heartbeat(self) -> None:

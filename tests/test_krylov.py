@@ -99,6 +99,28 @@ def test_solve_without_ridge_on_consistent_singular_system():
     assert ((rhs - k @ x).norm(dim=0) <= 1e-10 * rhs.norm(dim=0)).all()
 
 
+def test_solve_float32_gram_matrix_indefinite_at_rounding():
+    # J Jᵀ of rank 20 rounded to float32 has eigenvalues down to about -eps32·λ_max: the
+    # sketch's Cholesky needs more than the float64 shift, and the solve must still work.
+    generator = torch.Generator().manual_seed(2)
+    j = torch.randn(300, 20, generator=generator)
+    k, ridge, tol = j @ j.T, 1e-3, 1e-10
+    assert torch.linalg.eigvalsh(k.double())[0] < 0
+    rhs = torch.randn(300, 2, generator=generator, dtype=torch.float64)
+    x, info = solve_pcg(DenseOperator(k), rhs, ridge=ridge, tol=tol)
+    assert info.converged
+    exact = _dense_solve(k, rhs, ridge)
+    error = (x - exact).norm(dim=0) / exact.norm(dim=0)
+    assert (error <= _condition(k, ridge) * info.residual * 1.01).all()
+
+
+def test_solve_with_rank_covering_whole_space():
+    # rank = n: the sketch is K itself and P⁻¹ ∝ (K + ridge·I)⁻¹ up to rounding.
+    k = _matrix("geometric")[:50, :50]
+    _, info = solve_pcg(DenseOperator(k), _rhs(2)[:50], ridge=1e-6, tol=1e-10)
+    assert info.converged and info.iterations <= 2
+
+
 @pytest.mark.parametrize("ridge", [1e-3, 1e-4])
 def test_nystrom_preconditioner_beats_jacobi(ridge):
     # On a fast-decaying spectrum the rank-100 Nyström preconditioner removes every
@@ -139,12 +161,19 @@ def test_solve_zero_columns():
 
 def test_solve_callback_sees_every_iteration():
     k, rhs, tol = _matrix("geometric"), _rhs(3), 1e-8
+    rhs[:, 0] = k @ (k @ rhs[:, 0])  # mostly along the leading, preconditioned eigenvectors
     seen = []
     _, info = solve_pcg(DenseOperator(k), rhs, ridge=1e-3, tol=tol,
                         callback=lambda i, r: seen.append((i, r)))
     assert [i for i, _ in seen] == list(range(1, info.iterations + 1))
     assert all(r.shape == (3,) for _, r in seen)
     assert (seen[-1][1] <= tol).all() and (seen[0][1] > tol).any()
+    # A column that has converged stops changing while the others go on.
+    history = torch.stack([r for _, r in seen])
+    for column in history.T:
+        done = int((column <= tol).nonzero()[0])
+        assert (column[done:] == column[done]).all()
+    assert len({int((c <= tol).nonzero()[0]) for c in history.T}) > 1
 
 
 def test_solve_is_deterministic_given_seed():
