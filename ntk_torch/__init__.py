@@ -22,6 +22,7 @@ from ntk_torch.predict import (
     gradient_flow_mse,
     kernel_regression,
     ntk_gp_posterior,
+    solve,
 )
 from ntk_torch.store import KernelStore, StoreError, compute_kernel
 from ntk_torch.sweeps import fit_power_law, width_sweep
@@ -64,6 +65,7 @@ __all__ = [
     "ntk_gp_posterior",
     "predict",
     "prior_logprob",
+    "solve",
     # width sweeps and their records
     "fit_power_law",
     "records",

@@ -159,7 +159,7 @@ def _extend_basis(block: torch.Tensor, basis: torch.Tensor, generator: torch.Gen
     raise RuntimeError("could not extend the Krylov basis with independent directions")
 
 
-def _sign_fixed(vectors: torch.Tensor) -> torch.Tensor:
+def sign_fixed(vectors: torch.Tensor) -> torch.Tensor:
     """Each column's largest-magnitude entry made positive, as in ``ntk_torch.eigenmodes``."""
     peak = vectors.gather(0, vectors.abs().argmax(0, keepdim=True))
     return vectors * torch.where(peak < 0, -1.0, 1.0).to(vectors.dtype)
@@ -433,7 +433,7 @@ def top_eigenpairs(op: SymmetricOperator, k: int, *, tol: float = 1e-8,
         block = last if room == width else _random(n, room, generator, op.device)
         append(_extend_basis(block, basis[:, :size], generator))
         last = images[:, size - room:size]
-    vectors = _sign_fixed(basis[:, :size] @ wanted)
+    vectors = sign_fixed(basis[:, :size] @ wanted)
     relative = residual / top if top > 0 else residual
     if not converged:
         bad = int((residual > tol * top).sum())

@@ -207,19 +207,30 @@ class Eigenmodes(NamedTuple):
     vectors: torch.Tensor
 
 
-def eigenmodes(k: torch.Tensor) -> Eigenmodes:
+def eigenmodes(kernel, k: int | None = None, *, tol: float = 1e-8, seed: int = 0) -> Eigenmodes:
     """Eigendecomposition ``K = Σ_j λ_j v_j v_jᵀ`` of a kernel matrix, largest ``λ`` first.
 
     Under gradient flow with kernel ``K`` the component of the residual along ``v_j``
     decays as ``exp(-η λ_j t)``: the leading modes are the functions the network fits first
     and, as a Gaussian-process prior, the ones it finds most likely.
 
+    A tensor is decomposed densely (``torch.linalg.eigh``). A :class:`ntk_torch.KernelStore`
+    is never loaded: its top ``k`` pairs come from block Lanczos with thick restarts, each
+    iteration one streamed pass over the store (``_krylov.top_eigenpairs``; about 7 passes
+    for ``k = 10`` on kernels whose spectrum decays like an NTK's).
+
     Args:
-        k: symmetric kernel ``(N, N)`` or ``(N, N, O, O)`` of one set of inputs with itself.
+        kernel: symmetric kernel ``(N, N)`` or ``(N, N, O, O)`` of one set of inputs with
+            itself, as a tensor or a store computed with ``x2=None``.
+        k: how many leading pairs to return; all (``n = N`` or ``N·O``) by default for a
+            tensor, required for a store.
+        tol: for a store, the Ritz residual ``‖K v - λ v‖ ≤ tol·λ_max`` every returned pair
+            reaches (each ``λ`` is then within ``tol·λ_max`` of an eigenvalue).
+        seed: for a store, seeds the random start of the iteration.
 
     Returns:
-        :class:`Eigenmodes` ``(values, vectors)``: ``values`` ``(n,)`` descending,
-        ``vectors`` ``(N, n)`` (trace) or ``(N, O, n)`` (full), orthonormal over the
+        :class:`Eigenmodes` ``(values, vectors)``: ``values`` ``(k,)`` descending,
+        ``vectors`` ``(N, k)`` (trace) or ``(N, O, k)`` (full), orthonormal over the
         flattened ``N·O`` entries. Each vector's sign is fixed so that its largest-magnitude
         entry is positive; within a repeated eigenvalue the basis is arbitrary.
 
@@ -231,17 +242,35 @@ def eigenmodes(k: torch.Tensor) -> Eigenmodes:
         >>> torch.allclose(vectors[:, 0], torch.tensor([1.0, 1.0]) / 2**0.5)
         True
     """
-    k = _check_kernel(k, "k")
-    n_out = _n_out_of(k)
-    if k.shape[0] != k.shape[1]:
-        raise ValueError(f"`k` must be square in its samples, got shape {tuple(k.shape)}")
-    values, vectors = _symmetric_eigh(_flatten(k), "k", psd=False)
-    values, vectors = values.flip(0), vectors.flip(1)
-    if vectors.numel():
-        peak = vectors.gather(0, vectors.abs().argmax(0, keepdim=True))
-        vectors = vectors * torch.where(peak < 0, -1.0, 1.0).to(vectors.dtype)
+    from ntk_torch import _krylov, _operators
+
+    if _operators.is_store(kernel):
+        if kernel.mode == "diagonal":
+            raise ValueError("`kernel` is a diagonal-mode store; eigenmodes need the trace or the "
+                             "full kernel (mode='trace' or mode='full')")
+        if k is None:
+            raise ValueError("`k` (the number of leading eigenpairs) is required for a kernel "
+                             "store, e.g. nt.eigenmodes(store, k=10)")
+        op = _operators.StoreOperator(kernel, "kernel")
+        values, vectors, _ = _krylov.top_eigenpairs(op, k, tol=tol, seed=seed)
+        values, vectors = values.to(kernel.dtype), vectors.to(kernel.dtype)
+        n_out = op.n_out
+        n = op.n_samples
+    else:
+        kernel = _check_kernel(kernel, "kernel")
+        n_out = _n_out_of(kernel)
+        n = kernel.shape[0]
+        if kernel.shape[0] != kernel.shape[1]:
+            raise ValueError(f"`kernel` must be square in its samples, got shape {tuple(kernel.shape)}")
+        values, vectors = _symmetric_eigh(_flatten(kernel), "kernel", psd=False)
+        size = values.numel()
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= size):
+            raise ValueError(f"`k` must be an int with 1 ≤ k ≤ {size} (the kernel's size), got {k!r}")
+        values, vectors = values.flip(0)[:k], vectors.flip(1)[:, :k]
+        if vectors.numel():
+            vectors = _krylov.sign_fixed(vectors)
     if n_out is not None:
-        vectors = vectors.reshape(k.shape[0], n_out, -1)
+        vectors = vectors.reshape(n, n_out, -1)
     return Eigenmodes(values, vectors)
 
 

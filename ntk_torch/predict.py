@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 
+from ntk_torch import _krylov, _operators
 from ntk_torch.kernels import (
     _Targets,
     _check_kernel,
@@ -212,19 +213,89 @@ def _evolve(k_train, y_train, f0_train, filters, k_test_train, f0_test) -> FlowP
     return FlowPrediction(layout.write(train, n), test)
 
 
-def kernel_regression(k_train: torch.Tensor, k_test_train: torch.Tensor, y_train: torch.Tensor, *,
-                      ridge: float = 0.0) -> torch.Tensor:
+def solve(kernel, y: torch.Tensor, *, ridge: float, tol: float = 1e-6, max_iter: int | None = None,
+          callback=None) -> torch.Tensor:
+    """``(K + ridge·I)⁻¹ y`` for a kernel in memory or in a :class:`ntk_torch.KernelStore`.
+
+    A tensor is solved densely through its eigendecomposition (with ``ridge = 0``, the
+    pseudo-inverse: the minimum-norm solution). A store is never loaded: conjugate gradients
+    on all columns of ``y`` at once, one streamed pass over the store per iteration,
+    preconditioned by a rank-100 randomized Nyström approximation of ``K`` built from one
+    more pass (Frangella, Tropp & Udell, SIAM J. Matrix Anal. Appl. 2023). Its iteration
+    count depends on ``λ_100 / ridge`` and barely on ``N``; products accumulate in float64.
+
+    Args:
+        kernel: symmetric PSD kernel of one set of inputs with itself: a tensor ``(N, N)``
+            or ``(N, N, O, O)``, or a store computed with ``x2=None`` (any mode; a
+            diagonal-mode store solves each output's kernel apart).
+        y: right-hand sides ``(N,)``/``(N, C)`` for a trace kernel, ``(N, O)`` otherwise.
+        ridge: ``≥ 0``, added to the diagonal. For a store keep it above rounding
+            (``K`` must be positive definite on the data when 0).
+        tol: for a store, the relative residual ``‖y - (K + ridge·I) x‖ / ‖y‖`` each
+            column reaches; a ``RuntimeWarning`` says so if ``max_iter`` comes first.
+        max_iter: for a store, the most iterations (passes); default
+            ``max(100, min(2·N·O, 1000))``.
+        callback: for a store, ``callback(iteration, residuals)`` after each iteration
+            with the relative residuals ``(C,)``.
+
+    Returns:
+        ``x`` shaped like ``y``, in ``y``'s floating dtype (the kernel's for integer ``y``).
+
+    Example:
+        >>> import torch, ntk_torch as nt
+        >>> nt.solve(torch.tensor([[2.0, 1.0], [1.0, 2.0]]), torch.tensor([3.0, 3.0]), ridge=1.0)
+        tensor([0.7500, 0.7500])
+    """
+    ridge = _check_nonnegative("ridge", ridge)
+    if _operators.is_store(kernel):
+        op = _operators.StoreOperator(kernel, "kernel")
+        layout, rhs = _Targets.read(y, "y", op.n_samples, op.n_out, _like(kernel, float64=True))
+        x = _store_solve(op, rhs, ridge, tol, max_iter, callback)
+        return layout.write(x, op.n_samples).to(_result_dtype(y, kernel.dtype))
+    kernel = _check_kernel(kernel, "kernel")
+    n, n_out = kernel.shape[0], _n_out_of(kernel)
+    if kernel.shape[1] != n:
+        raise ValueError(f"`kernel` must be square in its samples, got shape {tuple(kernel.shape)}")
+    layout, rhs = _Targets.read(y, "y", n, n_out, kernel)
+    values, vectors = _symmetric_eigh(_flatten(kernel), "kernel", psd=True)
+    x = vectors @ (_inverse_filter(values, ridge)[:, None] * (vectors.T @ rhs))
+    return layout.write(x, n).to(_result_dtype(y, kernel.dtype))
+
+
+def _store_solve(op, rhs: torch.Tensor, ridge: float, tol: float, max_iter: int | None,
+                 callback) -> torch.Tensor:
+    x, _ = _krylov.solve_pcg(op, rhs.double(), ridge=ridge, tol=tol, max_iter=max_iter,
+                             callback=callback)
+    return x
+
+
+def _like(store, float64: bool = False) -> torch.Tensor:
+    """An empty tensor standing for a store's dtype and device in the layout checks."""
+    return torch.empty(0, dtype=torch.float64 if float64 else store.dtype)
+
+
+def _result_dtype(y: object, fallback: torch.dtype) -> torch.dtype:
+    return y.dtype if isinstance(y, torch.Tensor) and y.is_floating_point() else fallback
+
+
+def kernel_regression(k_train, k_test_train, y_train: torch.Tensor, *, ridge: float = 0.0,
+                      tol: float = 1e-6) -> torch.Tensor:
     """Kernel (ridge) regression ``K(X*, X) (K(X, X) + ridge·I)⁻¹ y``.
 
     With ``ridge = 0`` the inverse is the pseudo-inverse, so this is where gradient flow
     from ``f0 = 0`` ends (:func:`gradient_flow_mse` at ``t = inf``); with ``ridge = σ²`` it
     is the posterior mean of :func:`gp_posterior` with ``noise = σ²``.
 
+    Kernels on disk work too: ``k_train`` a :class:`ntk_torch.KernelStore` of the training
+    inputs (solved by :func:`solve`, which needs ``ridge > 0`` in practice) and
+    ``k_test_train`` a store computed with ``x1 = X*, x2 = X`` (streamed) or a tensor.
+
     Args:
-        k_train: ``(N, N)`` or ``(N, N, O, O)``, symmetric PSD.
-        k_test_train: ``(M, N)`` or ``(M, N, O, O)``, same layout.
+        k_train: ``(N, N)`` or ``(N, N, O, O)``, symmetric PSD; or a store.
+        k_test_train: ``(M, N)`` or ``(M, N, O, O)``, same layout; or a store.
         y_train: ``(N,)``/``(N, C)`` (trace) or ``(N, O)`` (full).
         ridge: ``≥ 0``, added to the diagonal of ``k_train``.
+        tol: relative residual of the solve when ``k_train`` is a store.
 
     Returns:
         Predictions ``(M,)``, ``(M, C)`` or ``(M, O)``, shaped like ``y_train``.
@@ -240,6 +311,20 @@ def kernel_regression(k_train: torch.Tensor, k_test_train: torch.Tensor, y_train
         True
     """
     ridge = _check_nonnegative("ridge", ridge)
+    if _operators.is_store(k_train):
+        op = _operators.StoreOperator(k_train, "k_train")
+        layout, y = _Targets.read(y_train, "y_train", op.n_samples, op.n_out, _like(k_train, True))
+        weights = _store_solve(op, y, ridge, tol, None, None)
+        if _operators.is_store(k_test_train):
+            _operators.check_store_like(k_test_train, "k_test_train", op.n_out, k_train.mode)
+            pred = _operators.store_product(k_test_train, weights, "k_test_train", op.n_samples)
+            m = k_test_train.shape[0]
+        else:
+            k_test_train = _check_kernel(k_test_train, "k_test_train", cols=op.n_samples,
+                                         n_out=op.n_out)
+            pred = _flatten(k_test_train).double() @ weights
+            m = k_test_train.shape[0]
+        return layout.write(pred, m).to(_result_dtype(y_train, k_train.dtype))
     k_train = _check_kernel(k_train, "k_train")
     n, n_out = k_train.shape[0], _n_out_of(k_train)
     k_test_train = _check_kernel(k_test_train, "k_test_train", cols=n, n_out=n_out)
@@ -260,8 +345,8 @@ def _inverse_filter(values: torch.Tensor, shift: float) -> torch.Tensor:
     return torch.where(null, torch.zeros_like(values), 1 / safe)
 
 
-def gp_posterior(k_train: torch.Tensor, k_test_train: torch.Tensor, k_test: torch.Tensor,
-                 y_train: torch.Tensor, *, noise: float = 0.0) -> Gaussian:
+def gp_posterior(k_train, k_test_train, k_test, y_train: torch.Tensor, *,
+                 noise: float = 0.0, tol: float = 1e-6) -> Gaussian:
     """Posterior of a zero-mean Gaussian process with kernel ``K`` given noisy labels.
 
         mean = K(X*, X) (K + noise·I)⁻¹ y
@@ -271,12 +356,18 @@ def gp_posterior(k_train: torch.Tensor, k_test_train: torch.Tensor, k_test: torc
     support). Note the NTK used this way is *not* what trained networks compute; for that
     see :func:`ntk_gp_posterior`.
 
+    ``k_train`` may be a :class:`ntk_torch.KernelStore` (trace or full mode) of the training
+    inputs: the solves then run by :func:`solve` on the store, one right-hand side per test
+    output for the covariance, and the test blocks (tensors or stores, loaded) must fit in
+    memory.
+
     Args:
-        k_train: ``(N, N)`` or ``(N, N, O, O)``, symmetric PSD.
+        k_train: ``(N, N)`` or ``(N, N, O, O)``, symmetric PSD; or a store.
         k_test_train: ``(M, N)`` or ``(M, N, O, O)``.
         k_test: ``(M, M)`` or ``(M, M, O, O)``, symmetric.
         y_train: ``(N,)``/``(N, C)`` (trace) or ``(N, O)`` (full).
         noise: label-noise variance ``≥ 0`` added to the diagonal of ``k_train``.
+        tol: relative residual of the solves when ``k_train`` is a store.
 
     Returns:
         :class:`Gaussian` ``(mean, covariance)``: mean shaped like the test labels,
@@ -292,6 +383,8 @@ def gp_posterior(k_train: torch.Tensor, k_test_train: torch.Tensor, k_test: torc
         (tensor([3.], dtype=torch.float64), tensor([0.], dtype=torch.float64))
     """
     noise = _check_nonnegative("noise", noise)
+    if _operators.is_store(k_train):
+        return _store_gp_posterior(k_train, k_test_train, k_test, y_train, noise, tol)
     k_train, k_test_train, k_test = _check_blocks(k_train, k_test_train, k_test, prefix="k")
     n, m, n_out = k_train.shape[0], k_test.shape[0], _n_out_of(k_train)
     layout, y = _Targets.read(y_train, "y_train", n, n_out, k_train)
@@ -302,6 +395,27 @@ def gp_posterior(k_train: torch.Tensor, k_test_train: torch.Tensor, k_test: torc
     root = cross * inverse.sqrt()
     cov = _symmetrize(_flatten(k_test) - root @ root.T)
     return Gaussian(layout.write(mean, m), _unflatten(cov, m, m, n_out))
+
+
+def _store_gp_posterior(store, k_test_train, k_test, y_train, noise: float, tol: float) -> Gaussian:
+    if store.mode == "diagonal":
+        raise ValueError("`k_train` is a diagonal-mode store; the posterior needs the trace or "
+                         "the full kernel (mode='trace' or mode='full')")
+    op = _operators.StoreOperator(store, "k_train")
+    n, n_out = op.n_samples, op.n_out
+    k_test_train, k_test = (b.load() if _operators.is_store(b) else b for b in (k_test_train, k_test))
+    k_test_train = _check_kernel(k_test_train, "k_test_train", cols=n, n_out=n_out)
+    m = k_test_train.shape[0]
+    k_test = _check_kernel(k_test, "k_test", rows=m, cols=m, n_out=n_out)
+    _check_like("k_test", k_test, k_test_train, "k_test_train")
+    _check_symmetric(_flatten(k_test), "k_test")
+    layout, y = _Targets.read(y_train, "y_train", n, n_out, _like(store, True))
+    cross = _flatten(k_test_train).double()  # (M·O, N·O)
+    solved = _store_solve(op, torch.cat([y, cross.T], dim=1), noise, tol, None, None)
+    mean = cross @ solved[:, : y.shape[1]]
+    cov = _symmetrize(_flatten(k_test).double() - cross @ solved[:, y.shape[1]:])
+    dtype = _result_dtype(y_train, store.dtype)
+    return Gaussian(layout.write(mean, m).to(dtype), _unflatten(cov, m, m, n_out).to(store.dtype))
 
 
 def _check_blocks(train: torch.Tensor, test_train: torch.Tensor, test: torch.Tensor, *,

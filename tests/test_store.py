@@ -382,3 +382,65 @@ def test_independent_workers_share_one_store(tmp_path):
         out, err = job.communicate(timeout=240)
         assert job.returncode == 0, err[-3000:]
     assert torch.equal(nt.KernelStore(path).load(), reference)
+
+
+def _symmetric_store(tmp_path: Path, mode: str) -> tuple[nt.KernelStore, torch.Tensor]:
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 32), nn.Tanh(), nn.Linear(32, 4)).double().eval()
+    x = torch.randn(40, 3, dtype=torch.float64)
+    store = nt.compute_kernel(model, x, store=tmp_path / mode, mode=mode, tile=16, progress=False)
+    return store, store.load()
+
+
+@pytest.mark.parametrize("mode", ["trace", "full"])
+def test_solve_eigenmodes_and_predictions_on_a_store_match_dense(tmp_path, mode):
+    store, dense = _symmetric_store(tmp_path, mode)
+    g = torch.Generator().manual_seed(5)
+    y = torch.randn(40, *((4,) if mode == "full" else (3,)), generator=g, dtype=torch.float64)
+    ridge, tol = 1e-2, 1e-12
+    # ‖x - x*‖/‖x*‖ ≤ κ(K + ridge·I)·tol for a relative residual tol: bound the error by that.
+    flat = dense if mode == "trace" else dense.permute(0, 2, 1, 3).reshape(160, 160)
+    kappa = float(torch.linalg.eigvalsh(flat)[-1] + ridge) / ridge
+    iterations = []
+    x = nt.solve(store, y, ridge=ridge, tol=tol, callback=lambda i, r: iterations.append(i))
+    assert_close(x, nt.solve(dense, y, ridge=ridge), rtol=kappa * tol)
+    assert 0 < len(iterations) < 100
+    values, vectors = nt.eigenmodes(store, k=6)
+    exact = nt.eigenmodes(dense)
+    assert torch.equal(nt.eigenmodes(dense, k=6).values, exact.values[:6])
+    assert_close(values, exact.values[:6], rtol=1e-7)  # the default tol is 1e-8 of λ_max
+    overlap = (vectors.reshape(-1, 6) * exact.vectors.reshape(-1, exact.values.numel())[:, :6]).sum(0)
+    assert torch.allclose(overlap, torch.ones(6, dtype=torch.float64), atol=1e-6)
+    # Kernel regression and the GP posterior, with the cross-kernel given either way.
+    test_train = dense[:7]
+    pred = nt.kernel_regression(store, test_train, y, ridge=ridge, tol=tol)
+    assert_close(pred, nt.kernel_regression(dense, test_train, y, ridge=ridge), rtol=kappa * tol)
+    post = nt.gp_posterior(store, test_train, dense[:7, :7], y, noise=ridge, tol=tol)
+    reference = nt.gp_posterior(dense, test_train, dense[:7, :7], y, noise=ridge)
+    assert_close(post.mean, reference.mean, rtol=kappa * tol)
+    assert_close(post.covariance, reference.covariance, rtol=kappa * tol * 1e3)
+
+
+def test_solve_on_a_diagonal_store_solves_each_output_apart(tmp_path):
+    store, dense = _symmetric_store(tmp_path, "diagonal")
+    y = torch.randn(40, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    x = nt.solve(store, y, ridge=1e-2, tol=1e-12)
+    for i in range(4):
+        assert_close(x[:, i], nt.solve(dense[:, :, i], y[:, i], ridge=1e-2), rtol=1e-7)
+
+
+def test_streamed_linear_algebra_refuses_what_it_cannot_do(tmp_path):
+    store, _ = _symmetric_store(tmp_path, "diagonal")
+    with pytest.raises(ValueError, match="diagonal-mode store; eigenmodes need"):
+        nt.eigenmodes(store, k=3)
+    trace, _ = _symmetric_store(tmp_path, "trace")
+    with pytest.raises(ValueError, match=r"`k` \(the number of leading eigenpairs\) is required"):
+        nt.eigenmodes(trace)
+    model, x1, x2 = _mlp()
+    cross = nt.compute_kernel(model, x1, x2, store=tmp_path / "cross", progress=False)
+    with pytest.raises(ValueError, match="one set of inputs with itself"):
+        nt.solve(cross, torch.ones(11), ridge=1.0)
+    with pytest.raises(ValueError, match=r"`y` must have shape \(N,\) or \(N, C\) with N = 40"):
+        nt.solve(trace, torch.ones(39), ridge=1.0)
+    with pytest.raises(ValueError, match="`ridge` must be non-negative"):
+        nt.solve(trace, torch.ones(40), ridge=-1.0)
