@@ -122,13 +122,19 @@ class EmpiricalNTK:
         return self._profile[1]
 
     def _resolve(self, problem: Problem, budget: float, n1: int, n2: int) -> str:
+        """The engine for one block; what the whole result needs is counted too: blocks are
+        written into an output of all ``N1 x N2`` pairs that lives throughout."""
+        result = _result_bytes(problem, n1, n2)
+        if result > budget:
+            raise MemoryError(_result_message(self.implementation, problem, budget, n1, n2))
+        tiled_out = result if (problem.n1, problem.n2) != (n1, n2) else 0.0
         if self.implementation == "auto":
-            engine = _engines.choose(problem, budget)
+            engine = _engines.choose(problem, budget - tiled_out)
             if engine is not None:
                 return engine
         else:
             engine = self.implementation
-            if _engines.estimate(engine, problem).bytes <= budget:
+            if _engines.estimate(engine, problem).bytes + tiled_out <= budget:
                 return engine
         raise MemoryError(_memory_message(self.implementation, problem, budget, n1, n2))
 
@@ -145,6 +151,14 @@ def _gb(n_bytes: float) -> str:
     return f"{n_bytes:.0f} bytes"
 
 
+def _result_bytes(problem: Problem, n1: int, n2: int) -> float:
+    return replace(problem, n1=n1, n2=n2).output_bytes()
+
+
+# Suggestions predicted to take more than this many times the fastest one are left out.
+_SLOWER_THAN_BEST = 10.0
+
+
 def _memory_message(implementation: str, problem: Problem, budget: float, n1: int, n2: int) -> str:
     engines = list(_engines.ENGINES) if implementation == "auto" else [implementation]
     need = min(_engines.estimate(e, problem).bytes for e in engines)
@@ -154,19 +168,62 @@ def _memory_message(implementation: str, problem: Problem, budget: float, n1: in
         f"needs about {_gb(need)} but the memory budget is {_gb(budget)} "
         f"(pass memory_budget=<bytes> to change it). What would fit:"
     ]
-    for engine in _engines.ENGINES:
-        size = _largest_fitting_batch(engine, problem, budget, max(n1, n2))
-        if size:
-            lines.append(f"  implementation={engine!r} with batch_size={size}")
-    for mode in MODES:
-        if mode != problem.mode:
-            cheaper = replace(problem, mode=mode)
-            if any(_engines.estimate(e, cheaper).bytes <= budget for e in _engines.ENGINES):
-                lines.append(f"  mode={mode!r}")
+    lines += _batch_suggestions(problem, budget - _result_bytes(problem, n1, n2), n1, n2, implementation)
+    lines += _mode_suggestions(problem, budget, n1, n2)
     if len(lines) == 1:
         lines.append("  nothing: even one sample per block exceeds the budget; select fewer "
                      "parameters with `params=` or raise `memory_budget`")
     return "\n".join(lines)
+
+
+def _result_message(implementation: str, problem: Problem, budget: float, n1: int, n2: int) -> str:
+    """The result itself exceeds the budget: on disk with compute_kernel, or a cheaper mode."""
+    from ntk_torch.store import largest_tile
+
+    shape = {"full": (n1, n2, problem.n_out, problem.n_out), "diagonal": (n1, n2, problem.n_out),
+             "trace": (n1, n2)}[problem.mode]
+    what = "per-layer results" if problem.n_groups > 1 else "result"
+    lines = [f"the empirical NTK's {what}, {shape} x {problem.itemsize} bytes, needs about "
+             f"{_gb(_result_bytes(problem, n1, n2))} but the memory budget is {_gb(budget)} "
+             "(pass memory_budget=<bytes> to change it). What would fit:"]
+    tile = min(largest_tile(replace(problem, n_groups=1), budget, implementation, max(n1, n2)), 1024)
+    if tile:
+        lines.append(f"  on disk, tile by tile: nt.compute_kernel(model, x1, x2, store=<directory>, "
+                     f"mode={problem.mode!r}, tile={tile}), then store.matvec / nt.solve / "
+                     "nt.eigenmodes on it")
+    lines += _mode_suggestions(problem, budget, n1, n2)
+    return "\n".join(lines)
+
+
+def _batch_suggestions(problem: Problem, budget: float, n1: int, n2: int,
+                       implementation: str) -> list[str]:
+    """``batch_size`` per engine that fits ``budget``, fastest predicted first; those far
+    slower than the fastest (tiny blocks of a memory-hungry engine) are left out, except
+    the engine asked for."""
+    options = []
+    for engine in _engines.ENGINES:
+        size = _largest_fitting_batch(engine, problem, budget, max(n1, n2))
+        if size:
+            blocks = math.ceil(n1 / size) * math.ceil(n2 / size)
+            block = replace(problem, n1=min(size, n1), n2=min(size, n2), symmetric=False)
+            options.append((blocks * _engines.predicted_seconds(engine, block), engine, size, blocks))
+    if not options:
+        return []
+    best = min(seconds for seconds, *_ in options)
+    return [f"  implementation={engine!r} with batch_size={size} ({blocks:,} blocks)"
+            for seconds, engine, size, blocks in sorted(options)
+            if seconds <= _SLOWER_THAN_BEST * best or engine == implementation]
+
+
+def _mode_suggestions(problem: Problem, budget: float, n1: int, n2: int) -> list[str]:
+    lines = []
+    for mode in MODES:
+        if mode != problem.mode:
+            cheaper = replace(problem, mode=mode)
+            spare = budget - _result_bytes(cheaper, n1, n2)
+            if any(_largest_fitting_batch(e, cheaper, spare, max(n1, n2)) for e in _engines.ENGINES):
+                lines.append(f"  mode={mode!r}")
+    return lines
 
 
 def _largest_fitting_batch(engine: str, problem: Problem, budget: float, n: int) -> int:
@@ -174,7 +231,7 @@ def _largest_fitting_batch(engine: str, problem: Problem, budget: float, n: int)
         sub = replace(problem, n1=size, n2=size, symmetric=False)
         return _engines.estimate(engine, sub).bytes <= budget
 
-    if not fits(1):
+    if budget <= 0 or not fits(1):
         return 0
     lo, hi = 1, max(n, 1)
     while lo < hi:

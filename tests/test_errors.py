@@ -169,6 +169,40 @@ def test_memory_budget_error_suggests_a_cheaper_mode():
     assert nt.empirical_ntk(model, x, mode="trace", memory_budget=4 * 2**20).shape == (200, 200)
 
 
+def test_a_result_bigger_than_memory_points_to_a_kernel_store(tmp_path):
+    model, x = nn.Linear(3, 10).double(), torch.randn(200, 3, dtype=torch.float64)
+    budget = 4 * 2**20  # the (200, 200, 10, 10) float64 result alone is 30.5 MiB
+    with pytest.raises(MemoryError) as info:
+        nt.empirical_ntk(model, x, mode="full", memory_budget=budget)
+    message = str(info.value)
+    assert "(200, 200, 10, 10) x 8 bytes, needs about 30.5 MiB" in message
+    tile = int(re.search(r"nt\.compute_kernel\(.*mode='full', tile=(\d+)\)", message).group(1))
+    # Following the advice works within the same budget and gives the kernel.
+    store = nt.compute_kernel(model, x, store=tmp_path / "k", mode="full", tile=tile,
+                              memory_budget=budget, progress=False)
+    torch.testing.assert_close(store.block(slice(0, 50), slice(0, 200)),
+                               nt.empirical_ntk(model, x[:50], x, mode="full"))
+
+
+def test_batch_suggestions_leave_out_engines_far_slower_than_the_best():
+    # Wide layers: one sample's Jacobian is O·P·4 = 170 MB, so `jacobian` could only run
+    # blocks of a sample (millions of blocks) where `structured` needs a handful.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(),
+                          nn.Linear(2048, 10))
+    x = torch.randn(3000, 64)
+    with pytest.raises(MemoryError) as info:
+        nt.empirical_ntk(model, x, mode="trace", memory_budget=400e6)
+    message = str(info.value)
+    suggestions = re.findall(r"implementation='(\w+)' with batch_size=(\d+) \(([\d,]+) blocks\)", message)
+    assert suggestions and all(engine != "jacobian" for engine, _, _ in suggestions), message
+    fewest = min(int(blocks.replace(",", "")) for _, _, blocks in suggestions)
+    assert fewest < 100, message
+    # Asked for by name, the engine's own advice is still given.
+    with pytest.raises(MemoryError, match=r"implementation='jacobian' with batch_size=\d+ \([\d,]+ blocks\)"):
+        nt.empirical_ntk(model, x, mode="trace", implementation="jacobian", memory_budget=400e6)
+
+
 def test_memory_budget_must_be_positive():
     with pytest.raises(ValueError, match="`memory_budget` must be a positive number of bytes"):
         nt.empirical_ntk(mlp(), torch.randn(2, 3), memory_budget=-1)
