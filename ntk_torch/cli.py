@@ -11,7 +11,8 @@ import sys
 COMMANDS = {
     "sweep": ("width_sweep", "width sweep: eNTK vs its infinite-width limit, drift and accuracy after training"),
     "drift": ("kernel_drift", "kernel drift and per-layer feature change while training MLPs on digits"),
-    "kernel": ("empirical_ntk", "per-layer empirical NTK of an MLP on digits: heat maps, spectrum, CSV"),
+    "kernel": ("empirical_ntk", "per-layer eNTK of an MLP on digits (heat maps, spectrum, CSV), or any "
+                                "model's eNTK into an on-disk kernel store (--store)"),
 }
 
 USAGE = """usage: ntk-torch <command> [options]
@@ -28,6 +29,8 @@ examples:
   ntk-torch sweep --model mypackage.models:build     # your build(width, seed) -> nn.Module
   ntk-torch drift --widths 64 256 --out results/drift
   ntk-torch kernel --samples 100 --implementation structured
+  ntk-torch kernel --model mypackage.models:build --inputs data.pt --store results/k --mode full
+  torchrun --nproc-per-node=2 -m ntk_torch.cli kernel --samples 1797 --store results/digits
   ntk-torch sweep --help
 """
 

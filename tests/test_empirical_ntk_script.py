@@ -7,12 +7,22 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+
+import ntk_torch as nt
 from tests.scripts import load_script
 
-
-
+ROOT = Path(__file__).resolve().parents[1]
+FACTORY = """
+import torch
+def build():
+    return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+"""
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -49,3 +59,56 @@ def test_bad_implementation_is_a_one_line_error(tmp_path, capsys):
     code = load_script("empirical_ntk").main(["--quick", "--implementation", "bogus", "--out", str(tmp_path)])
     assert code == 2
     assert "`implementation` must be one of" in capsys.readouterr().err
+
+
+def _store_args(tmp_path: Path) -> list[str]:
+    (tmp_path / "models.py").write_text(FACTORY)
+    g = torch.Generator().manual_seed(0)
+    torch.save({"x1": torch.randn(30, 5, generator=g), "x2": torch.randn(20, 5, generator=g)},
+               tmp_path / "data.pt")
+    return ["--model", f"{tmp_path / 'models.py'}:build", "--inputs", str(tmp_path / "data.pt"),
+            "--store", str(tmp_path / "store"), "--mode", "full", "--tile", "8", "--seed", "3"]
+
+
+def _expected(tmp_path: Path) -> torch.Tensor:
+    torch.manual_seed(3)
+    namespace: dict = {}
+    exec(FACTORY, namespace)
+    data = torch.load(tmp_path / "data.pt")
+    return nt.empirical_ntk(namespace["build"]().eval(), data["x1"], data["x2"], mode="full")
+
+
+def test_store_mode_computes_resumes_and_refuses_to_overwrite(tmp_path, capsys):
+    args = _store_args(tmp_path)
+    script = load_script("empirical_ntk")
+    assert script.main(args) == 0
+    assert "shape (30, 20, 3, 3), mode 'full'" in capsys.readouterr().out
+    store = nt.KernelStore(tmp_path / "store")
+    torch.testing.assert_close(store.load(), _expected(tmp_path), rtol=1e-5, atol=1e-6)
+    assert script.main(args) == 2
+    assert "already holds a kernel store: pass --resume" in capsys.readouterr().err
+    (tmp_path / "store" / "tiles" / "1.1.json").unlink()
+    assert script.main([*args, "--resume"]) == 0 and store.complete
+
+
+def test_store_mode_one_line_errors(tmp_path, capsys):
+    script = load_script("empirical_ntk")
+    assert script.main(["--store", str(tmp_path / "s"), "--model", "nowhere_pkg.mod:build"]) == 2
+    assert "cannot import 'nowhere_pkg.mod'" in capsys.readouterr().err
+    torch.save("not a tensor", tmp_path / "bad.pt")
+    assert script.main(["--store", str(tmp_path / "s"), "--inputs", str(tmp_path / "bad.pt")]) == 2
+    assert "must hold a tensor" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_store_mode_under_torchrun(tmp_path):
+    args = _store_args(tmp_path)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    run = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2",
+                          str(ROOT / "scripts" / "empirical_ntk.py"), *args, "--threads", "1"],
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("kernel store") == 1  # rank 0 reports
+    torch.testing.assert_close(nt.KernelStore(tmp_path / "store").load(), _expected(tmp_path),
+                               rtol=1e-5, atol=1e-6)

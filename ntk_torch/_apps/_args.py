@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
+
+
+class UsageError(ValueError):
+    """A bad command-line argument: reported in one line, exit status 2."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -35,3 +43,28 @@ def apply_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def load_factory(spec: str) -> Callable[[int, int], nn.Module]:
+    """``package.module:factory`` or ``path/to/file.py:factory`` -> the callable."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"--model must look like package.module:factory or file.py:factory, got {spec!r}")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise UsageError(f"--model {spec!r}: no file {str(path)!r}")
+            loader = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except UsageError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any import failure becomes a one-line message
+        raise UsageError(f"--model {spec!r}: cannot import {module_name!r} ({type(error).__name__}: {error})") from error
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UsageError(f"--model {spec!r}: {module_name!r} has no callable {attr!r}")
+    return factory

@@ -20,8 +20,6 @@ Writes, under ``--out``: ``records.csv`` (long format), ``config.json``, ``summa
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import sys
 import time
@@ -34,17 +32,13 @@ from torch import nn
 
 import ntk_torch as nt
 from ntk_torch import records as rec
-from ntk_torch._apps._args import ArgumentParser, add_common_options, apply_threads
+from ntk_torch._apps._args import ArgumentParser, UsageError, add_common_options, apply_threads, load_factory
 from ntk_torch.plotting import plot_kernel_error, plot_vs_width
 from ntk_torch.sweeps import fit_power_law, width_sweep
 from ntk_torch.training import GradientDescent
 
 PARAMETERIZATIONS = ("ntk", "standard", "mup")
 DEFAULT_WIDTHS = [64, 128, 256, 512, 1024, 2048, 4096]
-
-
-class UsageError(ValueError):
-    """A bad command-line argument: reported in one line, exit status 2."""
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -95,31 +89,6 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
     return args
-
-
-def load_factory(spec: str) -> Callable[[int, int], nn.Module]:
-    """``package.module:factory`` or ``path/to/file.py:factory`` -> the callable."""
-    module_name, sep, attr = spec.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise UsageError(f"--model must look like package.module:factory or file.py:factory, got {spec!r}")
-    try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.is_file():
-                raise UsageError(f"--model {spec!r}: no file {str(path)!r}")
-            loader = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(loader)
-            loader.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except UsageError:
-        raise
-    except Exception as error:  # noqa: BLE001 - any import failure becomes a one-line message
-        raise UsageError(f"--model {spec!r}: cannot import {module_name!r} ({type(error).__name__}: {error})") from error
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise UsageError(f"--model {spec!r}: {module_name!r} has no callable {attr!r}")
-    return factory
 
 
 def mlp_builder(parameterization: str, depth: int, device: str) -> Callable[[int, int], nn.Module]:
