@@ -14,6 +14,7 @@ Vectors are ``(n, C)`` float64 on the operator's device; ``n`` is the operator's
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
@@ -51,6 +52,9 @@ class SymmetricOperator(Protocol):
     def diagonal(self) -> torch.Tensor:
         """The diagonal of ``K``, ``(n,)`` float64; costs no pass."""
         ...
+
+    # Optionally, ``sketch(v)``: ``K @ v`` like ``matmul`` but possibly in the kernel's own,
+    # lower precision, for the Nyström sketch (one pass).
 
 
 class DenseOperator:
@@ -127,8 +131,8 @@ def _random(n: int, c: int, generator: torch.Generator, device: torch.device) ->
     return torch.randn(n, c, generator=generator, dtype=torch.float64).to(device)
 
 
-def _product(op: SymmetricOperator, v: torch.Tensor) -> torch.Tensor:
-    out = op.matmul(v)
+def _product(op: SymmetricOperator, v: torch.Tensor, sketch: bool = False) -> torch.Tensor:
+    out = getattr(op, "sketch", op.matmul)(v) if sketch else op.matmul(v)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(v.shape):
         raise ValueError(f"`op.matmul` must return a tensor of shape {tuple(v.shape)}, "
                          f"got {_describe(out)}")
@@ -167,15 +171,21 @@ def sign_fixed(vectors: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- solve
 
-def _nystrom(op: SymmetricOperator, rank: int, mu: float, generator: torch.Generator
-             ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Inverse randomized Nyström preconditioner, one pass (Frangella, Tropp & Udell,
-    SIAM J. Matrix Anal. Appl. 2023: Algorithm 2.1 for the sketch, §5 for ``P⁻¹``).
+def _nystrom(op: SymmetricOperator, rank: int, mu: float, generator: torch.Generator,
+             max_rank: int | None = None) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+    """Inverse randomized Nyström preconditioner and the passes it took (Frangella, Tropp &
+    Udell, SIAM J. Matrix Anal. Appl. 2023: Algorithm 2.1 for the sketch, §5 for ``P⁻¹``).
 
     Sketch ``Y = K Ω`` with orthonormal ``Ω`` ``(n, ℓ)``; shift ``ν = √n·eps·‖Y‖₂``,
     ``C = chol(Ωᵀ(Y + νΩ))``, ``U Σ Vᵀ = svd((Y + νΩ) C⁻ᵀ)``, ``Λ̂ = max(0, Σ² - ν)``; then
 
         P⁻¹ = (λ̂_ℓ + μ) U (Λ̂ + μI)⁻¹ Uᵀ + (I - UUᵀ).
+
+    With ``max_rank`` the rank adapts (after the paper's §5.4.2): while the preconditioned
+    condition number ``(λ̂_ℓ + μ)/μ`` exceeds ``TARGET_CONDITION``, ``ℓ`` doubles, each
+    doubling one pass with the new columns only, up to ``max_rank`` and as long as the CG
+    iterations it is predicted to save (from the eigenvalue decay seen so far) take longer
+    than the doubling itself (predicted from the time of the last one).
 
     The sketch resolves ``K`` only to about ``ν``: float64 rounding, or the indefiniteness
     of a kernel stored in low precision that the Cholesky retry measured. When ``μ`` is
@@ -186,8 +196,64 @@ def _nystrom(op: SymmetricOperator, rank: int, mu: float, generator: torch.Gener
     """
     n = op.size
     omega, _ = torch.linalg.qr(_random(n, rank, generator, op.device))
-    y = _product(op, omega)
-    nu = math.sqrt(n) * torch.finfo(torch.float64).eps * float(torch.linalg.matrix_norm(y, ord=2))
+    start = time.perf_counter()
+    y = _product(op, omega, sketch=True)
+    first_pass_s = time.perf_counter() - start
+    passes = 1
+    while True:
+        u, lam, nu = _nystrom_factors(omega, y)
+        round_s = time.perf_counter() - start
+        grow = 0 if max_rank is None or mu == 0 else min(omega.shape[1], max_rank - omega.shape[1])
+        if grow <= 0 or lam.numel() < 2 or lam[-1] + mu <= TARGET_CONDITION * mu:
+            break
+        # Worth another doubling? It saves the CG iterations (passes like the first one)
+        # between the present condition number and the one the decay seen so far,
+        # λ̂_ℓ / λ̂_{ℓ/2}, predicts at 2ℓ; it costs its pass, its orthogonalisation and the
+        # factorisation, O(ℓ) to O(ℓ²): about three times the last round.
+        low, half = float(lam[-1]), float(lam[lam.numel() // 2 - 1])
+        decay = min(low / half, 1.0) if half > 0 else 0.0
+        saved = _cg_iterations((low + mu) / mu) - _cg_iterations((low * decay + mu) / mu)
+        if saved * first_pass_s < 3 * round_s:
+            break
+        start = time.perf_counter()
+        extra = _extend_basis(_random(n, grow, generator, op.device), omega, generator)
+        omega, y = torch.cat([omega, extra], 1), torch.cat([y, _product(op, extra, sketch=True)], 1)
+        passes += 1
+    keep = lam + mu > 10 * nu
+    if not keep.any():
+        return (lambda r: r), passes
+    u, lam = u[:, keep], lam[keep]
+    factor = (lam[-1] + mu) / (lam + mu) - 1
+
+    def apply(r: torch.Tensor) -> torch.Tensor:
+        return r + u @ (factor[:, None] * (u.T @ r))
+
+    return apply, passes
+
+
+def _cg_iterations(condition: float, tol: float = 1e-6) -> float:
+    """The conjugate-gradient bound ``½·√κ·ln(2/tol)`` on iterations."""
+    return 0.5 * math.sqrt(condition) * math.log(2 / tol)
+
+
+# The adaptive Nyström rank grows until the preconditioned condition number is about this:
+# conjugate gradients then need about ½·√40·ln(2/tol) ≈ 45 iterations for tol = 1e-6.
+TARGET_CONDITION = 40.0
+# Most memory the adaptive sketch may hold (Ω and KΩ, float64).
+SKETCH_BYTES = 2**30
+
+
+def _nystrom_factors(omega: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``U``, ``Λ̂`` (descending) and the shift ``ν`` of the Nyström approximation from the
+    sketch ``Y = K Ω``.
+
+    Costs ``O(n·ℓ²)`` in matrix products: ``‖Y‖₂`` is bounded by the Frobenius norm (a
+    slightly larger shift), and the SVD of ``B = (Y + νΩ) C⁻ᵀ`` comes from the
+    eigendecomposition of the ``ℓ x ℓ`` matrix ``BᵀB`` (its small singular values lose
+    accuracy, but only below ``√ν``, where ``Λ̂`` is clipped to zero anyway).
+    """
+    n = omega.shape[0]
+    nu = math.sqrt(n) * torch.finfo(torch.float64).eps * float(torch.linalg.matrix_norm(y))
     nu = max(nu, torch.finfo(torch.float64).tiny)
     for _ in range(4):
         y_nu = y + nu * omega
@@ -201,18 +267,11 @@ def _nystrom(op: SymmetricOperator, rank: int, mu: float, generator: torch.Gener
     else:
         raise RuntimeError("the Nyström sketch is not positive semi-definite; is `op` PSD?")
     b = torch.linalg.solve_triangular(chol.T, y_nu, upper=True, left=False)
-    u, sigma, _ = torch.linalg.svd(b, full_matrices=False)
-    lam = (sigma**2 - nu).clamp_min(0)
-    keep = lam + mu > 10 * nu
-    if not keep.any():
-        return lambda r: r
-    u, lam = u[:, keep], lam[keep]
-    factor = (lam[-1] + mu) / (lam + mu) - 1
-
-    def apply(r: torch.Tensor) -> torch.Tensor:
-        return r + u @ (factor[:, None] * (u.T @ r))
-
-    return apply
+    squares, v = torch.linalg.eigh(b.T @ b)
+    squares, v = squares.flip(0).clamp_min(0), v.flip(1)
+    sigma = squares.sqrt()
+    u = (b @ v) / torch.where(sigma > 0, sigma, 1.0)
+    return u, (squares - nu).clamp_min(0), nu
 
 
 def _jacobi(op: SymmetricOperator, mu: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -239,9 +298,12 @@ def solve_pcg(op: SymmetricOperator, rhs: torch.Tensor, *, ridge: float, tol: fl
     the preconditioned condition number is a small constant in expectation, however ill
     conditioned ``K + ridge·I`` is. With fewer columns than that, the eigenvalues between
     ``ridge`` and ``λ_ℓ`` cost of the order of ``½·√(λ_ℓ / ridge)·ln(2 / tol)`` iterations,
-    the CG bound for condition number ``λ_ℓ / ridge``. In the tests (geometric spectrum,
-    ``ℓ = 100``, ``λ_ℓ ≈ 1e-2``): 33 and 100 iterations for ``ridge = 1e-3`` and ``1e-4``,
-    against 550 and 1460 for Jacobi-preconditioned CG.
+    the CG bound for condition number ``λ_ℓ / ridge``. So by default ``ℓ`` adapts: it
+    starts at 100 and doubles (one pass with the new columns each time) until
+    ``(λ̂_ℓ + ridge)/ridge ≤ TARGET_CONDITION`` or the sketch would exceed ``SKETCH_BYTES``.
+    In the tests (geometric spectrum, fixed ``ℓ = 100``, ``λ_ℓ ≈ 1e-2``): 33 and 100
+    iterations for ``ridge = 1e-3`` and ``1e-4``, against 550 and 1460 for
+    Jacobi-preconditioned CG.
 
     Args:
         op: the PSD kernel ``K``, size ``n``.
@@ -250,8 +312,9 @@ def solve_pcg(op: SymmetricOperator, rhs: torch.Tensor, *, ridge: float, tol: fl
         tol: relative residual per column, ``> 0``.
         max_iter: CG iterations in all; default ``max(100, min(2n, 1000))``: ``n`` suffice
             in exact arithmetic, rounding can cost more, and each is a pass.
-        rank: Nyström rank ``ℓ``, default ``min(n, 100)``, capped at ``n``; ``0`` gives plain
-            CG with the Jacobi (diagonal) preconditioner and no sketch pass.
+        rank: Nyström rank ``ℓ``, capped at ``n``; default adaptive from ``min(n, 100)``
+            (see above); ``0`` gives plain CG with the Jacobi (diagonal) preconditioner and
+            no sketch pass.
         seed: seeds the sketch.
         callback: ``callback(iteration, residual)`` after every iteration, with the
             recursive relative residuals ``(C,)``.
@@ -261,8 +324,8 @@ def solve_pcg(op: SymmetricOperator, rhs: torch.Tensor, *, ridge: float, tol: fl
         ``RuntimeWarning``) and :class:`SolveInfo`.
 
     Cost:
-        ``iterations + 1`` passes, ``+ 1`` for the sketch when ``rank > 0``, ``+ 1`` per
-        restart; memory ``O(n·(ℓ + C))``.
+        ``iterations + 1`` passes, plus the sketch's (1 with a fixed ``rank > 0``, one
+        more per doubling), ``+ 1`` per restart; memory ``O(n·(ℓ + C))``.
 
     Example:
         >>> import torch
@@ -286,7 +349,9 @@ def solve_pcg(op: SymmetricOperator, rhs: torch.Tensor, *, ridge: float, tol: fl
     mu = _check_nonnegative("ridge", ridge)
     tol = _check_nonnegative("tol", tol, positive=True)
     max_iter = _check_count("max_iter", max_iter, low=1, default=max(100, min(2 * n, 1000)))
+    adaptive = rank is None
     rank = min(_check_count("rank", rank, low=0, default=min(n, 100)), n)
+    max_rank = min(n, max(rank, SKETCH_BYTES // (16 * max(n, 1)))) if adaptive else None
 
     b = rhs.to(torch.float64)
     scale = b.norm(dim=0)
@@ -294,8 +359,11 @@ def solve_pcg(op: SymmetricOperator, rhs: torch.Tensor, *, ridge: float, tol: fl
     x = torch.zeros_like(b)
     r = b.clone()
     generator = torch.Generator().manual_seed(seed)
-    precondition = _nystrom(op, rank, mu, generator) if rank else _jacobi(op, mu)
-    passes, iterations, indefinite = int(rank > 0), 0, False
+    if rank:
+        precondition, passes = _nystrom(op, rank, mu, generator, max_rank)
+    else:
+        precondition, passes = _jacobi(op, mu), 0
+    iterations, indefinite = 0, False
     for _restart in range(4):
         active = r.norm(dim=0) > tol * scale
         z = precondition(r)

@@ -268,14 +268,37 @@ class KernelStore:
         return self.matmul(v.unsqueeze(-1)).squeeze(-1)
 
     def _product(self, v: torch.Tensor) -> torch.Tensor:
-        """``K v`` for float64 ``v`` ``(N2, [O,] C)``; float64 ``(N1, [O,] C)``."""
-        out = v.new_zeros((self.shape[0], *v.shape[1:]))
+        """``K v`` for ``v`` ``(N2, [O,] C)``, computed and returned in ``v``'s dtype.
+
+        Each tile is read once and converted to that dtype a block of rows at a time into one
+        reused buffer (a matrix in the flattened layout: row ``a·O + i``), which serves the
+        tile and, below the diagonal of a symmetric store, its mirror image."""
+        mode, n1 = self.mode, self.shape[0]
+        per = self.shape[2] if mode == "full" else 1
+        if mode == "diagonal":  # O independent kernels: batched over outputs
+            vv, out = v.transpose(0, 1).contiguous(), v.new_zeros((v.shape[1], n1, v.shape[2]))
+        else:
+            vv, out = v.reshape(-1, v.shape[-1]), v.new_zeros((n1 * per, v.shape[-1]))
+        row_bytes = 8 * min(self.tile, self.shape[1]) * math.prod(self.shape[2:])
+        step = max(1, _PRODUCT_BLOCK_BYTES // row_bytes)
+        buffer = v.new_empty(0)
         for (i, j), tile in self._stream():
-            (r0, r1), (c0, c1) = self.span(i, self.shape[0]), self.span(j, self.shape[1])
-            out[r0:r1] += _apply(tile, v[c0:c1], self.mode, transpose=False)
-            if self.symmetric and i != j:
-                out[c0:c1] += _apply(tile, v[r0:r1], self.mode, transpose=True)
-        return out
+            (r0, _), (c0, c1) = self.span(i, n1), self.span(j, self.shape[1])
+            for a0 in range(0, tile.shape[0], step):
+                rows = tile[a0:a0 + step]
+                a, b = r0 + a0, r0 + a0 + rows.shape[0]
+                m, buffer = _matrix(rows, mode, buffer)
+                if mode == "diagonal":
+                    out[:, a:b] += m @ vv[:, c0:c1]
+                    if self.symmetric and i != j:
+                        out[:, c0:c1] += m.transpose(1, 2) @ vv[:, a:b]
+                else:
+                    out[a * per:b * per] += m @ vv[c0 * per:c1 * per]
+                    if self.symmetric and i != j:
+                        out[c0 * per:c1 * per] += m.T @ vv[a * per:b * per]
+        if mode == "diagonal":
+            return out.transpose(0, 1)
+        return out.reshape(n1, *v.shape[1:])
 
     def _stream(self) -> Iterator[tuple[Tile, torch.Tensor]]:
         """Every stored tile once, the next one read in the background meanwhile."""
@@ -300,27 +323,26 @@ class KernelStore:
         return torch.cat(parts)[:n]
 
 
-def _apply(tile: torch.Tensor, v: torch.Tensor, mode: str, *, transpose: bool) -> torch.Tensor:
-    """``tile @ v`` (or ``tileᵀ @ v``) in float64, in row chunks to bound the copy."""
-    rows = tile.shape[0]
-    per_row = max(tile[0].numel(), 1) * 8
-    step = max(1, (64 * 2**20) // per_row)
-    out = None
-    for a in range(0, rows, step):
-        t = tile[a:a + step].double()
-        if mode == "trace":
-            part = t.T @ v[a:a + step] if transpose else t @ v
-        elif mode == "full":
-            part = (torch.einsum("abij,aic->bjc", t, v[a:a + step]) if transpose
-                    else torch.einsum("abij,bjc->aic", t, v))
-        else:
-            part = (torch.einsum("abi,aic->bic", t, v[a:a + step]) if transpose
-                    else torch.einsum("abi,bic->aic", t, v))
-        if transpose:
-            out = part if out is None else out + part
-        else:
-            out = part if out is None else torch.cat([out, part])
-    return out
+# Bytes (of float64) that a streamed product converts at once (and keeps as its buffer).
+_PRODUCT_BLOCK_BYTES = 128 * 2**20
+
+
+def _matrix(rows: torch.Tensor, mode: str, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` of a tile as a matrix in ``buffer`` (its dtype; grown as needed): ``(R, C)``
+    (trace), ``(R·O, C·O)`` with row ``a·O + i`` (full), or ``(O, R, C)`` (diagonal)."""
+    if mode == "full":
+        view = rows.permute(0, 2, 1, 3)
+        shape = (rows.shape[0] * rows.shape[2], rows.shape[1] * rows.shape[3])
+    elif mode == "diagonal":
+        view = rows.permute(2, 0, 1)
+        shape = tuple(view.shape)
+    else:
+        view, shape = rows, tuple(rows.shape)
+    if buffer.numel() < rows.numel():
+        buffer = buffer.new_empty(rows.numel())
+    matrix = buffer[:rows.numel()].view(view.shape)
+    matrix.copy_(view)
+    return matrix.view(shape), buffer
 
 
 class _Prefetch:

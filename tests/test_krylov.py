@@ -127,7 +127,7 @@ def test_nystrom_preconditioner_beats_jacobi(ridge):
     # eigenvalue above λ_100 ≈ 1e-2: the preconditioned condition number is about
     # (λ_100 + ridge)/ridge, against ≈ 1e5-1e6 for Jacobi, which cannot see the spectrum.
     k, rhs = _matrix("geometric"), _rhs(3)
-    _, nystrom = solve_pcg(DenseOperator(k), rhs, ridge=ridge)
+    _, nystrom = solve_pcg(DenseOperator(k), rhs, ridge=ridge, rank=100)
     _, jacobi = solve_pcg(DenseOperator(k), rhs, ridge=ridge, rank=0, max_iter=3000)
     print(f"ridge {ridge:g}: Nyström-PCG {nystrom.iterations} iterations "
           f"({nystrom.passes} passes), Jacobi-CG {jacobi.iterations} ({jacobi.passes} passes)")
@@ -137,12 +137,18 @@ def test_nystrom_preconditioner_beats_jacobi(ridge):
     # Passes: the sketch, one per iteration and the final residual check.
     assert nystrom.passes == nystrom.iterations + 2
     assert jacobi.passes == jacobi.iterations + 1
+    # The adaptive rank (the default) doubles until (λ̂_ℓ + ridge)/ridge ≤ 40: CG then needs
+    # about ½·√40·ln(2/tol) ≈ 46 iterations at most, each doubling one more pass.
+    _, adaptive = solve_pcg(DenseOperator(k), rhs, ridge=ridge)
+    print(f"adaptive: {adaptive.iterations} iterations ({adaptive.passes} passes)")
+    assert adaptive.converged and adaptive.iterations <= 46
+    assert adaptive.iterations <= nystrom.iterations
 
 
 def test_solve_warns_when_not_converged():
     k, rhs = _matrix("geometric"), _rhs(2)
     with pytest.warns(RuntimeWarning, match=r"after 3 iterations.*raise `ridge` or `max_iter`"):
-        x, info = solve_pcg(DenseOperator(k), rhs, ridge=1e-6, max_iter=3)
+        x, info = solve_pcg(DenseOperator(k), rhs, ridge=1e-6, max_iter=3, rank=100)
     assert not info.converged and info.iterations == 3
     assert torch.isfinite(x).all() and (info.residual > 1e-6).any()
 

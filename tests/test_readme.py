@@ -1,4 +1,4 @@
-"""Every ```python block of the README runs as written (blocks of a section share state)."""
+"""Every ```python block of the README and of the pages under docs/ runs as written."""
 
 from __future__ import annotations
 
@@ -8,17 +8,21 @@ from pathlib import Path
 import matplotlib
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def python_blocks() -> list[tuple[int, str]]:
-    text = README.read_text()
-    return [(text[: m.start()].count("\n") + 1, m.group(1))
-            for m in re.finditer(r"```python\n(.*?)```", text, flags=re.S)]
+def python_blocks() -> list[tuple[str, str]]:
+    blocks = []
+    for page in PAGES:
+        text = page.read_text()
+        for m in re.finditer(r"```python\n(.*?)```", text, flags=re.S):
+            blocks.append((f"{page.relative_to(ROOT)}:{text[: m.start()].count(chr(10)) + 1}", m.group(1)))
+    return blocks
 
 
-@pytest.mark.parametrize("line,code", python_blocks(), ids=lambda v: str(v) if isinstance(v, int) else "")
-def test_readme_block_runs(line, code, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where,code", python_blocks(), ids=[w for w, _ in python_blocks()])
+def test_code_block_runs(where, code, tmp_path, monkeypatch):
     matplotlib.use("Agg")
     monkeypatch.chdir(tmp_path)  # blocks that write files write them here
-    exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
+    exec(compile(code, where, "exec"), {"__name__": "__readme__"})
