@@ -32,6 +32,8 @@ from ntk_torch._checks import (
 )
 from ntk_torch._engines import Problem
 from ntk_torch._functional import FunctionalModel, ParamSelection, functionalize
+from ntk_torch._store_compute import largest_tile
+from ntk_torch._store_files import size_text
 from ntk_torch._tiling import default_memory_budget, tiled
 
 Mode = Literal["full", "diagonal", "trace"]
@@ -144,13 +146,6 @@ def _empty(n1: int, n2: int, n_out: int, mode: str, like: torch.Tensor) -> torch
     return like.new_zeros(shape)
 
 
-def _gb(n_bytes: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n_bytes >= size:
-            return f"{n_bytes / size:.1f} {unit}"
-    return f"{n_bytes:.0f} bytes"
-
-
 def _result_bytes(problem: Problem, n1: int, n2: int) -> float:
     return replace(problem, n1=n1, n2=n2).output_bytes()
 
@@ -165,7 +160,7 @@ def _memory_message(implementation: str, problem: Problem, budget: float, n1: in
     lines = [
         f"the empirical NTK (implementation={implementation!r}, mode={problem.mode!r}, "
         f"blocks of {problem.n1}x{problem.n2} samples, O={problem.n_out}, P={problem.n_params}) "
-        f"needs about {_gb(need)} but the memory budget is {_gb(budget)} "
+        f"needs about {size_text(need)} but the memory budget is {size_text(budget)} "
         f"(pass memory_budget=<bytes> to change it). What would fit:"
     ]
     lines += _batch_suggestions(problem, budget - _result_bytes(problem, n1, n2), n1, n2, implementation)
@@ -178,13 +173,11 @@ def _memory_message(implementation: str, problem: Problem, budget: float, n1: in
 
 def _result_message(implementation: str, problem: Problem, budget: float, n1: int, n2: int) -> str:
     """The result itself exceeds the budget: on disk with compute_kernel, or a cheaper mode."""
-    from ntk_torch.store import largest_tile
-
     shape = {"full": (n1, n2, problem.n_out, problem.n_out), "diagonal": (n1, n2, problem.n_out),
              "trace": (n1, n2)}[problem.mode]
     what = "per-layer results" if problem.n_groups > 1 else "result"
     lines = [f"the empirical NTK's {what}, {shape} x {problem.itemsize} bytes, needs about "
-             f"{_gb(_result_bytes(problem, n1, n2))} but the memory budget is {_gb(budget)} "
+             f"{size_text(_result_bytes(problem, n1, n2))} but the memory budget is {size_text(budget)} "
              "(pass memory_budget=<bytes> to change it). What would fit:"]
     tile = min(largest_tile(replace(problem, n_groups=1), budget, implementation, max(n1, n2)), 1024)
     if tile:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import ntk_torch as nt
-from ntk_torch import store as store_module
+from ntk_torch import _store_compute, _store_files, _workers
 from tests.conftest import assert_close
 from tests.oracle import naive_ntk
 from tests.store_job import N, N2, TILE, build
@@ -87,7 +87,7 @@ def test_dataset_inputs_with_targets(tmp_path):
 
 def _forget(store: nt.KernelStore, tiles) -> None:
     for tile in tiles:
-        store_module._record_path(store.path, tile).unlink()
+        _store_files.record_path(store.path, tile).unlink()
 
 
 def test_resume_computes_only_missing_tiles(tmp_path, monkeypatch):
@@ -100,8 +100,8 @@ def test_resume_computes_only_missing_tiles(tmp_path, monkeypatch):
     with pytest.raises(nt.StoreError, match="not been computed"):
         store.load()
     computed = []
-    original = store_module._Writer._write
-    monkeypatch.setattr(store_module._Writer, "_write",
+    original = _store_compute._Writer._write
+    monkeypatch.setattr(_store_compute._Writer, "_write",
                         lambda self, tile, *a: (computed.append(tile), original(self, tile, *a))[1])
     resumed = nt.compute_kernel(model, x1, store=path, mode="full", tile=3, progress=False)
     assert sorted(computed) == [(0, 1), (2, 3)]
@@ -274,7 +274,7 @@ def test_unwritable_store_is_a_clear_error_and_resumes_later(tmp_path, monkeypat
 def test_disk_full_keeps_finished_tiles(tmp_path, monkeypatch):
     model, x1, x2 = _mlp()
     path = tmp_path / "k"
-    original = store_module._Writer._write
+    original = _store_compute._Writer._write
     calls = []
 
     def fail_third(self, tile, *args):
@@ -283,23 +283,23 @@ def test_disk_full_keeps_finished_tiles(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(self, tile, *args)
 
-    monkeypatch.setattr(store_module._Writer, "_write", fail_third)
+    monkeypatch.setattr(_store_compute._Writer, "_write", fail_third)
     with pytest.raises(OSError, match="the disk is full. The 2 of 6 finished tiles are kept"):
         nt.compute_kernel(model, x1, x2, store=path, mode="full", tile=4, progress=False)
-    monkeypatch.setattr(store_module._Writer, "_write", original)
+    monkeypatch.setattr(_store_compute._Writer, "_write", original)
     assert not list((path / "claims").iterdir()), "claims are released after an error"
     resumed = nt.compute_kernel(model, x1, x2, store=path, mode="full", tile=4, progress=False)
     assert torch.equal(resumed.load(), nt.empirical_ntk(model, x1, x2, mode="full", batch_size=4))
 
 
 def test_stale_claims_are_taken_over_and_live_ones_respected(tmp_path):
-    claims = nt.store._workers.Claims(tmp_path)
+    claims = _workers.Claims(tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / "0.0").write_text(json.dumps({"host": claims.host, "pid": dead.pid, "time": 0}))
     (tmp_path / "0.1").write_text(json.dumps({"host": claims.host, "pid": os.getppid(), "time": 0}))
     (tmp_path / "0.2").write_text(json.dumps({"host": "elsewhere", "pid": 1, "time": 0}))
-    old = time.time() - 2 * nt.store._workers.STALE_AFTER_S
+    old = time.time() - 2 * _workers.STALE_AFTER_S
     (tmp_path / "0.3").write_text(json.dumps({"host": "elsewhere", "pid": 1, "time": 0}))
     os.utime(tmp_path / "0.3", (old, old))
     try:

@@ -45,7 +45,7 @@ def apply_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def load_factory(spec: str) -> Callable[[int, int], nn.Module]:
+def load_factory(spec: str) -> Callable:
     """``package.module:factory`` or ``path/to/file.py:factory`` -> the callable."""
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
