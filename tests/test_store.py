@@ -444,3 +444,20 @@ def test_streamed_linear_algebra_refuses_what_it_cannot_do(tmp_path):
         nt.solve(trace, torch.ones(39), ridge=1.0)
     with pytest.raises(ValueError, match="`ridge` must be non-negative"):
         nt.solve(trace, torch.ones(40), ridge=-1.0)
+
+
+@pytest.mark.slow
+def test_benchmark_script_runs_every_part(tmp_path):
+    # Seconds-long sizes: the script's plumbing, not a timing test.
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_store.py"), "--quick",
+                          "--out", str(out), "--threads", "1"],
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((out / "store.json").read_text())["results"]
+    assert set(results) == {"overhead", "solve", "resume", "scaling", "large"}
+    assert results["resume"]["bit_identical"] and results["scaling"]["bit_identical"]
+    assert results["solve"]["relative_difference"] < 1e-4
+    table = (out / "store.md").read_text()
+    assert table.startswith("Command: `python benchmarks/bench_store.py --quick") and table.count("\n|") == 6

@@ -422,3 +422,24 @@ def test_benchmark_script_runs_and_reports_consistent_kernels(tmp_path, monkeypa
     assert {r["method"] for r in rows} == {*bench.RECIPES, *bench.ENGINES}
     # Every method's kernel (the tutorial's summed trace divided by O) equals the reference.
     assert all(float(r["max_rel_diff"]) < 1e-5 for r in rows), rows
+
+
+def test_blocks_prepared_differently_are_computed_together(monkeypatch):
+    # Two blocks whose plans disagree (a head separable on one batch only) cannot contract
+    # their prepared state; the pair is then computed from the samples, exactly.
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).double().eval()
+    x1, x2 = torch.randn(5, 2, 7, 7, dtype=torch.float64), torch.randn(4, 2, 7, 7, dtype=torch.float64)
+    fm = functionalize(model)
+    params, groups = fm.params(), {"": fm.names}
+    flops, activations, n_out, structure = _engines.profile_forward(fm, params, x1)
+    problem = Problem(5, 4, False, "full", n_out, 100, 1, flops, activations, 8, structure)
+    pa = structured.prepare(fm, params, x1, "full", groups, problem=problem)
+    pb = structured.prepare(fm, params, x2, "full", groups, problem=problem)
+    assert pa.representation() == pb.representation() and pa.cap.heads and pa.streams
+    direct = structured.contract(pa, pb, fm, params, "full", groups, problem=problem)[""]
+    monkeypatch.setattr(pb, "representation", lambda: ())
+    together = structured.contract(pa, pb, fm, params, "full", groups, problem=problem)[""]
+    assert_close(direct, naive_ntk(model, x1, x2, mode="full"))
+    assert_close(together, naive_ntk(model, x1, x2, mode="full"))
