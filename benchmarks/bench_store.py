@@ -92,8 +92,15 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _results(stdout: str) -> list[dict]:
-    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+def _run(argv: list[str], env: dict | None = None, timeout: float = 3600) -> None:
+    run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+    if run.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed:\n{run.stderr[-2000:]}")
+
+
+def _results(store: Path) -> list[dict]:
+    # One file per rank: ranks of one torchrun share its stdout, where their lines can interleave.
+    return [json.loads(f.read_text()) for f in sorted(store.parent.glob(store.name + ".rank*.json"))]
 
 
 # ---------------------------------------------------------------------------------------
@@ -146,9 +153,8 @@ def solve(args, scratch: Path) -> dict:
 def resume(args, scratch: Path) -> dict:
     samples, tile = (300, 64) if args.quick else (1797, 256)
     full = scratch / "resume_full"
-    run = subprocess.run([sys.executable, *_worker_argv("digits", samples, full, "full", tile)],
-                         env=_env(), capture_output=True, text=True, timeout=3600)
-    uninterrupted = _results(run.stdout)[-1]["seconds"]
+    _run([sys.executable, *_worker_argv("digits", samples, full, "full", tile)], _env())
+    uninterrupted = _results(full)[0]["seconds"]
     killed = scratch / "resume_killed"
     job = subprocess.Popen([sys.executable, *_worker_argv("digits", samples, killed, "full", tile)],
                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -167,9 +173,8 @@ def resume(args, scratch: Path) -> dict:
     done_at_kill = nt.KernelStore(killed).progress[0]
     tile_s = statistics.median(json.loads(f.read_text())["seconds"]
                                for f in (full / "tiles").glob("*.json"))
-    run = subprocess.run([sys.executable, *_worker_argv("digits", samples, killed, "full", tile)],
-                         env=_env(), capture_output=True, text=True, timeout=3600)
-    after = _results(run.stdout)[-1]["seconds"]
+    _run([sys.executable, *_worker_argv("digits", samples, killed, "full", tile)], _env())
+    after = _results(killed)[0]["seconds"]
     same = torch.equal(nt.KernelStore(killed).load(), nt.KernelStore(full).load())
     allowance = in_flight * tile_s
     return {"samples": samples, "tile": tile, "tiles": total, "done_at_kill": done_at_kill,
@@ -184,16 +189,12 @@ def scaling(args, scratch: Path) -> dict:
     # the process group) is small beside it.
     samples, tile = (128, 32) if args.quick else (3072, 512)
     job = ("cnn", samples)
-    one = subprocess.run([sys.executable, *_worker_argv(*job, scratch / "one", "trace", tile, "structured")],
-                         env=_env(), capture_output=True, text=True, timeout=3600)
+    _run([sys.executable, *_worker_argv(*job, scratch / "one", "trace", tile, "structured")], _env())
     torchrun = Path(sys.executable).with_name("torchrun")
-    two = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2",
-                          *_worker_argv(*job, scratch / "two", "trace", tile, "structured")],
-                         env=_env(), capture_output=True, text=True, timeout=3600)
-    if two.returncode != 0:
-        raise RuntimeError(two.stderr[-2000:])
-    single = _results(one.stdout)[-1]
-    ranks = _results(two.stdout)
+    _run([str(torchrun), "--standalone", "--nproc-per-node=2",
+          *_worker_argv(*job, scratch / "two", "trace", tile, "structured")], _env())
+    single = _results(scratch / "one")[0]
+    ranks = _results(scratch / "two")
     tiles = single["tiles"]
     two_s = max(r["seconds"] for r in ranks)
     return {"samples": samples, "tile": tile, "tiles": tiles, "one_rank_s": single["seconds"],
@@ -205,12 +206,9 @@ def scaling(args, scratch: Path) -> dict:
 def large(args, scratch: Path) -> dict:
     samples, tile = (256, 128) if args.quick else (args.large_n, 512)
     path = scratch / "cnn_trace"
-    run = subprocess.run([sys.executable, *_worker_argv("cnn", samples, path, "trace", tile, "structured",
-                                                        args.threads)],
-                         capture_output=True, text=True, timeout=6 * 3600)
-    if run.returncode != 0:
-        raise RuntimeError(run.stderr[-2000:])
-    result = _results(run.stdout)[-1]
+    _run([sys.executable, *_worker_argv("cnn", samples, path, "trace", tile, "structured", args.threads)],
+         timeout=6 * 3600)
+    result = _results(path)[0]
     rate = samples**2 / result["seconds"]
     return {"samples": samples, "tile": tile, "implementation": result["implementation"],
             "seconds": result["seconds"], "entries_per_s": rate,
@@ -280,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.worker:
         kind, samples, store, mode, tile, implementation = args.worker
-        print(json.dumps(worker(kind, int(samples), store, mode, int(tile), implementation)))
+        result = worker(kind, int(samples), store, mode, int(tile), implementation)
+        Path(f"{store}.rank{result['rank']}.json").write_text(json.dumps(result))
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -460,4 +460,4 @@ def test_benchmark_script_runs_every_part(tmp_path):
     assert results["resume"]["bit_identical"] and results["scaling"]["bit_identical"]
     assert results["solve"]["relative_difference"] < 1e-4
     table = (out / "store.md").read_text()
-    assert table.startswith("Command: `python benchmarks/bench_store.py --quick") and table.count("\n|") == 6
+    assert table.startswith("Command: `python benchmarks/bench_store.py --quick") and table.count("\n|") == 2 + 5
