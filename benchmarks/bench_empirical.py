@@ -190,11 +190,11 @@ def library_problem(net: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, m
     """The ``Problem`` ``empirical_ntk`` builds for one block of these inputs."""
     fm = functionalize(net)
     values = fm.params()
-    flops, activations, n_out, structure = _engines.profile_forward(fm, values, x1)
+    flops, activations, n_out, probe = _engines.profile_forward(fm, values, x1)
     n2 = x1.shape[0] if x2 is None else x2.shape[0]
     return Problem(n1=x1.shape[0], n2=n2, symmetric=x2 is None, mode=mode, n_out=n_out,
                    n_params=sum(v.numel() for v in values.values()), n_groups=1,
-                   forward_flops=flops, activations=activations, itemsize=4, structure=structure)
+                   forward_flops=flops, activations=activations, itemsize=4, probe=probe)
 
 
 def estimates(method: str, problem: Problem) -> tuple[float, float]:

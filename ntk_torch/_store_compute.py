@@ -120,7 +120,7 @@ def plan(fm, values: dict[str, torch.Tensor], sample: torch.Tensor, inputs1: Inp
     """Profile the model on one sample and fingerprint everything that defines the kernel."""
     like = next(iter(values.values()))
     with torch.no_grad():
-        flops, activations, n_out, structure = _engines.profile_forward(fm, values, sample)
+        flops, activations, n_out, probe = _engines.profile_forward(fm, values, sample)
         first_outputs = fm(values, sample)
     n1 = len(inputs1)
     n2 = n1 if inputs2 is None else len(inputs2)
@@ -131,7 +131,7 @@ def plan(fm, values: dict[str, torch.Tensor], sample: torch.Tensor, inputs1: Inp
     problem = Problem(n1=b1, n2=b2, symmetric=symmetric and b1 >= n1, mode=mode, n_out=n_out,
                       n_params=sum(values[n].numel() for n in fm.names), n_groups=1,
                       forward_flops=flops, activations=activations,
-                      itemsize=like.element_size(), structure=structure)
+                      itemsize=like.element_size(), probe=probe)
     settings = {"mode": mode, "dtype": str(like.dtype).removeprefix("torch."), "tile": tile,
                 "shape": list(shape)}
     fingerprint = {

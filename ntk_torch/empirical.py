@@ -96,13 +96,13 @@ class EmpiricalNTK:
         if n1 == 0 or n2 == 0:  # one forward (of one sample, if any) tells O
             n_out = fm(values, (x1 if n1 or x2 is None else x2)[:1]).shape[1]
             return {g: _empty(n1, n2, n_out, self.mode, any_param) for g in groups}
-        flops, activations, n_out, structure = self._profiled(values, x1)
+        flops, activations, n_out, probe = self._profiled(values, x1)
         n_params = sum(values[n].numel() for n in fm.names)
         b1, b2 = min(self.batch_size or n1, n1), min(self.batch_size or n2, n2)
         problem = Problem(n1=b1, n2=b2, symmetric=x2 is None and b1 >= n1, mode=self.mode,
                           n_out=n_out, n_params=n_params, n_groups=len(groups),
                           forward_flops=flops, activations=activations,
-                          itemsize=any_param.element_size(), structure=structure)
+                          itemsize=any_param.element_size(), probe=probe)
         budget = self.memory_budget or default_memory_budget(any_param.device)
         engine = self._resolve(problem, budget, n1, n2)
         self.last_implementation = engine
@@ -110,9 +110,10 @@ class EmpiricalNTK:
         return tiled(bound, x1, x2, self.batch_size, progress=self.progress)
 
     def _profiled(self, values: dict[str, torch.Tensor], x1: torch.Tensor) -> tuple:
-        """``profile_forward`` (FLOPs, sizes, layer structure), reused while nothing it
-        depends on changed: input shape, dtype and device, parameter shapes, and the module
-        tree (modules, their hooks and modes). Parameter values do not matter to it."""
+        """``profile_forward`` (FLOPs, sizes, and the probe that engines analyse the model
+        on), reused while nothing it depends on changed: input shape, dtype and device,
+        parameter shapes, and the module tree (modules, their hooks and modes). Parameter
+        values do not matter to it."""
         module = self.functional.module
         key = (tuple(x1.shape[1:]), x1.dtype, x1.device,
                tuple((n, v.shape, v.dtype, v.device) for n, v in values.items()),

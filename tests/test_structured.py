@@ -21,8 +21,7 @@ from torch.utils._pytree import tree_flatten
 
 import ntk_torch as nt
 from ntk_torch import _engines
-from ntk_torch._engines import Problem, _capture, structured
-from ntk_torch._engines._structure import discover
+from ntk_torch._engines import Problem, _capture, _contractions, _heads, _plan, structured
 from ntk_torch._functional import functionalize
 from ntk_torch._tiling import transpose_pairs
 from tests.cases import CASES, Case
@@ -31,8 +30,6 @@ from tests.oracle import naive_ntk, owner_names
 
 MODES = ("full", "diagonal", "trace")
 _ORACLE: dict[tuple, torch.Tensor] = {}
-
-
 
 
 def oracle(case, mode: str, symmetric: bool, names: list[str] | None = None) -> torch.Tensor:
@@ -77,7 +74,7 @@ def _forced(strategy: str):
 def test_each_strategy_is_exact_on_every_case(case, strategy, monkeypatch):
     # The FLOP model picks one route per layer; each must be exact everywhere (factored:
     # where a separable head is verified, else the explicit route).
-    monkeypatch.setattr(structured, "choose_strategy", _forced(strategy))
+    monkeypatch.setattr(_plan, "choose_strategy", _forced(strategy))
     for mode in MODES:
         for symmetric in (False, True):
             assert_close(structured_ntk(case, mode, symmetric), oracle(case, mode, symmetric))
@@ -88,7 +85,7 @@ def test_each_strategy_is_exact_on_every_case(case, strategy, monkeypatch):
 @pytest.mark.parametrize("strategy", ["gram", "explicit", "factored"])
 def test_contraction_in_blocks_of_samples_is_exact(name, strategy, monkeypatch):
     # A working-memory cap of a few bytes forces one sample per contraction block.
-    monkeypatch.setattr(structured, "choose_strategy", _forced(strategy))
+    monkeypatch.setattr(_plan, "choose_strategy", _forced(strategy))
     monkeypatch.setattr(structured, "WORK_BYTES", 8)
     monkeypatch.setattr(structured, "MIN_WORK_BYTES", 8)
     case = CASES[name]
@@ -145,7 +142,7 @@ def test_float32_agrees_with_jacobian_engine(case):
 
 def _split(model: nn.Module, x: torch.Tensor) -> tuple[set[str], set[str]]:
     fm = functionalize(model)
-    s = discover(fm, fm.params(), x[:1])
+    s = structured.probe(fm, fm.params(), x[:1])
     return {n for u in s.units for n in u.names}, set(s.fallback)
 
 
@@ -215,22 +212,22 @@ def test_module_is_left_untouched_even_when_the_forward_fails():
 # Separable heads and the batched capture.
 
 
-def _heads(case) -> set[tuple[str, str]]:
+def _separable_pairs(case) -> set[tuple[str, str]]:
     """``(layer, readout layer)`` pairs the probe found separable."""
     fm = functionalize(case.build())
-    s = discover(fm, fm.params(), case.inputs(1))
+    s = structured.probe(fm, fm.params(), case.inputs(1))
     return {(s.sites[a].module, s.sites[b].module) for a, b in s.heads}
 
 
 def test_separable_heads_are_found_where_channels_stay_apart_only():
     # BatchNorm, ReLU, pooling and a skip added after the layer keep channels apart;
     # a convolution or GroupNorm after it, or a path around the readout, do not.
-    assert _heads(CASES["pooled_cnn_head"]) == {("2", "7")}
-    assert _heads(CASES["residual_conv_head"]) == {("conv_b", "head")}
-    assert _heads(CASES["linear_positions"]) == {("inner", "head")}
-    assert _heads(CASES["grouped_conv1d_head"]) == {("0", "4")}  # GELU, max-pooling
-    assert _heads(CASES["groupnorm"]) == set()
-    assert _heads(CASES["head_bypass"]) == set()
+    assert _separable_pairs(CASES["pooled_cnn_head"]) == {("2", "7")}
+    assert _separable_pairs(CASES["residual_conv_head"]) == {("conv_b", "head")}
+    assert _separable_pairs(CASES["linear_positions"]) == {("inner", "head")}
+    assert _separable_pairs(CASES["grouped_conv1d_head"]) == {("0", "4")}  # GELU, max-pooling
+    assert _separable_pairs(CASES["groupnorm"]) == set()
+    assert _separable_pairs(CASES["head_bypass"]) == set()
 
 
 def test_slight_channel_mixing_is_not_mistaken_for_a_separable_head():
@@ -241,7 +238,7 @@ def test_slight_channel_mixing_is_not_mistaken_for_a_separable_head():
     model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.ReLU(), mix, nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(3, 2)).double().eval()
     case = Case("mixing", lambda: model, lambda n, g: torch.randn(n, 2, 4, 4, generator=g, dtype=torch.float64))
-    assert _heads(case) == {("2", "6")}  # the 1x1 convolution itself; the first one mixes
+    assert _separable_pairs(case) == {("2", "6")}  # the 1x1 convolution itself; the first one mixes
 
 
 @pytest.mark.parametrize("name,layer,shortcut_taken", [
@@ -252,11 +249,11 @@ def test_slight_channel_mixing_is_not_mistaken_for_a_separable_head():
 ])
 def test_factored_rule_and_head_shortcut_are_taken(name, layer, shortcut_taken, monkeypatch):
     used, shortcut = [], []
-    features = structured.factored_features
+    features = _contractions.factored_features
     monkeypatch.setattr(structured, "factored_features", lambda *a: used.append(a[0].module) or features(*a))
-    reached = _capture._leaves_reached
-    monkeypatch.setattr(_capture, "_leaves_reached", lambda *a, **k: shortcut.append(1) or reached(*a, **k))
-    monkeypatch.setattr(structured, "choose_strategy", _forced("factored"))
+    reached = _heads.leaves_reached
+    monkeypatch.setattr(_capture, "leaves_reached", lambda *a, **k: shortcut.append(1) or reached(*a, **k))
+    monkeypatch.setattr(_plan, "choose_strategy", _forced("factored"))
     case = CASES[name]
     for mode in MODES:
         used.clear(), shortcut.clear()
@@ -282,7 +279,7 @@ def test_samples_that_interact_in_the_batch_get_per_sample_kernels():
     model = _BatchCentred().double().eval()
     x = torch.randn(5, 3, dtype=torch.float64)
     fm = functionalize(model)
-    assert _capture.capture_batched(fm, fm.params(), x, discover(fm, fm.params(), x[:1])) is None
+    assert _capture.capture_batched(fm, fm.params(), x, structured.probe(fm, fm.params(), x[:1])) is None
     # Like every engine and the oracle: the kernel of the model applied to one sample at a time.
     assert_close(nt.empirical_ntk(model, x, implementation="structured"), naive_ntk(model, x, None, "full"))
 
@@ -318,7 +315,7 @@ def test_never_materialises_per_sample_jacobians_of_dense_layers():
 
 
 def test_estimate_is_far_below_the_jacobian_for_a_wide_mlp():
-    # The issue's 784-2048-2048-10, N=128: the Jacobian is ~30 GB in float32.
+    # 784-2048-2048-10, N=128: the Jacobian is ~30 GB in float32.
     model = nn.Sequential(nn.Linear(784, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(),
                           nn.Linear(2048, 10)).eval()
     problem = _problem(model, torch.randn(128, 784), "full", symmetric=True)
@@ -345,10 +342,10 @@ def test_runs_under_a_budget_too_small_for_the_jacobian():
 def _problem(model: nn.Module, x: torch.Tensor, mode: str, symmetric: bool = False) -> Problem:
     fm = functionalize(model)
     values = fm.params()
-    flops, activations, n_out, structure = _engines.profile_forward(fm, values, x)
+    flops, activations, n_out, probe = _engines.profile_forward(fm, values, x)
     return Problem(n1=x.shape[0], n2=x.shape[0], symmetric=symmetric, mode=mode, n_out=n_out,
                    n_params=sum(v.numel() for v in values.values()), n_groups=1, forward_flops=flops,
-                   activations=activations, itemsize=x.element_size(), structure=structure)
+                   activations=activations, itemsize=x.element_size(), probe=probe)
 
 
 class _RawMLP(nn.Module):
@@ -433,11 +430,11 @@ def test_blocks_prepared_differently_are_computed_together(monkeypatch):
     x1, x2 = torch.randn(5, 2, 7, 7, dtype=torch.float64), torch.randn(4, 2, 7, 7, dtype=torch.float64)
     fm = functionalize(model)
     params, groups = fm.params(), {"": fm.names}
-    flops, activations, n_out, structure = _engines.profile_forward(fm, params, x1)
-    problem = Problem(5, 4, False, "full", n_out, 100, 1, flops, activations, 8, structure)
+    flops, activations, n_out, probe = _engines.profile_forward(fm, params, x1)
+    problem = Problem(5, 4, False, "full", n_out, 100, 1, flops, activations, 8, probe)
     pa = structured.prepare(fm, params, x1, "full", groups, problem=problem)
     pb = structured.prepare(fm, params, x2, "full", groups, problem=problem)
-    assert pa.representation() == pb.representation() and pa.cap.heads and pa.streams
+    assert pa.representation() == pb.representation() and pa.cap.heads and pa.cap.streams
     direct = structured.contract(pa, pb, fm, params, "full", groups, problem=problem)[""]
     monkeypatch.setattr(pb, "representation", lambda: ())
     together = structured.contract(pa, pb, fm, params, "full", groups, problem=problem)[""]
