@@ -360,7 +360,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def check_targets(rows: list[dict]) -> list[str]:
-    """The issue's targets, each as 'PASS/FAIL: ...' from this run's numbers."""
+    """The performance targets, each as 'PASS/FAIL: ...' from this run's numbers."""
     by = {(r["config"], r["mode"], r["method"]): r for r in rows}
     lines = []
 
