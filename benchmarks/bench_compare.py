@@ -35,12 +35,13 @@ ROOT = HERE.parent
 ENGINES = ("jacobian", "ntk_vp", "structured", "auto")
 
 
-def _worker(config_name: str, mode: str, methods: list[str], calls: int, threads: int | None) -> dict:
+def _worker(config_name: str, mode: str, methods: list[str], calls: int,
+            threads: int | None) -> dict:
     """Seconds of ``calls`` timed calls per method, after one warm-up call, in this process."""
-    import torch
-
     import _timing
     import bench_empirical
+    import torch
+
     import ntk_torch
 
     if threads:
@@ -85,10 +86,10 @@ def run_side(tree: Path, config: str, mode: str, methods: list[str], calls: int,
 
 def runnable_methods(config, mode: str, methods: list[str], max_seconds: float) -> dict[str, str]:
     """``{method: ""}`` for those to time, ``{method: reason}`` for those left out."""
-    import torch
-
     import _timing
     import bench_empirical
+    import torch
+
     from ntk_torch._tiling import available_memory
 
     net, x1, x2 = bench_empirical.build(config)
@@ -114,8 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="*", default=list(ENGINES), help="engines to time")
     parser.add_argument("--rounds", type=int, default=None, help="processes per side and row")
     parser.add_argument("--calls", type=int, default=2, help="timed calls per process")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--max-seconds", type=float, default=None, help="skip methods estimated slower")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's)")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="skip methods estimated slower")
     parser.add_argument("--quick", action="store_true", help="2 rounds, 20 s estimated at most")
     parser.add_argument("--out", default=None, help="folder for bench_compare.csv and config.json")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -138,13 +141,14 @@ def main(argv: list[str] | None = None) -> int:
             for mode in config.modes:
                 status = runnable_methods(config, mode, args.methods, max_seconds)
                 methods = [m for m, why in status.items() if not why]
-                seconds: dict[str, dict[str, list[float]]] = {side: {m: [] for m in methods} for side in trees}
+                seconds: dict[str, dict[str, list[float]]] = {side: {m: [] for m in methods}
+                                                              for side in trees}
                 errors: dict[str, str] = {}
                 order = ["old", "new"]
                 for _ in range(rounds if methods else 0):
                     for side in order:
-                        result = run_side(trees[side], name, mode, methods, args.calls, args.threads,
-                                          timeout_s=1800)
+                        result = run_side(trees[side], name, mode, methods, args.calls,
+                                          args.threads, timeout_s=1800)
                         for m in methods:
                             if "error" in result[m]:
                                 errors[m] = f"{side}: {result[m]['error']}"
@@ -152,18 +156,20 @@ def main(argv: list[str] | None = None) -> int:
                                 seconds[side][m] += result[m]["seconds"]
                     order.reverse()
                 for m in args.methods:
-                    row = {"config": name, "mode": mode, "method": m, "status": status[m] or errors.get(m, "")}
+                    row = {"config": name, "mode": mode, "method": m,
+                           "status": status[m] or errors.get(m, "")}
                     if seconds["old"].get(m) and seconds["new"].get(m):
                         old, new = (statistics.median(seconds[s][m]) for s in ("old", "new"))
-                        row.update(old_s=old, new_s=new, ratio=new / old, samples=len(seconds["new"][m]))
+                        row.update(old_s=old, new_s=new, ratio=new / old,
+                                   samples=len(seconds["new"][m]))
                     rows.append(row)
                     print(_line(row), flush=True)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "bench_compare.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["config", "mode", "method", "old_s", "new_s", "ratio",
-                                                   "samples", "status"])
+            writer = csv.DictWriter(f, fieldnames=["config", "mode", "method", "old_s", "new_s",
+                                                   "ratio", "samples", "status"])
             writer.writeheader()
             writer.writerows(rows)
         meta = {"ref": args.ref, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

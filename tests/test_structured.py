@@ -39,8 +39,8 @@ def oracle(case, mode: str, symmetric: bool, names: list[str] | None = None) -> 
     key = (case.name, symmetric, tuple(names or ()))
     if key not in _ORACLE:
         model = case.build()
-        _ORACLE[key] = naive_ntk(model, case.inputs(5), None if symmetric else case.inputs(3, seed=7),
-                                 "full", names)
+        x2 = None if symmetric else case.inputs(3, seed=7)
+        _ORACLE[key] = naive_ntk(model, case.inputs(5), x2, "full", names)
     full = _ORACLE[key]
     if mode == "full":
         return full
@@ -62,7 +62,7 @@ def test_matches_oracle_in_every_mode(case, symmetric, batch_size):
         k = structured_ntk(case, mode, symmetric, batch_size)
         assert_close(k, oracle(case, mode, symmetric))
         if symmetric:
-            assert torch.equal(k, transpose_pairs(k)), "x2=None must give an exactly symmetric kernel"
+            assert torch.equal(k, transpose_pairs(k)), "x2=None must give a symmetric kernel"
 
 
 def _forced(strategy: str):
@@ -83,7 +83,8 @@ def test_each_strategy_is_exact_on_every_case(case, strategy, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["cnn2d", "embedding", "sequence_layernorm", "tied_weights",
-                                  "conv_called_twice", "groupnorm", "linear_positions", "pooled_cnn_head"])
+                                  "conv_called_twice", "groupnorm", "linear_positions",
+                                  "pooled_cnn_head"])
 @pytest.mark.parametrize("strategy", ["gram", "explicit", "factored"])
 def test_contraction_in_blocks_of_samples_is_exact(name, strategy, monkeypatch):
     # A working-memory cap of a few bytes forces one sample per contraction block.
@@ -119,7 +120,8 @@ def test_weight_and_bias_in_different_groups():
         out = structured.compute(fm, fm.params(), x1, x2, mode, groups)
         for group, full in expected.items():
             diagonal = full.diagonal(dim1=2, dim2=3)
-            assert_close(out[group], {"full": full, "diagonal": diagonal, "trace": diagonal.mean(-1)}[mode])
+            expected_mode = {"full": full, "diagonal": diagonal, "trace": diagonal.mean(-1)}[mode]
+            assert_close(out[group], expected_mode)
 
 
 def test_bias_only_selection():
@@ -149,12 +151,14 @@ def _split(model: nn.Module, x: torch.Tensor) -> tuple[set[str], set[str]]:
 
 
 def test_standard_layers_are_structured_and_the_rest_falls_back():
-    structured_names, fallback = _split(CASES["transformer_eval"].build(), CASES["transformer_eval"].inputs(2))
+    case = CASES["transformer_eval"]
+    structured_names, fallback = _split(case.build(), case.inputs(2))
     assert {"encoder.linear1.weight", "encoder.norm2.bias", "head.weight"} <= structured_names
     # nn.MultiheadAttention uses its packed projections (and out_proj.weight) directly.
     assert {"encoder.self_attn.in_proj_weight", "encoder.self_attn.out_proj.weight"} <= fallback
 
-    structured_names, fallback = _split(CASES["tied_weights"].build(), CASES["tied_weights"].inputs(2))
+    case = CASES["tied_weights"]
+    structured_names, fallback = _split(case.build(), case.inputs(2))
     assert fallback == {"embed.weight"}  # tied across an Embedding and a Linear: kinds differ
     assert {"shared.weight", "shared.bias"} <= structured_names
 
@@ -162,7 +166,8 @@ def test_standard_layers_are_structured_and_the_rest_falls_back():
                                         CASES["raw_use_of_layer_weight"].inputs(2))
     assert fallback == {"fc.weight"} and "fc.bias" in structured_names
 
-    structured_names, fallback = _split(CASES["raw_parameter"].build(), CASES["raw_parameter"].inputs(2))
+    case = CASES["raw_parameter"]
+    structured_names, fallback = _split(case.build(), case.inputs(2))
     assert fallback == {"scale", "shift"}
 
 
@@ -175,13 +180,16 @@ def test_overridden_forward_hooks_and_max_norm_fall_back_exactly():
     torch.manual_seed(0)
     hooked = nn.Linear(3, 4).double()
     hooked.register_forward_hook(lambda m, args, out: out * 3.0)
-    model = nn.Sequential(_ScaledLinear(3, 3), nn.Tanh(), hooked, nn.Tanh(), nn.Linear(4, 2)).double().eval()
+    model = nn.Sequential(_ScaledLinear(3, 3), nn.Tanh(), hooked, nn.Tanh(), nn.Linear(4, 2))
+    model = model.double().eval()
     x = torch.randn(4, 3, dtype=torch.float64)
     structured_names, fallback = _split(model, x)
     assert fallback == {"0.weight", "0.bias", "2.weight", "2.bias"}
-    assert_close(nt.empirical_ntk(model, x, implementation="structured"), naive_ntk(model, x, None, "full"))
+    assert_close(nt.empirical_ntk(model, x, implementation="structured"),
+                 naive_ntk(model, x, None, "full"))
 
-    embed = nn.Sequential(nn.Embedding(6, 3, max_norm=1.0), nn.Flatten(), nn.Linear(6, 2)).double().eval()
+    embed = nn.Sequential(nn.Embedding(6, 3, max_norm=1.0), nn.Flatten(), nn.Linear(6, 2))
+    embed = embed.double().eval()
     tokens = torch.tensor([[1, 2], [3, 3], [0, 5]])
     structured_names, fallback = _split(embed, tokens)
     assert fallback == {"0.weight"}
@@ -239,7 +247,8 @@ def test_slight_channel_mixing_is_not_mistaken_for_a_separable_head():
         mix.weight.copy_(torch.eye(3)[:, :, None, None] + 1e-6 * torch.randn(3, 3, 1, 1))
     model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.ReLU(), mix, nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(3, 2)).double().eval()
-    case = Case("mixing", lambda: model, lambda n, g: torch.randn(n, 2, 4, 4, generator=g, dtype=torch.float64))
+    case = Case("mixing", lambda: model,
+                lambda n, g: torch.randn(n, 2, 4, 4, generator=g, dtype=torch.float64))
     assert _separable_pairs(case) == {("2", "6")}  # the 1x1 convolution itself; the first one mixes
 
 
@@ -252,9 +261,11 @@ def test_slight_channel_mixing_is_not_mistaken_for_a_separable_head():
 def test_factored_rule_and_head_shortcut_are_taken(name, layer, shortcut_taken, monkeypatch):
     used, shortcut = [], []
     features = _contractions.factored_features
-    monkeypatch.setattr(structured, "factored_features", lambda *a: used.append(a[0].module) or features(*a))
+    monkeypatch.setattr(structured, "factored_features",
+                        lambda *a: used.append(a[0].module) or features(*a))
     reached = _heads.leaves_reached
-    monkeypatch.setattr(_capture, "leaves_reached", lambda *a, **k: shortcut.append(1) or reached(*a, **k))
+    monkeypatch.setattr(_capture, "leaves_reached",
+                        lambda *a, **k: shortcut.append(1) or reached(*a, **k))
     monkeypatch.setattr(_plan, "choose_strategy", _forced("factored"))
     case = CASES[name]
     for mode in MODES:
@@ -281,9 +292,11 @@ def test_samples_that_interact_in_the_batch_get_per_sample_kernels():
     model = _BatchCentred().double().eval()
     x = torch.randn(5, 3, dtype=torch.float64)
     fm = functionalize(model)
-    assert _capture.capture_batched(fm, fm.params(), x, structured.probe(fm, fm.params(), x[:1])) is None
+    structure = structured.probe(fm, fm.params(), x[:1])
+    assert _capture.capture_batched(fm, fm.params(), x, structure) is None
     # Like every engine and the oracle: the kernel of the model applied to one sample at a time.
-    assert_close(nt.empirical_ntk(model, x, implementation="structured"), naive_ntk(model, x, None, "full"))
+    assert_close(nt.empirical_ntk(model, x, implementation="structured"),
+                 naive_ntk(model, x, None, "full"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -305,7 +318,8 @@ class _LargestTensor(TorchDispatchMode):
 
 def test_never_materialises_per_sample_jacobians_of_dense_layers():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(30, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5)).eval()
+    model = nn.Sequential(nn.Linear(30, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 5)).eval()
     x = torch.randn(16, 30)
     fm = functionalize(model)
     params = fm.params()
@@ -346,8 +360,9 @@ def _problem(model: nn.Module, x: torch.Tensor, mode: str, symmetric: bool = Fal
     values = fm.params()
     flops, activations, n_out, probe = _engines.profile_forward(fm, values, x)
     return Problem(n1=x.shape[0], n2=x.shape[0], symmetric=symmetric, mode=mode, n_out=n_out,
-                   n_params=sum(v.numel() for v in values.values()), n_groups=1, forward_flops=flops,
-                   activations=activations, itemsize=x.element_size(), probe=probe)
+                   n_params=sum(v.numel() for v in values.values()), n_groups=1,
+                   forward_flops=flops, activations=activations, itemsize=x.element_size(),
+                   probe=probe)
 
 
 class _RawMLP(nn.Module):
@@ -381,12 +396,14 @@ def test_auto_picks_jacobian_when_nothing_is_structured():
     problem = _problem(model, x, "trace")
     seconds = {e: _engines.predicted_seconds(e, problem) for e in _engines.ENGINES}
     # Everything would take the structured engine's fallback: the same work plus a probe.
-    assert _engines.estimate("jacobian", problem).flops <= _engines.estimate("structured", problem).flops
+    flops = {e: _engines.estimate(e, problem).flops for e in ("jacobian", "structured")}
+    assert flops["jacobian"] <= flops["structured"]
     assert min(seconds, key=seconds.get) == "jacobian"
     ntk = nt.empirical_ntk_fn(model, implementation="auto", mode="trace")
     k = ntk(x)
     assert ntk.last_implementation == "jacobian"
-    assert_close(k, nt.empirical_ntk(model, x, implementation="jacobian", mode="trace"), RTOL[torch.float32])
+    assert_close(k, nt.empirical_ntk(model, x, implementation="jacobian", mode="trace"),
+                 RTOL[torch.float32])
 
 
 def test_auto_picks_ntk_vp_when_only_it_fits_the_budget():
@@ -428,8 +445,10 @@ def test_blocks_prepared_differently_are_computed_together(monkeypatch):
     # their prepared state; the pair is then computed from the samples, exactly.
     torch.manual_seed(2)
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2),
-                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).double().eval()
-    x1, x2 = torch.randn(5, 2, 7, 7, dtype=torch.float64), torch.randn(4, 2, 7, 7, dtype=torch.float64)
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+    model = model.double().eval()
+    x1 = torch.randn(5, 2, 7, 7, dtype=torch.float64)
+    x2 = torch.randn(4, 2, 7, 7, dtype=torch.float64)
     fm = functionalize(model)
     params, groups = fm.params(), {"": fm.names}
     flops, activations, n_out, probe = _engines.profile_forward(fm, params, x1)
@@ -456,7 +475,8 @@ def test_every_supported_layer_has_its_rule_and_the_rest_none():
              nn.BatchNorm1d(4).eval(): "batchnorm", nn.BatchNorm2d(4).eval(): "batchnorm"}
     for module, kind in kinds.items():
         assert rule_for(module).name == kind, module
-    assert rule_for(ntk_dense).scales(ntk_dense) == (ntk_dense.multiplier, ntk_dense.bias_multiplier)
+    multipliers = (ntk_dense.multiplier, ntk_dense.bias_multiplier)
+    assert rule_for(ntk_dense).scales(ntk_dense) == multipliers
     # Batch statistics, renormalised rows, an overridden forward, other layers: no rule.
     for module in (nn.BatchNorm2d(4).train(), nn.Embedding(5, 2, max_norm=1.0), _ScaledLinear(3, 2),
                    nn.Bilinear(2, 2, 2), nn.Conv3d(2, 3, 3)):
@@ -483,7 +503,8 @@ def _imports(path: Path, module: str, modules: set[str], lazy: bool) -> set[str]
             if node.level:
                 parts = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(parts + ([node.module] if node.module else []))
-            found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
+            names = (f"{base}.{a.name}" for a in node.names)
+            found |= {name if name in modules else base for name in names}
     return (found & modules) - {module}
 
 

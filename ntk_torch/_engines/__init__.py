@@ -39,8 +39,10 @@ from ntk_torch._engines._cost import Cost, Probe, Problem, profile_forward
 
 @runtime_checkable
 class Engine(Protocol):
-    """What an engine module provides (see the module docstring). It may also define
-    ``predicted_seconds(problem, throughput)`` to price its parts itself."""
+    """What an engine module provides (see the module docstring).
+
+    It may also define ``predicted_seconds(problem, throughput)`` to price its parts itself.
+    """
 
     EFFICIENCY: float
     OVERHEAD_S: float
@@ -55,8 +57,9 @@ class Engine(Protocol):
                  groups: dict[str, tuple[str, ...]], *, problem: Problem | None = None,
                  memory_budget: float | None = None) -> dict[str, torch.Tensor]: ...
 
-    def compute(self, fm, params: dict[str, torch.Tensor], x1: torch.Tensor, x2: torch.Tensor | None,
-                mode: str, groups: dict[str, tuple[str, ...]], *, problem: Problem | None = None,
+    def compute(self, fm, params: dict[str, torch.Tensor], x1: torch.Tensor,
+                x2: torch.Tensor | None, mode: str, groups: dict[str, tuple[str, ...]], *,
+                problem: Problem | None = None,
                 memory_budget: float | None = None) -> dict[str, torch.Tensor]: ...
 
 
@@ -105,14 +108,17 @@ class Bound:
         return {"problem": self.problem, "memory_budget": self.memory_budget}
 
     def prepare(self, x: torch.Tensor):
-        return self.module.prepare(self.fm, self.params, x, self.mode, self.groups, **self._settings())
+        return self.module.prepare(self.fm, self.params, x, self.mode, self.groups,
+                                   **self._settings())
 
     def contract(self, pa, pb) -> dict[str, torch.Tensor]:
-        return self.module.contract(pa, pb, self.fm, self.params, self.mode, self.groups, **self._settings())
+        return self.module.contract(pa, pb, self.fm, self.params, self.mode, self.groups,
+                                    **self._settings())
 
     def compute(self, xa: torch.Tensor, xb: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        return self.module.compute(self.fm, self.params, xa, xb, self.mode, self.groups, **self._settings())
+        return self.module.compute(self.fm, self.params, xa, xb, self.mode, self.groups,
+                                   **self._settings())
 
 
-__all__ = ["ENGINES", "THROUGHPUT", "Bound", "Cost", "Engine", "Probe", "Problem", "choose", "estimate",
-           "predicted_seconds", "profile_forward"]
+__all__ = ["ENGINES", "THROUGHPUT", "Bound", "Cost", "Engine", "Probe", "Problem", "choose",
+           "estimate", "predicted_seconds", "profile_forward"]

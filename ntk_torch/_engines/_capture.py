@@ -22,6 +22,7 @@ streamed units into their per-sample gradients as they come (``_contractions.Str
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -35,10 +36,13 @@ from ntk_torch._engines._structure import Structure, Unit
 
 @dataclass
 class Captured:
-    """``O`` outputs; input features ``{site: (N, *in)}``, cotangents ``{site: (N, O, *out)}``,
+    """What one block of samples keeps for the contraction.
+
+    ``O`` outputs; input features ``{site: (N, *in)}``, cotangents ``{site: (N, O, *out)}``,
     fallback Jacobians ``{name: (N, O, *shape)}``, separable heads ``{site: (U, V)}`` with
     ``U (N, *out)`` (the head's cotangent at the layer's output) and ``V (N, O, C)``, and
-    the streamed units' per-sample gradients ``{site: Gradients}``."""
+    the streamed units' per-sample gradients ``{site: Gradients}``.
+    """
 
     n_out: int
     feats: dict[int, torch.Tensor]
@@ -89,7 +93,7 @@ def capture_per_sample(fm, params, x, structure: Structure) -> Captured:
     return Captured(n_out, dict(enumerate(feats)), dict(enumerate(d_eps)), d_fb)
 
 
-def capture_batched(fm, params, x, structure: Structure, factor: frozenset[int] | set[int] = frozenset(),
+def capture_batched(fm, params, x, structure: Structure, factor: Collection[int] = (),
                     stream: dict[int, Unit] | None = None) -> Captured | None:
     """Batched forward and ``O`` backward passes; None where that would not be per-sample.
 
@@ -109,7 +113,8 @@ def capture_batched(fm, params, x, structure: Structure, factor: frozenset[int] 
     # The per-sample layouts: the layer's batch dimension of one after (N,) / (N, O).
     feats = {k: f.unsqueeze(1) for k, f in enumerate(run.feats)}
     modules = run.modules
-    streams = {k: Streamed(unit, structure.sites[k], modules[structure.sites[k].module], feats.pop(k), n_out)
+    sites = structure.sites
+    streams = {k: Streamed(unit, sites[k], modules[sites[k].module], feats.pop(k), n_out)
                for k, unit in (stream or {}).items()}
     heads = separable_heads(structure, run, [(s, r) for s, r in structure.heads if s in factor])
     readouts = sorted({r for r, _ in heads.values()})
@@ -138,7 +143,8 @@ def capture_batched(fm, params, x, structure: Structure, factor: frozenset[int] 
 
     with torch.enable_grad():
         for i in range(n_out):
-            grads = torch.autograd.grad(out[:, i].sum(), targets, retain_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(out[:, i].sum(), targets, retain_graph=True,
+                                        allow_unused=True)
             for key, g, t in zip([*above, *(("v", r) for r in readouts)], grads, targets):
                 take(key, i, g, t)
             if below:
@@ -151,23 +157,29 @@ def capture_batched(fm, params, x, structure: Structure, factor: frozenset[int] 
                 for k, g in zip(below, grads):
                     take(k, i, g, run.eps[k])
     factored = {s: (u, kept[("v", r)].reshape(n, n_out, -1)) for s, (r, u) in heads.items()}
-    return Captured(n_out, feats, {k: kept[k].unsqueeze(2) for k in rest if k in kept}, heads=factored,
+    cots = {k: kept[k].unsqueeze(2) for k in rest if k in kept}
+    return Captured(n_out, feats, cots, heads=factored,
                     streams={k: s.gradients() for k, s in streams.items()})
 
 
 def _outputs_buffer(g: torch.Tensor, n_out: int) -> torch.Tensor:
-    """``(N, O, *g.shape[1:])`` whose slices ``[:, i]`` have ``g``'s memory layout (a
-    channels-last gradient is copied without transposing)."""
-    if g.dim() == 4 and not g.is_contiguous() and g.is_contiguous(memory_format=torch.channels_last):
+    """``(N, O, *g.shape[1:])`` whose slices ``[:, i]`` have ``g``'s memory layout.
+
+    A channels-last gradient is then copied without transposing.
+    """
+    channels_last = g.is_contiguous(memory_format=torch.channels_last)
+    if g.dim() == 4 and not g.is_contiguous() and channels_last:
         n, c, h, w = g.shape
         return g.new_empty(n, n_out, h, w, c).permute(0, 1, 4, 2, 3)
     return g.new_empty(g.shape[0], n_out, *g.shape[1:])
 
 
 def _samples_independent(fm, params, x, out) -> bool:
-    """Whether the first sample's outputs are the same alone as in the batch (to rounding):
-    false for models that mix samples (batch statistics in custom code) or draw random
-    numbers, which the per-sample capture handles or refuses."""
+    """Whether the first sample's outputs are the same alone as in the batch (to rounding).
+
+    False for models that mix samples (batch statistics in custom code) or draw random
+    numbers, which the per-sample capture handles or refuses.
+    """
     if x.shape[0] == 1:
         return True
     with torch.no_grad():

@@ -41,7 +41,8 @@ from ntk_torch._engines._plan import strategy_costs
 from ntk_torch._engines._structure import Structure, Unit
 
 
-def one_hot(indices: torch.Tensor, mask: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+def one_hot(indices: torch.Tensor, mask: torch.Tensor, vocab: int,
+            dtype: torch.dtype) -> torch.Tensor:
     """``(N, T, 1, V)`` rows an embedding lookup reads; padding positions are zero."""
     return (F.one_hot(indices, vocab).to(dtype) * mask[..., None]).unsqueeze(2)
 
@@ -55,10 +56,12 @@ def gram_of_inputs(unit: Unit, a1, a2, n1: int, n2: int, like: torch.Tensor) -> 
     """``GA[a, b, g, t, s]`` of shape ``(N1, N2, G, T, T)``, plus 1 for a bias."""
     bias_gram = unit.bias_scale**2
     if unit.weight is None:
-        return like.new_full((), bias_gram).expand(n1, n2, unit.groups, unit.positions, unit.positions)
+        t = unit.positions
+        return like.new_full((), bias_gram).expand(n1, n2, unit.groups, t, t)
     if unit.vocab:  # one-hot rows: the inner product is index equality
         (i1, m1), (i2, m2) = a1, a2
-        same = (i1[:, None, :, None] == i2[None, :, None, :]) & (m1[:, None, :, None] & m2[None, :, None, :])
+        same = ((i1[:, None, :, None] == i2[None, :, None, :])
+                & (m1[:, None, :, None] & m2[None, :, None, :]))
         ga = same.unsqueeze(2).to(like.dtype)
     elif a1.shape[1] == 1 and a1.shape[2] == 1:
         ga = (a1[:, 0, 0] @ a2[:, 0, 0].T)[:, :, None, None, None]
@@ -68,7 +71,7 @@ def gram_of_inputs(unit: Unit, a1, a2, n1: int, n2: int, like: torch.Tensor) -> 
 
 
 def gram_kernel(ga: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, mode: str) -> torch.Tensor:
-    """Kernel from ``GA (N1, N2, G, T, T)`` and cotangents, never forming parameter-sized tensors."""
+    """Kernel from ``GA (N1, N2, G, T, T)`` and cotangents, with no parameter-sized tensor."""
     n1, n_out, t, g, ko = d1.shape
     n2 = d2.shape[0]
     if t == 1 and g == 1:
@@ -77,7 +80,8 @@ def gram_kernel(ga: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, mode: str)
             gd = (d1.reshape(n1 * n_out, ko) @ d2.reshape(n2 * n_out, ko).T)
             return ga[:, :, None, None] * gd.view(n1, n_out, n2, n_out).permute(0, 2, 1, 3)
         if mode == "diagonal":
-            gd = torch.bmm(d1.reshape(n1, n_out, ko).transpose(0, 1), d2.reshape(n2, n_out, ko).permute(1, 2, 0))
+            gd = torch.bmm(d1.reshape(n1, n_out, ko).transpose(0, 1),
+                           d2.reshape(n2, n_out, ko).permute(1, 2, 0))
             return ga[:, :, None] * gd.permute(1, 2, 0)
         return ga * (d1.reshape(n1, -1) @ d2.reshape(n2, -1).T) / n_out
     if mode == "full":
@@ -108,8 +112,10 @@ def weight_gradients(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 def factored_features(site: Site, module: nn.Module, feat: torch.Tensor | None, u: torch.Tensor,
                       bias_scale: float | None) -> torch.Tensor:
-    """``(N, C, K)``: per output channel ``c``, ``M = Σ_t U[:, c, t] A[:, t, g(c)]`` (none
-    without a weight), then ``m_b Σ_t U[:, c, t]`` for a bias (``bias_scale`` not None).
+    """``(N, C, K)`` per-channel moments of the factored rule.
+
+    Per output channel ``c``, ``M = Σ_t U[:, c, t] A[:, t, g(c)]`` (none without a weight),
+    then ``m_b Σ_t U[:, c, t]`` for a bias (``bias_scale`` not None).
 
     ``feat`` is the captured input ``(N, 1, *in)`` and ``u`` the head's cotangent
     ``(N, *out)`` at the layer's output: ``M`` is the layer's weight gradient for the
@@ -164,8 +170,10 @@ def explicit_kernel(ja: torch.Tensor, jb: torch.Tensor, mode: str) -> torch.Tens
 
 
 def unit_tensors(unit: Unit, structure: Structure, modules, feats, cots):
-    """Weight features ``A`` (embedding indices and masks; None without a weight) and
-    cotangents ``D``, concatenated over the unit's sites."""
+    """Weight features ``A`` and cotangents ``D``, concatenated over the unit's sites.
+
+    ``A`` is a pair of indices and masks for an embedding, None without a weight.
+    """
     a_parts, d_parts = [], []
     for k in unit.sites:
         site = structure.sites[k]
@@ -195,8 +203,11 @@ def _rows(a, start: int, stop: int | None):
 
 def unit_kernel(unit: Unit, strategy: str, a1, d1, a2, d2, mode: str, symmetric: bool,
                 work_elements: float) -> torch.Tensor:
-    """Block of ``unit`` by ``strategy`` (``"gram"`` or ``"explicit"``) from its tensors
-    (:func:`unit_tensors`), in blocks of samples whose working set fits ``work_elements``."""
+    """Block of ``unit`` by ``strategy`` (``"gram"`` or ``"explicit"``).
+
+    From the unit's tensors (:func:`unit_tensors`), in blocks of samples whose working set
+    fits ``work_elements``.
+    """
     n_out, n1, n2 = d1.shape[1], d1.shape[0], d2.shape[0]
     _, work = strategy_costs(unit, n1, n2, symmetric, n_out, mode)[strategy]
     if strategy == "explicit":
@@ -211,13 +222,16 @@ def unit_kernel(unit: Unit, strategy: str, a1, d1, a2, d2, mode: str, symmetric:
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
 
-def factored_blocks(f1: torch.Tensor, v1: torch.Tensor, f2: torch.Tensor, v2: torch.Tensor, mode: str,
-                    work_elements: float) -> torch.Tensor:
-    """The factored rule (a separable head) from per-channel features ``f (N, C, K)`` and
-    head cotangents ``v (N, O, C)``, in blocks of rows of x1 that fit the budget."""
+def factored_blocks(f1: torch.Tensor, v1: torch.Tensor, f2: torch.Tensor, v2: torch.Tensor,
+                    mode: str, work_elements: float) -> torch.Tensor:
+    """The factored rule (a separable head), in blocks of rows of x1 that fit the budget.
+
+    From per-channel features ``f (N, C, K)`` and head cotangents ``v (N, O, C)``.
+    """
     n1, n2, n_out, c = f1.shape[0], f2.shape[0], v1.shape[1], v1.shape[2]
     step = max(1, int(work_elements // (n2 * c * (n_out + 1))))
-    blocks = [factored_kernel(f1[r : r + step], v1[r : r + step], f2, v2, mode) for r in range(0, n1, step)]
+    blocks = [factored_kernel(f1[r : r + step], v1[r : r + step], f2, v2, mode)
+              for r in range(0, n1, step)]
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
 
@@ -233,7 +247,8 @@ def _explicit(unit, a1, d1, a2, d2, mode, symmetric, work, work_elements):
             k = explicit_kernel(ja, jb, mode)
         if unit.bias is not None:
             ba = bias_gradients(d1[ra], unit.bias_scale)
-            kb = explicit_kernel(ba, ba if rb is None else bias_gradients(d2[rb], unit.bias_scale), mode)
+            bb = ba if rb is None else bias_gradients(d2[rb], unit.bias_scale)
+            kb = explicit_kernel(ba, bb, mode)
             k = kb if k is None else k + kb
         return k
 
@@ -242,7 +257,8 @@ def _explicit(unit, a1, d1, a2, d2, mode, symmetric, work, work_elements):
     per_sample = work / (n1 + (0 if symmetric else n2))
     step = max(1, int(work_elements // (2 * per_sample)))
     return torch.cat([
-        torch.cat([kernel(slice(r, r + step), slice(c, c + step)) for c in range(0, n2, step)], dim=1)
+        torch.cat([kernel(slice(r, r + step), slice(c, c + step)) for c in range(0, n2, step)],
+                  dim=1)
         for r in range(0, n1, step)
     ])
 
@@ -261,14 +277,17 @@ def _weight_grads(unit: Unit, a, d, rows: slice) -> torch.Tensor:
 
 
 class Streamed:
-    """Per-sample gradients ``(O, N, ·)`` of one explicit unit, filled output by output
-    from the cotangents as the batched capture produces them (never kept whole).
+    """Per-sample gradients ``(O, N, ·)`` of one explicit unit, filled output by output.
+
+    They are made from the cotangents as the batched capture produces them, which are
+    then never kept whole.
 
     The weight's entries are in (k_in, k_out) order here, a layout of their own: only
     inner products between these gradients are taken.
     """
 
-    def __init__(self, unit: Unit, site: Site, module: nn.Module, feat: torch.Tensor, n_out: int) -> None:
+    def __init__(self, unit: Unit, site: Site, module: nn.Module, feat: torch.Tensor,
+                 n_out: int) -> None:
         self.unit, self.site, self.module = unit, site, module
         n = feat.shape[0]
         a = site.rule.features(module, site, feat) if unit.weight is not None else None

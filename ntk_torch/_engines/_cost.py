@@ -20,7 +20,6 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 
-
 @dataclass(frozen=True)
 class Problem:
     """Sizes of one kernel block.
@@ -63,7 +62,9 @@ class Cost:
 
 
 class _ForwardCounter(TorchDispatchMode):
-    """FLOPs of the operators torch's FLOP counter knows (matmuls, convolutions, attention)
+    """FLOPs and new elements of the operators run under it.
+
+    FLOPs of the operators torch's FLOP counter knows (matmuls, convolutions, attention)
     and elements of every new tensor an operator returns (an upper bound on activations).
 
     Views (``weight.t()`` inside ``linear``, reshapes) share their input's storage and
@@ -112,7 +113,8 @@ class Probe:
         self.fm, self.params, self.sample = fm, dict(params), sample
         self._found: dict[str, Any] = {}
 
-    def analysis(self, key: str, analyse: Callable[[Any, dict[str, torch.Tensor], torch.Tensor], T]) -> T:
+    def analysis(self, key: str,
+                 analyse: Callable[[Any, dict[str, torch.Tensor], torch.Tensor], T]) -> T:
         """``analyse(fm, params, sample)``, computed on the first call for ``key``."""
         if key not in self._found:
             self._found[key] = analyse(self.fm, self.params, self.sample)
@@ -121,11 +123,11 @@ class Probe:
 
 def profile_forward(fm, params: dict[str, torch.Tensor],
                     x: torch.Tensor) -> tuple[float, float, int, Probe]:
-    """FLOPs, allocated elements and output size ``O`` from ``x[:1]``, and that sample's
-    :class:`Probe`."""
+    """FLOPs, allocated elements, output size ``O`` and :class:`Probe` of ``x[:1]``."""
     sample = x[:1]
     with torch.no_grad():
         counter = _ForwardCounter()
         with counter:
             out = fm(params, sample)
-    return float(max(counter.flops, 1)), float(counter.elements), int(out.shape[1]), Probe(fm, params, sample)
+    flops, elements = float(max(counter.flops, 1)), float(counter.elements)
+    return flops, elements, int(out.shape[1]), Probe(fm, params, sample)

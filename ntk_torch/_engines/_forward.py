@@ -23,8 +23,10 @@ class _NotBatched(Exception):
 
 @contextmanager
 def site_hooks(modules, sites, perturb, feats, inputs=None, outputs=None):
-    """At the k-th layer call keep its input feature and return ``output + perturb(k, output)``;
-    ``inputs``/``outputs`` get that input and returned tensor with their version counters."""
+    """Hooks that keep the k-th call's input feature and return ``output + perturb(k, output)``.
+
+    ``inputs``/``outputs`` get that input and returned tensor with their version counters.
+    """
     calls = iter(range(len(sites)))
 
     def hook(module, args, output):
@@ -85,8 +87,11 @@ class Run:
 
 
 def batched_forward(fm, params, x, structure: Structure) -> Run | None:
-    """The hooked forward of the batch ``x``; None where a fallback parameter or a layer
-    call without the batch as its first dimension rules out a batched capture."""
+    """The hooked forward of the batch ``x``, or None where it cannot be batched.
+
+    None where a fallback parameter or a layer call without the batch as its first
+    dimension rules out a batched capture.
+    """
     sites = structure.sites
     if structure.fallback or any(s.out_shape[:1] != (1,) or s.in_shape[:1] != (1,) for s in sites):
         return None

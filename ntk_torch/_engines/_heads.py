@@ -27,10 +27,12 @@ SEPARABLE_RTOL_ULPS = 64
 
 
 def head_candidates(modules: dict, structure: Structure) -> list[tuple[int, int]]:
-    """``(site, readout site)`` pairs that may form a separable head: a site of a factorable
-    rule (convolution, Linear) over several positions, called once and holding the only unit
-    at that call, and the first later call reading one vector whose width is the site's
-    number of channels."""
+    """``(site, readout site)`` pairs that may form a separable head.
+
+    A site of a factorable rule (convolution, Linear) over several positions, called once
+    and holding the only unit at that call, and the first later call reading one vector
+    whose width is the site's number of channels.
+    """
     sites = structure.sites
     sharing = Counter(k for u in structure.units for k in u.sites)
     pairs = []
@@ -60,8 +62,10 @@ def probe_heads(fm, params, sample, structure: Structure) -> tuple[tuple[int, in
 
 
 def separable_heads(structure: Structure, run: Run, pairs) -> dict[int, tuple[int, torch.Tensor]]:
-    """``{site s: (readout site r, U (N, *out))}`` for the ``(s, r)`` in ``pairs`` whose cotangents
-    factor through the readout's input ``h`` (N, C) in ``run``.
+    """``{site s: (readout site r, U (N, *out))}`` for the separable heads among ``pairs``.
+
+    Those ``(s, r)`` whose cotangents factor through the readout's input ``h`` (N, C) in
+    ``run``.
 
     ``U`` is the vector-Jacobian product of ``Σ h`` at the site's output ``y``. The claim
     ``δ_i[c, t] = V_i[c] U[c, t]`` for every output ``i`` (``V_i`` the cotangent at ``h``)
@@ -82,8 +86,10 @@ def separable_heads(structure: Structure, run: Run, pairs) -> dict[int, tuple[in
             continue
         site = structure.sites[s]
         with torch.enable_grad():
-            u, _ = torch.autograd.grad(h, (e, h), torch.ones_like(h), retain_graph=True, allow_unused=True)
-            d_rho, v_rho = torch.autograd.grad(out, (e, h), rho, retain_graph=True, allow_unused=True)
+            u, _ = torch.autograd.grad(h, (e, h), torch.ones_like(h), retain_graph=True,
+                                       allow_unused=True)
+            d_rho, v_rho = torch.autograd.grad(out, (e, h), rho, retain_graph=True,
+                                               allow_unused=True)
         if u is None or d_rho is None or v_rho is None:
             continue
         module = run.modules[site.module]
@@ -102,8 +108,10 @@ def separable_heads(structure: Structure, run: Run, pairs) -> dict[int, tuple[in
 
 
 def leaves_reached(root, stop) -> set[int]:
-    """``id``s of the leaf tensors whose gradients ``root``'s backward reaches without
-    passing through the node ``stop``."""
+    """``id``s of the leaf tensors that ``root``'s backward reaches without ``stop``.
+
+    ``stop`` is an autograd node; paths through it are not followed.
+    """
     seen: set[int] = set()
     leaves: set[int] = set()
     stack = [root]

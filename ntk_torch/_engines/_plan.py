@@ -1,5 +1,7 @@
-"""How each structured unit's kernel block is computed: one plan per kernel, made before
-any capture from the structure, the block sizes, ``O`` and the mode.
+"""How each structured unit's kernel block is computed.
+
+One plan per kernel, made before any capture from the structure, the block sizes, ``O``
+and the mode.
 
 Per unit (``_structure.Unit``) the cheapest of (Novak et al. 2022, "Fast Finite Width
 Neural Tangent Kernel", structured derivatives):
@@ -67,14 +69,12 @@ class Plan:
 
     Attributes:
         routes: one per unit with a parameter in some group, in structure order.
-        n_out: ``O``.
         batched: whether the capture should run batched (some unit streams, factors or
             takes explicit gradients at its own site); for Gram-only models (dense nets) the
             per-sample vectorised capture measured ~10% faster.
     """
 
     routes: tuple[Route, ...]
-    n_out: int
     batched: bool
 
     @property
@@ -90,8 +90,10 @@ class Plan:
 
 def make_plan(structure: Structure, n1: int, n2: int, symmetric: bool, n_out: int, mode: str,
               group_of: dict[str, str] | None, work_elements: float) -> Plan:
-    """The plan for blocks of ``n1 x n2`` samples; ``group_of`` maps each wanted parameter to
-    its group (None: every parameter, one group)."""
+    """The plan for blocks of ``n1 x n2`` samples.
+
+    ``group_of`` maps each wanted parameter to its group (None: every parameter, one group).
+    """
     sharing = Counter(k for u in structure.units for k in u.sites)
     heads = {site for site, _ in structure.heads}
     routes = []
@@ -111,7 +113,7 @@ def make_plan(structure: Structure, n1: int, n2: int, symmetric: bool, n_out: in
                       for group, part in _split_by_group(unit, wanted, group_of))
         routes.append(Route(unit, parts, strategy, flops, work, alone, stream))
     batched = any(r.alone and r.strategy != "gram" for r in routes)
-    return Plan(tuple(routes), n_out, batched)
+    return Plan(tuple(routes), batched)
 
 
 def _split_by_group(unit: Unit, wanted: list[str], group_of: dict[str, str] | None):
@@ -167,6 +169,7 @@ def factored_costs(unit: Unit, n1: int, n2: int, symmetric: bool, n_out: int,
     pairs = float(n1) * n2
     sides = n1 if symmetric else n1 + n2
     per_pair = n_out * (n_out + 1) if mode == "full" else 2 * n_out
-    return 2.0 * sides * unit.positions * c * k + 2.0 * pairs * c * (k + per_pair), pairs * c * (n_out + 1)
+    flops = 2.0 * sides * unit.positions * c * k + 2.0 * pairs * c * (k + per_pair)
+    return flops, pairs * c * (n_out + 1)
 
 

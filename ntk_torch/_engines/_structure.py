@@ -1,8 +1,8 @@
 """Which parameters the structured engine can handle, found by one probed forward pass.
 
-A parameter is *structured* when every use of it is the standard forward of a supported
-layer (``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, and the affine
-parameters of ``nn.LayerNorm``/``nn.GroupNorm``/``nn.BatchNorm*`` in eval mode). Its
+A parameter is *structured* when every use of it is the standard forward of a layer with
+a rule (``_layers``: ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, and the
+affine parameters of ``nn.LayerNorm``/``nn.GroupNorm``/``nn.BatchNorm*`` in eval mode). Its
 per-sample gradient is then ``Σ_t δ_t ⊗ a_t`` over the layer's positions ``t`` (and over
 all calls of the layer), with ``a_t`` the layer's input feature and ``δ_t`` the cotangent
 of one output at the layer's output. Everything else is *fallback* and goes through the
@@ -130,8 +130,10 @@ def _hooks(modules: list[nn.Module], pre, post) -> Iterator[None]:
 
 
 def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Structure:
-    """Probe ``fm`` on ``sample`` (one input, with its batch dimension) and split ``params``
-    (separable heads are found apart, by ``_heads.probe_heads``)."""
+    """Probe ``fm`` on ``sample`` (one input, with its batch dimension) and split ``params``.
+
+    Separable heads are found apart, by ``_heads.probe_heads``.
+    """
     model = fm.module
     rules = {name: rule for name, m in model.named_modules() if (rule := rule_for(m)) is not None}
     candidates = {name: m for name, m in model.named_modules() if name in rules}
@@ -147,7 +149,8 @@ def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Struc
             if p is not None and aliases[id(p)] in params:
                 holders.setdefault(aliases[id(p)], []).append((lname, role))
 
-    owners = {id(params[n]): {id(candidates[l]) for l, _ in hs} for n, hs in holders.items()}
+    owners = {id(params[n]): {id(candidates[layer]) for layer, _ in hs}
+              for n, hs in holders.items()}
     stack: list[nn.Module] = []
     calls: list[tuple[str, tuple[int, ...], tuple[int, ...], torch.dtype]] = []
     unusable: set[str] = set()
@@ -159,7 +162,8 @@ def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Struc
         stack.pop()
         inp = args[0] if args else None
         if isinstance(inp, torch.Tensor) and isinstance(output, torch.Tensor):
-            calls.append((names_of[id(module)], tuple(inp.shape), tuple(output.shape), output.dtype))
+            calls.append((names_of[id(module)], tuple(inp.shape), tuple(output.shape),
+                          output.dtype))
         else:  # called in a way the rules do not cover: keyword input, tuple output
             calls.append((names_of[id(module)], (), (), torch.float32))
             unusable.add(names_of[id(module)])
@@ -170,23 +174,24 @@ def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Struc
 
     structured: dict[str, list[tuple[str, str]]] = {}
     for name, hs in holders.items():
-        kinds = {rules[l] for l, _ in hs}
+        kinds = {rules[layer] for layer, _ in hs}
         roles = {r for _, r in hs}
-        multipliers = {rules[l].scales(candidates[l]) for l, _ in hs}
-        if (id(params[name]) in uses.foreign or len(kinds) > 1 or len(roles) > 1 or len(multipliers) > 1
-                or any(l in unusable for l, _ in hs)
-                or not any(c[0] == l for c in calls for l, _ in hs)):
+        multipliers = {rules[layer].scales(candidates[layer]) for layer, _ in hs}
+        if (id(params[name]) in uses.foreign or len(kinds) > 1 or len(roles) > 1
+                or len(multipliers) > 1
+                or any(layer in unusable for layer, _ in hs)
+                or not any(c[0] == layer for c in calls for layer, _ in hs)):
             continue  # mixed kinds, raw use, or never called: the generic engine is exact
         structured[name] = hs
 
     # A weight and a bias held by exactly the same layers share their sites: one unit.
     by_layers: dict[tuple[str, ...], dict[str, str]] = {}
     for name, hs in structured.items():
-        layers = tuple(sorted(l for l, _ in hs))
+        layers = tuple(sorted(layer for layer, _ in hs))
         by_layers.setdefault(layers, {})[hs[0][1]] = name
-    needed = {l for layers in by_layers for l in layers}
+    needed = {layer for layers in by_layers for layer in layers}
     site_calls = [c for c in calls if c[0] in needed]
-    sites = tuple(Site(l, rules[l], i, o, d) for l, i, o, d in site_calls)
+    sites = tuple(Site(name, rules[name], i, o, d) for name, i, o, d in site_calls)
 
     units = []
     for layers, roles in by_layers.items():

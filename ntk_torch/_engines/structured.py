@@ -35,7 +35,12 @@ import torch
 
 from ntk_torch._engines import jacobian
 from ntk_torch._engines._capture import Captured, capture_batched, capture_per_sample
-from ntk_torch._engines._contractions import factored_blocks, factored_features, unit_kernel, unit_tensors
+from ntk_torch._engines._contractions import (
+    factored_blocks,
+    factored_features,
+    unit_kernel,
+    unit_tensors,
+)
 from ntk_torch._engines._cost import Cost, Problem
 from ntk_torch._engines._heads import probe_heads
 from ntk_torch._engines._plan import Plan, make_plan
@@ -54,8 +59,10 @@ MIN_WORK_BYTES = 2**20
 
 
 def probe(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Structure:
-    """The model's structure on ``sample`` (one input with its batch dimension), with the
-    separable heads found on it."""
+    """The model's structure on ``sample`` (one input with its batch dimension).
+
+    With the separable heads found on it.
+    """
     structure = discover(fm, params, sample)
     return replace(structure, heads=probe_heads(fm, params, sample, structure))
 
@@ -74,11 +81,14 @@ def estimate(problem: Problem) -> Cost:
 
 
 def predicted_seconds(problem: Problem, throughput: float) -> float:
-    """Like the other engines' ``FLOPs / (throughput · EFFICIENCY) + OVERHEAD_S``, with the
-    fallback parameters' share priced at the jacobian engine's rate: that is what they
-    run as, so a model with nothing structured is never predicted faster than there."""
+    """Like the other engines' ``FLOPs / (throughput · EFFICIENCY) + OVERHEAD_S``.
+
+    The fallback parameters' share is priced at the jacobian engine's rate: that is what
+    they run as, so a model with nothing structured is never predicted faster than there.
+    """
     structured_flops, fallback_flops, _ = _cost_parts(problem)
-    return (structured_flops / EFFICIENCY + fallback_flops / jacobian.EFFICIENCY) / throughput + OVERHEAD_S
+    flops_at_reference_rate = structured_flops / EFFICIENCY + fallback_flops / jacobian.EFFICIENCY
+    return flops_at_reference_rate / throughput + OVERHEAD_S
 
 
 def _cost_parts(problem: Problem) -> tuple[float, float, float]:
@@ -100,7 +110,8 @@ def _cost_parts(problem: Problem) -> tuple[float, float, float]:
     work = samples * (1 + o) * p.activations
     plan = make_plan(s, p.n1, p.n2, p.symmetric, o, p.mode, None, WORK_BYTES / p.itemsize)
     flops += sum(route.flops for route in plan.routes)
-    contraction_work = max((min(route.work * p.itemsize, WORK_BYTES) for route in plan.routes), default=0.0)
+    contraction_work = max((min(route.work * p.itemsize, WORK_BYTES) for route in plan.routes),
+                           default=0.0)
     per_pair = o * o if p.mode == "full" else o
     fallback += 2.0 * p.n1 * p.n2 * per_pair * s.fallback_params
     nbytes = (kept + work) * p.itemsize + contraction_work + p.output_bytes()
@@ -139,7 +150,8 @@ class Prepared:
 
     def representation(self) -> tuple:
         """Which layers were factored or streamed: blocks contract directly when equal."""
-        return (frozenset(self.cap.heads), frozenset(self.cap.streams), frozenset(self.cap.fallback))
+        cap = self.cap
+        return frozenset(cap.heads), frozenset(cap.streams), frozenset(cap.fallback)
 
     def rows(self, start: int, stop: int | None) -> Prepared:
         """The same for samples ``start:stop`` (views, no copy)."""
@@ -147,8 +159,10 @@ class Prepared:
 
 
 def prepare(fm, params, x, mode, groups, *, problem=None, memory_budget=None) -> Prepared:
-    """Everything the kernel needs from the samples ``x (N, ...)``: layer inputs, cotangents
-    (or streamed per-sample gradients and separable-head factors) and fallback Jacobians.
+    """Everything the kernel needs from the samples ``x (N, ...)``.
+
+    Layer inputs, cotangents (or streamed per-sample gradients and separable-head
+    factors) and fallback Jacobians.
 
     What each unit keeps follows one plan (``_plan``) for blocks of ``problem.n1`` by
     ``problem.n2`` samples (without a problem: ``x`` with itself), so the features of any
@@ -160,12 +174,16 @@ def prepare(fm, params, x, mode, groups, *, problem=None, memory_budget=None) ->
     else:
         n1, n2, symmetric, n_out = x.shape[0], x.shape[0], True, structure.n_out
     dtype = next(iter(params.values())).dtype
-    work = WORK_BYTES if memory_budget is None else max(min(WORK_BYTES, memory_budget / 4), MIN_WORK_BYTES)
+    work = WORK_BYTES
+    if memory_budget is not None:
+        work = max(min(WORK_BYTES, memory_budget / 4), MIN_WORK_BYTES)
     work_elements = work / torch.finfo(dtype).bits * 8
     group_of = {name: g for g, names in groups.items() for name in names}
     plan = make_plan(structure, n1, n2, symmetric, n_out, mode, group_of, work_elements)
     ctx = _Context(structure, plan, dict(fm.module.named_modules()), work_elements, dtype)
-    cap = capture_batched(fm, params, x, structure, plan.factor, plan.stream) if plan.batched else None
+    cap = None
+    if plan.batched:
+        cap = capture_batched(fm, params, x, structure, plan.factor, plan.stream)
     if cap is None:
         cap = capture_per_sample(fm, params, x, structure)
     return Prepared(ctx, x, cap)
@@ -173,11 +191,14 @@ def prepare(fm, params, x, mode, groups, *, problem=None, memory_budget=None) ->
 
 def contract(fa: Prepared, fb: Prepared | None, fm, params, mode, groups, *, problem=None,
              memory_budget=None) -> dict[str, torch.Tensor]:
-    """``{group: kernel block}`` between the samples of ``fa`` and ``fb`` (``None``: ``fa``
-    with itself). Blocks whose captures came out differently (a head separable on one
-    batch only) are recomputed together."""
+    """``{group: kernel block}`` between the samples of ``fa`` and ``fb``.
+
+    ``fb=None``: ``fa`` with itself. Blocks whose captures came out differently (a head
+    separable on one batch only) are recomputed together.
+    """
     if fb is not None and fb.representation() != fa.representation():
-        return compute(fm, params, fa.x, fb.x, mode, groups, problem=problem, memory_budget=memory_budget)
+        return compute(fm, params, fa.x, fb.x, mode, groups, problem=problem,
+                       memory_budget=memory_budget)
     ctx, structure = fa.ctx, fa.ctx.structure
     symmetric = fb is None
     fb = fa if fb is None else fb
@@ -192,9 +213,11 @@ def contract(fa: Prepared, fb: Prepared | None, fm, params, mode, groups, *, pro
             site = structure.sites[s]
             module = ctx.modules[site.module]
             for group, part, _ in route.parts:
+                bias_scale = part.bias_scale if part.bias is not None else None
+
                 def moments(f: Prepared) -> torch.Tensor:
-                    return factored_features(site, module, f.cap.feats[s] if part.weight is not None else None,
-                                             f.cap.heads[s][0], part.bias_scale if part.bias is not None else None)
+                    feat = f.cap.feats[s] if part.weight is not None else None
+                    return factored_features(site, module, feat, f.cap.heads[s][0], bias_scale)
 
                 f1 = moments(fa)
                 f2 = f1 if symmetric else moments(fb)
@@ -205,22 +228,25 @@ def contract(fa: Prepared, fb: Prepared | None, fm, params, mode, groups, *, pro
                 add(group, fa.cap.streams[s].kernel(part, fb.cap.streams[s], mode))
         else:
             a1, d1 = unit_tensors(unit, structure, ctx.modules, fa.cap.feats, fa.cap.cots)
-            a2, d2 = (a1, d1) if symmetric else unit_tensors(unit, structure, ctx.modules, fb.cap.feats,
-                                                             fb.cap.cots)
+            a2, d2 = (a1, d1) if symmetric else unit_tensors(unit, structure, ctx.modules,
+                                                             fb.cap.feats, fb.cap.cots)
             for group, part, strategy in route.parts:
-                add(group, unit_kernel(part, strategy, a1, d1, a2, d2, mode, symmetric, ctx.work_elements))
+                add(group, unit_kernel(part, strategy, a1, d1, a2, d2, mode, symmetric,
+                                       ctx.work_elements))
 
     group_of = {name: g for g, names in groups.items() for name in names}
     for name in structure.fallback:
         if name not in group_of:
             continue
         j1 = _flat(fa.cap.fallback[name])
-        add(group_of[name], jacobian.contract_pair(j1, j1 if symmetric else _flat(fb.cap.fallback[name]), mode))
+        j2 = j1 if symmetric else _flat(fb.cap.fallback[name])
+        add(group_of[name], jacobian.contract_pair(j1, j2, mode))
 
     n1, n2, n_out = fa.n, fb.n, fa.cap.n_out
     for group in groups:
         if group not in out:  # parameters that do not affect the outputs here
-            shape = {"full": (n1, n2, n_out, n_out), "diagonal": (n1, n2, n_out), "trace": (n1, n2)}[mode]
+            shape = {"full": (n1, n2, n_out, n_out), "diagonal": (n1, n2, n_out),
+                     "trace": (n1, n2)}[mode]
             out[group] = torch.zeros(shape, dtype=ctx.dtype, device=fa.x.device)
     return {g: k.contiguous() for g, k in out.items()}
 
@@ -228,7 +254,8 @@ def contract(fa: Prepared, fb: Prepared | None, fm, params, mode, groups, *, pro
 def compute(fm, params, x1, x2, mode, groups, *, problem=None, memory_budget=None):
     """``{group: kernel block}``; ``x2=None`` reuses ``x1``'s features and cotangents.
 
-    The features of ``x1`` and ``x2`` come from one capture of both batches together."""
+    The features of ``x1`` and ``x2`` come from one capture of both batches together.
+    """
     xs = x1 if x2 is None else torch.cat([x1, x2])
     f = prepare(fm, params, xs, mode, groups, problem=problem, memory_budget=memory_budget)
     kw = {"problem": problem, "memory_budget": memory_budget}

@@ -69,8 +69,10 @@ class LayerRule:
         raise NotImplementedError
 
     def input_feature(self, module: nn.Module, inp: torch.Tensor) -> torch.Tensor:
-        """What the weight gradient needs from the layer's input at one call (runs in a hook,
-        inside vmap over samples for the per-sample capture)."""
+        """What the weight gradient needs from the layer's input at one call.
+
+        Runs in a hook, inside vmap over samples for the per-sample capture.
+        """
         return inp
 
     def features(self, module: nn.Module, site: Site, feat: torch.Tensor):

@@ -1,6 +1,9 @@
-"""``nn.BatchNorm1d/2d/3d`` in eval mode: per channel a scale (input feature: the input
-normalised by the running statistics) and a shift. In train mode the statistics come
-from the batch, so the layer is not per-sample and gets no rule."""
+"""``nn.BatchNorm1d/2d/3d`` in eval mode.
+
+Per channel a scale (input feature: the input normalised by the running statistics) and
+a shift. In train mode the statistics come from the batch, so the layer is not
+per-sample and gets no rule.
+"""
 
 from __future__ import annotations
 

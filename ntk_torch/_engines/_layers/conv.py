@@ -1,5 +1,7 @@
-"""``nn.Conv1d``/``nn.Conv2d`` and ``ntk_torch.nn.Conv2d``: ``A_t`` is the receptive field
-(unfolded patch) of output position ``t``, per group of channels.
+"""``nn.Conv1d``/``nn.Conv2d`` and ``ntk_torch.nn.Conv2d``.
+
+``A_t`` is the receptive field (unfolded patch) of output position ``t``, per group of
+channels.
 
 ``ntk_torch.nn.Conv2d`` computes ``z = m·(W ⋆ x) + m_b·b``: the input is kept scaled by
 ``m`` and the bias's constant input 1 becomes ``m_b``.
@@ -33,7 +35,8 @@ class ConvRule(LayerRule):
         lead = math.prod(site.in_shape[: len(site.in_shape) - nd - 1])
         positions = lead * math.prod(site.out_shape[-nd:])
         g = module.groups
-        return positions, g, module.in_channels // g * math.prod(module.kernel_size), module.out_channels // g
+        k_in = module.in_channels // g * math.prod(module.kernel_size)
+        return positions, g, k_in, module.out_channels // g
 
     def input_feature(self, module: nn.Module, inp: torch.Tensor) -> torch.Tensor:
         # Unfolded later (features), outside vmap.
@@ -48,7 +51,8 @@ class ConvRule(LayerRule):
         n, n_out = cot.shape[:2]
         positions, groups, _, k_out = self.sizes(module, site)
         nd = len(module.kernel_size)
-        cot = cot.reshape(n, n_out, -1, module.out_channels, math.prod(site.out_shape[-nd:])).transpose(-1, -2)
+        spatial = math.prod(site.out_shape[-nd:])
+        cot = cot.reshape(n, n_out, -1, module.out_channels, spatial).transpose(-1, -2)
         return cot.reshape(n, n_out, positions, groups, k_out)
 
     def channel_axis(self, site: Site) -> int:
@@ -71,9 +75,11 @@ def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
     if nd == 1:
         x = x.unsqueeze(-2)
-        kernel, dilation, stride, padding = (1, *kernel), (1, *dilation), (1, *stride), (0, *padding)
+        kernel, dilation = (1, *kernel), (1, *dilation)
+        stride, padding = (1, *stride), (0, *padding)
     cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (N·lead, Ck, L)
-    return cols.reshape(n, -1, cols.shape[1], cols.shape[2]).transpose(-1, -2).reshape(n, -1, cols.shape[1])
+    k = cols.shape[1]
+    return cols.reshape(n, -1, k, cols.shape[2]).transpose(-1, -2).reshape(n, -1, k)
 
 
 def _reversed_padding(module: nn.Module) -> list[int]:

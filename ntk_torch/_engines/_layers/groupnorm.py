@@ -1,5 +1,7 @@
-"""``nn.GroupNorm``'s affine parameters: per channel a scale (input feature: the input
-normalised over its group) and a shift."""
+"""``nn.GroupNorm``'s affine parameters.
+
+Per channel a scale (input feature: the input normalised over its group) and a shift.
+"""
 
 from __future__ import annotations
 

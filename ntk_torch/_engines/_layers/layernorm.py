@@ -1,5 +1,8 @@
-"""``nn.LayerNorm``'s affine parameters: per entry of ``normalized_shape`` a scale (input
-feature: the normalised input) and a shift."""
+"""``nn.LayerNorm``'s affine parameters.
+
+Per entry of ``normalized_shape`` a scale (input feature: the normalised input) and a
+shift.
+"""
 
 from __future__ import annotations
 

@@ -26,7 +26,8 @@ class LinearRule(LayerRule):
         return 1.0, 1.0
 
     def sizes(self, module: nn.Module, site: Site) -> tuple[int, int, int, int]:
-        return math.prod(site.in_shape) // module.in_features, 1, module.in_features, module.out_features
+        k_in = module.in_features
+        return math.prod(site.in_shape) // k_in, 1, k_in, module.out_features
 
     def input_feature(self, module: nn.Module, inp: torch.Tensor) -> torch.Tensor:
         multiplier = self.scales(module)[0]
