@@ -440,6 +440,27 @@ def test_benchmark_script_runs_and_reports_consistent_kernels(tmp_path, monkeypa
     assert all(float(r["max_rel_diff"]) < 1e-5 for r in rows), rows
 
 
+@pytest.mark.slow
+def test_revision_comparison_script_times_both_trees(tmp_path, monkeypatch):
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("needs the git checkout the script compares with")
+    path = root / "benchmarks" / "bench_compare.py"
+    spec = importlib.util.spec_from_file_location("bench_compare", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script adds its folder
+    spec.loader.exec_module(bench)
+    assert bench.main(["--ref", "HEAD", "--configs", "tiny", "--methods", "structured",
+                       "--rounds", "1", "--calls", "2", "--threads", "1",
+                       "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "bench_compare.csv")))
+    assert [(r["mode"], r["method"]) for r in rows] == [("full", "structured"),
+                                                        ("trace", "structured")]
+    # One process per tree, two timed calls each.
+    assert all(float(r["old_s"]) > 0 and float(r["new_s"]) > 0 and r["samples"] == "2"
+               for r in rows)
+
+
 def test_blocks_prepared_differently_are_computed_together(monkeypatch):
     # Two blocks whose plans disagree (a head separable on one batch only) cannot contract
     # their prepared state; the pair is then computed from the samples, exactly.
