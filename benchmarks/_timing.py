@@ -109,7 +109,8 @@ def reset_peak_rss() -> int:
 
 def run_worker(argv: list[str], timeout_s: float) -> dict:
     """Run ``python <argv>`` in a fresh process and parse the JSON it prints last."""
-    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout_s)
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
+                          timeout=timeout_s)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"error": " | ".join(tail) or f"exit code {proc.returncode}"}

@@ -1,8 +1,9 @@
 """Empirical NTK speed and memory: ntk_torch's engines against the torch.func tutorial.
 
 Baselines are the two recipes of the torch.func "Neural Tangent Kernels" tutorial,
-written out below as the tutorial has them (including its *summed* trace, which is ``O``
-times ntk_torch's mean-over-outputs trace; results are compared after dividing by ``O``):
+written out in ``_tutorial.py`` as the tutorial has them (including its *summed* trace,
+which is ``O`` times ntk_torch's mean-over-outputs trace; results are compared after
+dividing by ``O``):
 
 - ``tutorial_jacrev``: ``vmap(jacrev)`` per-sample Jacobians of x1 and x2, then
   ``einsum('Naf,Mbf->NMab')`` per parameter tensor, summed;
@@ -13,9 +14,10 @@ Method. Per configuration and mode the methods are timed in turns (A B C A B C .
 after one untimed warm-up call each; the table reports the median. Peak memory is the
 rise of the resident-set high-water mark (``VmHWM``) of a fresh subprocess that
 builds the model and inputs, makes one warm-up call, resets the mark and makes one
-measured call: tracemalloc does not see torch's CPU allocations. A method whose estimated memory exceeds 70% of the available RAM is not run
-and is reported as ``needs X GiB``; one whose estimated time exceeds ``--max-seconds`` is
-reported as skipped. Achieved GFLOP/s divides each method's estimated FLOPs (the cost
+measured call: tracemalloc does not see torch's CPU allocations. A method whose
+estimated memory exceeds 70% of the available RAM is not run and is reported as
+``needs X GiB``; one whose estimated time exceeds ``--max-seconds`` is reported as
+skipped. Achieved GFLOP/s divides each method's estimated FLOPs (the cost
 model of ``implementation="auto"``, or the recipe's count) by its median time, beside the
 measured float32 matmul throughput. For the wide MLP the reference is ``O`` backward
 passes of the whole batch through the same network (one forward, ``O`` calls of
@@ -42,10 +44,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _timing  # noqa: E402  (sibling helper module of this script)
+import _timing  # noqa: E402  (sibling helper modules of this script)
+from _tutorial import tutorial_jacrev, tutorial_ntk_vp  # noqa: E402
 
 import ntk_torch as nt  # noqa: E402
 from ntk_torch import _engines  # noqa: E402
@@ -55,59 +57,6 @@ from ntk_torch._tiling import available_memory  # noqa: E402
 
 ENGINES = ("jacobian", "ntk_vp", "structured", "auto")
 RECIPES = ("tutorial_jacrev", "tutorial_ntk_vp")
-
-
-# ---------------------------------------------------------------------------------------
-# The torch.func tutorial's recipes, as written there.
-
-
-def _fnet_single(net: nn.Module):
-    def fnet_single(params, x):
-        return functional_call(net, params, (x.unsqueeze(0),)).squeeze(0)
-    return fnet_single
-
-
-def tutorial_jacrev(net: nn.Module, x1: torch.Tensor, x2: torch.Tensor, compute: str) -> torch.Tensor:
-    """``empirical_ntk_jacobian_contraction`` of the torch.func tutorial."""
-    params = {k: v.detach() for k, v in net.named_parameters()}
-    fnet_single = _fnet_single(net)
-    jac1 = vmap(jacrev(fnet_single), (None, 0))(params, x1)
-    jac1 = [j.flatten(2) for j in jac1.values()]
-    jac2 = vmap(jacrev(fnet_single), (None, 0))(params, x2)
-    jac2 = [j.flatten(2) for j in jac2.values()]
-    einsum_expr = {"full": "Naf,Mbf->NMab", "trace": "Naf,Maf->NM", "diagonal": "Naf,Maf->NMa"}[compute]
-    result = torch.stack([torch.einsum(einsum_expr, j1, j2) for j1, j2 in zip(jac1, jac2)])
-    return result.sum(0)
-
-
-def tutorial_ntk_vp(net: nn.Module, x1: torch.Tensor, x2: torch.Tensor, compute: str) -> torch.Tensor:
-    """``empirical_ntk_ntk_vps`` of the torch.func tutorial."""
-    params = {k: v.detach() for k, v in net.named_parameters()}
-    func = _fnet_single(net)
-
-    def get_ntk(x1, x2):
-        def func_x1(params):
-            return func(params, x1)
-
-        def func_x2(params):
-            return func(params, x2)
-
-        output, vjp_fn = vjp(func_x1, params)
-
-        def get_ntk_slice(vec):
-            vjps = vjp_fn(vec)  # vec @ J(x2).T in the tutorial's words
-            _, jvps = jvp(func_x2, (params,), vjps)
-            return jvps
-
-        basis = torch.eye(output.numel(), dtype=output.dtype, device=output.device).view(output.numel(), -1)
-        return vmap(get_ntk_slice)(basis)
-
-    result = vmap(vmap(get_ntk, (None, 0)), (0, None))(x1, x2)
-    if compute == "full":
-        return result
-    if compute == "trace":
-        return torch.einsum("NMKK->NM", result)
-    return torch.einsum("NMKK->NMK", result)
 
 
 # ---------------------------------------------------------------------------------------
@@ -149,11 +98,13 @@ def _cnn() -> nn.Module:
 
 
 CONFIGS: dict[str, Config] = {c.name: c for c in [
-    Config("mlp_784-512-512-10", _mlp([784, 512, 512, 10], nn.ReLU), (784,), 64, False, ("full", "trace")),
-    Config("mlp_784-2048-2048-10", _mlp([784, 2048, 2048, 10], nn.ReLU), (784,), 128, True, ("full",),
-           reference=True),
+    Config("mlp_784-512-512-10", _mlp([784, 512, 512, 10], nn.ReLU), (784,), 64, False,
+           ("full", "trace")),
+    Config("mlp_784-2048-2048-10", _mlp([784, 2048, 2048, 10], nn.ReLU), (784,), 128, True,
+           ("full",), reference=True),
     Config("cnn_3x32x32", _cnn, (3, 32, 32), 32, False, ("full", "trace")),
-    Config("tanh_mlp_64-1024-1024-1", _mlp([64, 1024, 1024, 1], nn.Tanh), (64,), 128, False, ("full",)),
+    Config("tanh_mlp_64-1024-1024-1", _mlp([64, 1024, 1024, 1], nn.Tanh), (64,), 128, False,
+           ("full",)),
     # Seconds-long smoke configuration for tests; not in the default set.
     Config("tiny", _mlp([6, 8, 3], nn.Tanh), (6,), 4, False, ("full", "trace")),
 ]}
@@ -186,15 +137,16 @@ def method_fn(method: str, net: nn.Module, x1: torch.Tensor, x2: torch.Tensor | 
 # Estimates: what would not fit or would take too long, and FLOPs for GFLOP/s.
 
 
-def library_problem(net: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None, mode: str) -> Problem:
+def library_problem(net: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None,
+                    mode: str) -> Problem:
     """The ``Problem`` ``empirical_ntk`` builds for one block of these inputs."""
     fm = functionalize(net)
     values = fm.params()
-    flops, activations, n_out, structure = _engines.profile_forward(fm, values, x1)
+    flops, activations, n_out, probe = _engines.profile_forward(fm, values, x1)
     n2 = x1.shape[0] if x2 is None else x2.shape[0]
     return Problem(n1=x1.shape[0], n2=n2, symmetric=x2 is None, mode=mode, n_out=n_out,
                    n_params=sum(v.numel() for v in values.values()), n_groups=1,
-                   forward_flops=flops, activations=activations, itemsize=4, structure=structure)
+                   forward_flops=flops, activations=activations, itemsize=4, probe=probe)
 
 
 def estimates(method: str, problem: Problem) -> tuple[float, float]:
@@ -303,7 +255,8 @@ def run_config(config: Config, mode: str, args, gflops: float) -> list[dict]:
     return list(rows.values())
 
 
-def _reference_kernel(results: dict[str, torch.Tensor], mode: str, n_out: int) -> torch.Tensor | None:
+def _reference_kernel(results: dict[str, torch.Tensor], mode: str,
+                      n_out: int) -> torch.Tensor | None:
     for method in ("jacobian", "structured", "ntk_vp", "tutorial_jacrev"):
         if method in results:
             k = results[method]
@@ -315,7 +268,8 @@ def _ratios(rows: dict[str, dict]) -> None:
     timed_rows = {m: r for m, r in rows.items() if "median_s" in r}
     recipes = [timed_rows[m]["median_s"] for m in RECIPES if m in timed_rows]
     best_recipe = min(recipes) if recipes else None
-    engines = [timed_rows[m]["median_s"] for m in ("jacobian", "ntk_vp", "structured") if m in timed_rows]
+    engines = [timed_rows[m]["median_s"] for m in ("jacobian", "ntk_vp", "structured")
+               if m in timed_rows]
     best_engine = min(engines) if engines else None
     jac = timed_rows.get("tutorial_jacrev")
     for m, r in timed_rows.items():
@@ -360,7 +314,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def check_targets(rows: list[dict]) -> list[str]:
-    """The issue's targets, each as 'PASS/FAIL: ...' from this run's numbers."""
+    """The performance targets, each as 'PASS/FAIL: ...' from this run's numbers."""
     by = {(r["config"], r["mode"], r["method"]): r for r in rows}
     lines = []
 
@@ -370,18 +324,22 @@ def check_targets(rows: list[dict]) -> list[str]:
     s = by.get(("mlp_784-512-512-10", "full", "structured"), {})
     speed, mem = s.get("speedup_vs_tutorial_jacrev"), s.get("memory_vs_tutorial_jacrev")
     verdict(None if speed is None else speed >= 50,
-            f"MLP 784-512-512-10 full: structured {_fmt(speed)}x faster than tutorial vmap(jacrev) (>= 50)")
+            f"MLP 784-512-512-10 full: structured {_fmt(speed)}x faster than tutorial "
+            "vmap(jacrev) (>= 50)")
     verdict(None if mem is None else mem <= 0.1,
-            f"MLP 784-512-512-10 full: structured peak memory {_fmt(mem)} of the tutorial's (<= 0.1)")
+            f"MLP 784-512-512-10 full: structured peak memory {_fmt(mem)} of the tutorial's "
+            "(<= 0.1)")
     s = by.get(("mlp_784-2048-2048-10", "full", "structured"), {})
     ratio = s.get("time_vs_backward_x_O")
     verdict(None if ratio is None else ratio <= 3,
-            f"MLP 784-2048-2048-10 x2=None: structured {_fmt(ratio)}x the time of O backward passes (<= 3)")
+            f"MLP 784-2048-2048-10 x2=None: structured {_fmt(ratio)}x the time of O backward "
+            "passes (<= 3)")
     for mode in ("full", "trace"):
         s = by.get(("cnn_3x32x32", mode, "structured"), {})
         speed = s.get("speedup_vs_best_recipe")
         verdict(None if speed is None else speed >= 2,
-                f"CNN {mode}: structured {_fmt(speed)}x faster than the best tutorial recipe (>= 2)")
+                f"CNN {mode}: structured {_fmt(speed)}x faster than the best tutorial recipe "
+                "(>= 2)")
     for (config, mode, method), r in by.items():
         if method == "auto" and r.get("time_vs_best_engine") is not None:
             verdict(r["time_vs_best_engine"] <= 1.1,
@@ -392,16 +350,23 @@ def check_targets(rows: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="results/benchmarks", help="folder for CSV and config.json")
+    parser.add_argument("--out", default="results/benchmarks",
+                        help="folder for CSV and config.json")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, shorter budgets")
-    parser.add_argument("--configs", nargs="*", choices=sorted(CONFIGS), help="default: all but 'tiny'")
+    parser.add_argument("--configs", nargs="*", choices=sorted(CONFIGS),
+                        help="default: all but 'tiny'")
     parser.add_argument("--methods", nargs="*", help="subset of methods to run")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per method")
-    parser.add_argument("--budget-seconds", type=float, default=None, help="timing budget per method")
-    parser.add_argument("--max-seconds", type=float, default=None, help="skip methods estimated slower")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--worker", nargs=3, metavar=("CONFIG", "MODE", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--budget-seconds", type=float, default=None,
+                        help="timing budget per method")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="skip methods estimated slower")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the peak-memory subprocesses")
+    parser.add_argument("--worker", nargs=3, metavar=("CONFIG", "MODE", "METHOD"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(*args.worker, args.threads)))

@@ -48,12 +48,13 @@ class EmpiricalNTK:
     instance a snapshot taken at initialisation) without touching the model.
     """
 
-    def __init__(self, model: nn.Module, *, mode: Mode = "full", implementation: Implementation = "auto",
-                 params: ParamSelection = None, batch_size: int | None = None,
-                 memory_budget: float | None = None, layerwise: bool = False,
-                 progress: bool = False) -> None:
+    def __init__(self, model: nn.Module, *, mode: Mode = "full",
+                 implementation: Implementation = "auto", params: ParamSelection = None,
+                 batch_size: int | None = None, memory_budget: float | None = None,
+                 layerwise: bool = False, progress: bool = False) -> None:
         self.mode = check_choice("mode", mode, MODES)
-        self.implementation = check_choice("implementation", implementation, ("auto", *_engines.ENGINES))
+        self.implementation = check_choice("implementation", implementation,
+                                           ("auto", *_engines.ENGINES))
         self.batch_size = check_batch_size(batch_size)
         self.memory_budget = check_memory_budget(memory_budget)
         self.progress = progress
@@ -63,7 +64,13 @@ class EmpiricalNTK:
         self._profile: tuple[tuple, tuple] | None = None  # (key, profile_forward's result)
 
     def __call__(self, x1: torch.Tensor, x2: torch.Tensor | None = None, *,
-                 params: dict[str, torch.Tensor] | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+                 params: dict[str, torch.Tensor] | None = None,
+                 ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The kernel of ``x1 (N1, ...)`` with ``x2 (N2, ...)`` (``None``: with ``x1``).
+
+        Returns :func:`empirical_ntk`'s tensor, or :func:`layerwise_ntk`'s dict with
+        ``layerwise=True``; ``params`` overrides selected parameters for this call.
+        """
         fm = self.functional
         check_inputs(x1, x2)
         check_model_state(fm.module)
@@ -96,23 +103,27 @@ class EmpiricalNTK:
         if n1 == 0 or n2 == 0:  # one forward (of one sample, if any) tells O
             n_out = fm(values, (x1 if n1 or x2 is None else x2)[:1]).shape[1]
             return {g: _empty(n1, n2, n_out, self.mode, any_param) for g in groups}
-        flops, activations, n_out, structure = self._profiled(values, x1)
+        flops, activations, n_out, probe = self._profiled(values, x1)
         n_params = sum(values[n].numel() for n in fm.names)
         b1, b2 = min(self.batch_size or n1, n1), min(self.batch_size or n2, n2)
         problem = Problem(n1=b1, n2=b2, symmetric=x2 is None and b1 >= n1, mode=self.mode,
                           n_out=n_out, n_params=n_params, n_groups=len(groups),
                           forward_flops=flops, activations=activations,
-                          itemsize=any_param.element_size(), structure=structure)
+                          itemsize=any_param.element_size(), probe=probe)
         budget = self.memory_budget or default_memory_budget(any_param.device)
         engine = self._resolve(problem, budget, n1, n2)
         self.last_implementation = engine
-        bound = _engines.Bound(_engines.ENGINES[engine], fm, values, self.mode, groups, problem, budget)
+        bound = _engines.Bound(_engines.ENGINES[engine], fm, values, self.mode, groups, problem,
+                               budget)
         return tiled(bound, x1, x2, self.batch_size, progress=self.progress)
 
     def _profiled(self, values: dict[str, torch.Tensor], x1: torch.Tensor) -> tuple:
-        """``profile_forward`` (FLOPs, sizes, layer structure), reused while nothing it
-        depends on changed: input shape, dtype and device, parameter shapes, and the module
-        tree (modules, their hooks and modes). Parameter values do not matter to it."""
+        """``profile_forward``: FLOPs, sizes, and the probe that engines analyse the model on.
+
+        Reused while nothing it depends on changed: input shape, dtype and device, parameter
+        shapes, and the module tree (modules, their hooks and modes). Parameter values do
+        not matter to it.
+        """
         module = self.functional.module
         key = (tuple(x1.shape[1:]), x1.dtype, x1.device,
                tuple((n, v.shape, v.dtype, v.device) for n, v in values.items()),
@@ -124,8 +135,11 @@ class EmpiricalNTK:
         return self._profile[1]
 
     def _resolve(self, problem: Problem, budget: float, n1: int, n2: int) -> str:
-        """The engine for one block; what the whole result needs is counted too: blocks are
-        written into an output of all ``N1 x N2`` pairs that lives throughout."""
+        """The engine for one block.
+
+        What the whole result needs is counted too: blocks are written into an output of
+        all ``N1 x N2`` pairs that lives throughout.
+        """
         result = _result_bytes(problem, n1, n2)
         if result > budget:
             raise MemoryError(_result_message(self.implementation, problem, budget, n1, n2))
@@ -163,7 +177,8 @@ def _memory_message(implementation: str, problem: Problem, budget: float, n1: in
         f"needs about {size_text(need)} but the memory budget is {size_text(budget)} "
         f"(pass memory_budget=<bytes> to change it). What would fit:"
     ]
-    lines += _batch_suggestions(problem, budget - _result_bytes(problem, n1, n2), n1, n2, implementation)
+    spare = budget - _result_bytes(problem, n1, n2)
+    lines += _batch_suggestions(problem, spare, n1, n2, implementation)
     lines += _mode_suggestions(problem, budget, n1, n2)
     if len(lines) == 1:
         lines.append("  nothing: even one sample per block exceeds the budget; select fewer "
@@ -177,11 +192,12 @@ def _result_message(implementation: str, problem: Problem, budget: float, n1: in
              "trace": (n1, n2)}[problem.mode]
     what = "per-layer results" if problem.n_groups > 1 else "result"
     lines = [f"the empirical NTK's {what}, {shape} x {problem.itemsize} bytes, needs about "
-             f"{size_text(_result_bytes(problem, n1, n2))} but the memory budget is {size_text(budget)} "
-             "(pass memory_budget=<bytes> to change it). What would fit:"]
-    tile = min(largest_tile(replace(problem, n_groups=1), budget, implementation, max(n1, n2)), 1024)
+             f"{size_text(_result_bytes(problem, n1, n2))} but the memory budget is "
+             f"{size_text(budget)} (pass memory_budget=<bytes> to change it). What would fit:"]
+    tile = min(largest_tile(replace(problem, n_groups=1), budget, implementation, max(n1, n2)),
+               1024)
     if tile:
-        lines.append(f"  on disk, tile by tile: nt.compute_kernel(model, x1, x2, store=<directory>, "
+        lines.append("  on disk, tile by tile: nt.compute_kernel(model, x1, x2, store=<directory>, "
                      f"mode={problem.mode!r}, tile={tile}), then store.matvec / nt.solve / "
                      "nt.eigenmodes on it")
     lines += _mode_suggestions(problem, budget, n1, n2)
@@ -190,16 +206,19 @@ def _result_message(implementation: str, problem: Problem, budget: float, n1: in
 
 def _batch_suggestions(problem: Problem, budget: float, n1: int, n2: int,
                        implementation: str) -> list[str]:
-    """``batch_size`` per engine that fits ``budget``, fastest predicted first; those far
-    slower than the fastest (tiny blocks of a memory-hungry engine) are left out, except
-    the engine asked for."""
+    """``batch_size`` per engine that fits ``budget``, fastest predicted first.
+
+    Those far slower than the fastest (tiny blocks of a memory-hungry engine) are left
+    out, except the engine asked for.
+    """
     options = []
     for engine in _engines.ENGINES:
         size = _largest_fitting_batch(engine, problem, budget, max(n1, n2))
         if size:
             blocks = math.ceil(n1 / size) * math.ceil(n2 / size)
             block = replace(problem, n1=min(size, n1), n2=min(size, n2), symmetric=False)
-            options.append((blocks * _engines.predicted_seconds(engine, block), engine, size, blocks))
+            seconds = blocks * _engines.predicted_seconds(engine, block)
+            options.append((seconds, engine, size, blocks))
     if not options:
         return []
     best = min(seconds for seconds, *_ in options)
@@ -214,7 +233,9 @@ def _mode_suggestions(problem: Problem, budget: float, n1: int, n2: int) -> list
         if mode != problem.mode:
             cheaper = replace(problem, mode=mode)
             spare = budget - _result_bytes(cheaper, n1, n2)
-            if any(_largest_fitting_batch(e, cheaper, spare, max(n1, n2)) for e in _engines.ENGINES):
+            fitting = (_largest_fitting_batch(e, cheaper, spare, max(n1, n2))
+                       for e in _engines.ENGINES)
+            if any(fitting):
                 lines.append(f"  mode={mode!r}")
     return lines
 
@@ -233,7 +254,8 @@ def _largest_fitting_batch(engine: str, problem: Problem, budget: float, n: int)
     return lo
 
 
-def empirical_ntk_fn(model: nn.Module, *, mode: Mode = "full", implementation: Implementation = "auto",
+def empirical_ntk_fn(model: nn.Module, *, mode: Mode = "full",
+                     implementation: Implementation = "auto",
                      params: ParamSelection = None, batch_size: int | None = None,
                      memory_budget: float | None = None, layerwise: bool = False,
                      progress: bool = False) -> EmpiricalNTK:
@@ -296,14 +318,16 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
         tensor([[ 6.,  2.],
                 [ 2., 11.]])
     """
-    return EmpiricalNTK(model, mode=mode, implementation=implementation, params=params,
-                        batch_size=batch_size, memory_budget=memory_budget, progress=progress)(x1, x2)
+    ntk = EmpiricalNTK(model, mode=mode, implementation=implementation, params=params,
+                       batch_size=batch_size, memory_budget=memory_budget, progress=progress)
+    return ntk(x1, x2)
 
 
 def layerwise_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, *,
                   mode: Mode = "full", implementation: Implementation = "auto",
                   params: ParamSelection = None, batch_size: int | None = None,
-                  memory_budget: float | None = None, progress: bool = False) -> dict[str, torch.Tensor]:
+                  memory_budget: float | None = None,
+                  progress: bool = False) -> dict[str, torch.Tensor]:
     """Per-layer empirical NTKs, keyed by the qualified name of the owning module.
 
     ``Θ_l`` sums over the parameters registered directly on module ``l`` (``""`` for the

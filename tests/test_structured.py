@@ -8,11 +8,6 @@ the jacobian engine in float32; and, for what the engine must not do (materialis
 
 from __future__ import annotations
 
-import csv
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
@@ -21,8 +16,7 @@ from torch.utils._pytree import tree_flatten
 
 import ntk_torch as nt
 from ntk_torch import _engines
-from ntk_torch._engines import Problem, _capture, structured
-from ntk_torch._engines._structure import discover
+from ntk_torch._engines import Problem, _capture, _contractions, _heads, _plan, structured
 from ntk_torch._functional import functionalize
 from ntk_torch._tiling import transpose_pairs
 from tests.cases import CASES, Case
@@ -33,15 +27,13 @@ MODES = ("full", "diagonal", "trace")
 _ORACLE: dict[tuple, torch.Tensor] = {}
 
 
-
-
 def oracle(case, mode: str, symmetric: bool, names: list[str] | None = None) -> torch.Tensor:
     """Float64 naive kernel of the case on fixed inputs (x1: 5 samples, x2: 3), cached."""
     key = (case.name, symmetric, tuple(names or ()))
     if key not in _ORACLE:
         model = case.build()
-        _ORACLE[key] = naive_ntk(model, case.inputs(5), None if symmetric else case.inputs(3, seed=7),
-                                 "full", names)
+        x2 = None if symmetric else case.inputs(3, seed=7)
+        _ORACLE[key] = naive_ntk(model, case.inputs(5), x2, "full", names)
     full = _ORACLE[key]
     if mode == "full":
         return full
@@ -63,7 +55,7 @@ def test_matches_oracle_in_every_mode(case, symmetric, batch_size):
         k = structured_ntk(case, mode, symmetric, batch_size)
         assert_close(k, oracle(case, mode, symmetric))
         if symmetric:
-            assert torch.equal(k, transpose_pairs(k)), "x2=None must give an exactly symmetric kernel"
+            assert torch.equal(k, transpose_pairs(k)), "x2=None must give a symmetric kernel"
 
 
 def _forced(strategy: str):
@@ -77,18 +69,19 @@ def _forced(strategy: str):
 def test_each_strategy_is_exact_on_every_case(case, strategy, monkeypatch):
     # The FLOP model picks one route per layer; each must be exact everywhere (factored:
     # where a separable head is verified, else the explicit route).
-    monkeypatch.setattr(structured, "choose_strategy", _forced(strategy))
+    monkeypatch.setattr(_plan, "choose_strategy", _forced(strategy))
     for mode in MODES:
         for symmetric in (False, True):
             assert_close(structured_ntk(case, mode, symmetric), oracle(case, mode, symmetric))
 
 
 @pytest.mark.parametrize("name", ["cnn2d", "embedding", "sequence_layernorm", "tied_weights",
-                                  "conv_called_twice", "groupnorm", "linear_positions", "pooled_cnn_head"])
+                                  "conv_called_twice", "groupnorm", "linear_positions",
+                                  "pooled_cnn_head"])
 @pytest.mark.parametrize("strategy", ["gram", "explicit", "factored"])
 def test_contraction_in_blocks_of_samples_is_exact(name, strategy, monkeypatch):
     # A working-memory cap of a few bytes forces one sample per contraction block.
-    monkeypatch.setattr(structured, "choose_strategy", _forced(strategy))
+    monkeypatch.setattr(_plan, "choose_strategy", _forced(strategy))
     monkeypatch.setattr(structured, "WORK_BYTES", 8)
     monkeypatch.setattr(structured, "MIN_WORK_BYTES", 8)
     case = CASES[name]
@@ -120,7 +113,8 @@ def test_weight_and_bias_in_different_groups():
         out = structured.compute(fm, fm.params(), x1, x2, mode, groups)
         for group, full in expected.items():
             diagonal = full.diagonal(dim1=2, dim2=3)
-            assert_close(out[group], {"full": full, "diagonal": diagonal, "trace": diagonal.mean(-1)}[mode])
+            expected_mode = {"full": full, "diagonal": diagonal, "trace": diagonal.mean(-1)}[mode]
+            assert_close(out[group], expected_mode)
 
 
 def test_bias_only_selection():
@@ -145,17 +139,19 @@ def test_float32_agrees_with_jacobian_engine(case):
 
 def _split(model: nn.Module, x: torch.Tensor) -> tuple[set[str], set[str]]:
     fm = functionalize(model)
-    s = discover(fm, fm.params(), x[:1])
+    s = structured.probe(fm, fm.params(), x[:1])
     return {n for u in s.units for n in u.names}, set(s.fallback)
 
 
 def test_standard_layers_are_structured_and_the_rest_falls_back():
-    structured_names, fallback = _split(CASES["transformer_eval"].build(), CASES["transformer_eval"].inputs(2))
+    case = CASES["transformer_eval"]
+    structured_names, fallback = _split(case.build(), case.inputs(2))
     assert {"encoder.linear1.weight", "encoder.norm2.bias", "head.weight"} <= structured_names
     # nn.MultiheadAttention uses its packed projections (and out_proj.weight) directly.
     assert {"encoder.self_attn.in_proj_weight", "encoder.self_attn.out_proj.weight"} <= fallback
 
-    structured_names, fallback = _split(CASES["tied_weights"].build(), CASES["tied_weights"].inputs(2))
+    case = CASES["tied_weights"]
+    structured_names, fallback = _split(case.build(), case.inputs(2))
     assert fallback == {"embed.weight"}  # tied across an Embedding and a Linear: kinds differ
     assert {"shared.weight", "shared.bias"} <= structured_names
 
@@ -163,7 +159,8 @@ def test_standard_layers_are_structured_and_the_rest_falls_back():
                                         CASES["raw_use_of_layer_weight"].inputs(2))
     assert fallback == {"fc.weight"} and "fc.bias" in structured_names
 
-    structured_names, fallback = _split(CASES["raw_parameter"].build(), CASES["raw_parameter"].inputs(2))
+    case = CASES["raw_parameter"]
+    structured_names, fallback = _split(case.build(), case.inputs(2))
     assert fallback == {"scale", "shift"}
 
 
@@ -176,13 +173,16 @@ def test_overridden_forward_hooks_and_max_norm_fall_back_exactly():
     torch.manual_seed(0)
     hooked = nn.Linear(3, 4).double()
     hooked.register_forward_hook(lambda m, args, out: out * 3.0)
-    model = nn.Sequential(_ScaledLinear(3, 3), nn.Tanh(), hooked, nn.Tanh(), nn.Linear(4, 2)).double().eval()
+    model = nn.Sequential(_ScaledLinear(3, 3), nn.Tanh(), hooked, nn.Tanh(), nn.Linear(4, 2))
+    model = model.double().eval()
     x = torch.randn(4, 3, dtype=torch.float64)
     structured_names, fallback = _split(model, x)
     assert fallback == {"0.weight", "0.bias", "2.weight", "2.bias"}
-    assert_close(nt.empirical_ntk(model, x, implementation="structured"), naive_ntk(model, x, None, "full"))
+    assert_close(nt.empirical_ntk(model, x, implementation="structured"),
+                 naive_ntk(model, x, None, "full"))
 
-    embed = nn.Sequential(nn.Embedding(6, 3, max_norm=1.0), nn.Flatten(), nn.Linear(6, 2)).double().eval()
+    embed = nn.Sequential(nn.Embedding(6, 3, max_norm=1.0), nn.Flatten(), nn.Linear(6, 2))
+    embed = embed.double().eval()
     tokens = torch.tensor([[1, 2], [3, 3], [0, 5]])
     structured_names, fallback = _split(embed, tokens)
     assert fallback == {"0.weight"}
@@ -215,22 +215,22 @@ def test_module_is_left_untouched_even_when_the_forward_fails():
 # Separable heads and the batched capture.
 
 
-def _heads(case) -> set[tuple[str, str]]:
+def _separable_pairs(case) -> set[tuple[str, str]]:
     """``(layer, readout layer)`` pairs the probe found separable."""
     fm = functionalize(case.build())
-    s = discover(fm, fm.params(), case.inputs(1))
+    s = structured.probe(fm, fm.params(), case.inputs(1))
     return {(s.sites[a].module, s.sites[b].module) for a, b in s.heads}
 
 
 def test_separable_heads_are_found_where_channels_stay_apart_only():
     # BatchNorm, ReLU, pooling and a skip added after the layer keep channels apart;
     # a convolution or GroupNorm after it, or a path around the readout, do not.
-    assert _heads(CASES["pooled_cnn_head"]) == {("2", "7")}
-    assert _heads(CASES["residual_conv_head"]) == {("conv_b", "head")}
-    assert _heads(CASES["linear_positions"]) == {("inner", "head")}
-    assert _heads(CASES["grouped_conv1d_head"]) == {("0", "4")}  # GELU, max-pooling
-    assert _heads(CASES["groupnorm"]) == set()
-    assert _heads(CASES["head_bypass"]) == set()
+    assert _separable_pairs(CASES["pooled_cnn_head"]) == {("2", "7")}
+    assert _separable_pairs(CASES["residual_conv_head"]) == {("conv_b", "head")}
+    assert _separable_pairs(CASES["linear_positions"]) == {("inner", "head")}
+    assert _separable_pairs(CASES["grouped_conv1d_head"]) == {("0", "4")}  # GELU, max-pooling
+    assert _separable_pairs(CASES["groupnorm"]) == set()
+    assert _separable_pairs(CASES["head_bypass"]) == set()
 
 
 def test_slight_channel_mixing_is_not_mistaken_for_a_separable_head():
@@ -240,8 +240,9 @@ def test_slight_channel_mixing_is_not_mistaken_for_a_separable_head():
         mix.weight.copy_(torch.eye(3)[:, :, None, None] + 1e-6 * torch.randn(3, 3, 1, 1))
     model = nn.Sequential(nn.Conv2d(2, 3, 2), nn.ReLU(), mix, nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(3, 2)).double().eval()
-    case = Case("mixing", lambda: model, lambda n, g: torch.randn(n, 2, 4, 4, generator=g, dtype=torch.float64))
-    assert _heads(case) == {("2", "6")}  # the 1x1 convolution itself; the first one mixes
+    case = Case("mixing", lambda: model,
+                lambda n, g: torch.randn(n, 2, 4, 4, generator=g, dtype=torch.float64))
+    assert _separable_pairs(case) == {("2", "6")}  # the 1x1 convolution itself; the first one mixes
 
 
 @pytest.mark.parametrize("name,layer,shortcut_taken", [
@@ -252,11 +253,13 @@ def test_slight_channel_mixing_is_not_mistaken_for_a_separable_head():
 ])
 def test_factored_rule_and_head_shortcut_are_taken(name, layer, shortcut_taken, monkeypatch):
     used, shortcut = [], []
-    features = structured.factored_features
-    monkeypatch.setattr(structured, "factored_features", lambda *a: used.append(a[0].module) or features(*a))
-    reached = _capture._leaves_reached
-    monkeypatch.setattr(_capture, "_leaves_reached", lambda *a, **k: shortcut.append(1) or reached(*a, **k))
-    monkeypatch.setattr(structured, "choose_strategy", _forced("factored"))
+    features = _contractions.factored_features
+    monkeypatch.setattr(structured, "factored_features",
+                        lambda *a: used.append(a[0].module) or features(*a))
+    reached = _heads.leaves_reached
+    monkeypatch.setattr(_capture, "leaves_reached",
+                        lambda *a, **k: shortcut.append(1) or reached(*a, **k))
+    monkeypatch.setattr(_plan, "choose_strategy", _forced("factored"))
     case = CASES[name]
     for mode in MODES:
         used.clear(), shortcut.clear()
@@ -282,9 +285,11 @@ def test_samples_that_interact_in_the_batch_get_per_sample_kernels():
     model = _BatchCentred().double().eval()
     x = torch.randn(5, 3, dtype=torch.float64)
     fm = functionalize(model)
-    assert _capture.capture_batched(fm, fm.params(), x, discover(fm, fm.params(), x[:1])) is None
+    structure = structured.probe(fm, fm.params(), x[:1])
+    assert _capture.capture_batched(fm, fm.params(), x, structure) is None
     # Like every engine and the oracle: the kernel of the model applied to one sample at a time.
-    assert_close(nt.empirical_ntk(model, x, implementation="structured"), naive_ntk(model, x, None, "full"))
+    assert_close(nt.empirical_ntk(model, x, implementation="structured"),
+                 naive_ntk(model, x, None, "full"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -306,7 +311,8 @@ class _LargestTensor(TorchDispatchMode):
 
 def test_never_materialises_per_sample_jacobians_of_dense_layers():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(30, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5)).eval()
+    model = nn.Sequential(nn.Linear(30, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 5)).eval()
     x = torch.randn(16, 30)
     fm = functionalize(model)
     params = fm.params()
@@ -318,7 +324,7 @@ def test_never_materialises_per_sample_jacobians_of_dense_layers():
 
 
 def test_estimate_is_far_below_the_jacobian_for_a_wide_mlp():
-    # The issue's 784-2048-2048-10, N=128: the Jacobian is ~30 GB in float32.
+    # 784-2048-2048-10, N=128: the Jacobian is ~30 GB in float32.
     model = nn.Sequential(nn.Linear(784, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(),
                           nn.Linear(2048, 10)).eval()
     problem = _problem(model, torch.randn(128, 784), "full", symmetric=True)
@@ -345,10 +351,11 @@ def test_runs_under_a_budget_too_small_for_the_jacobian():
 def _problem(model: nn.Module, x: torch.Tensor, mode: str, symmetric: bool = False) -> Problem:
     fm = functionalize(model)
     values = fm.params()
-    flops, activations, n_out, structure = _engines.profile_forward(fm, values, x)
+    flops, activations, n_out, probe = _engines.profile_forward(fm, values, x)
     return Problem(n1=x.shape[0], n2=x.shape[0], symmetric=symmetric, mode=mode, n_out=n_out,
-                   n_params=sum(v.numel() for v in values.values()), n_groups=1, forward_flops=flops,
-                   activations=activations, itemsize=x.element_size(), structure=structure)
+                   n_params=sum(v.numel() for v in values.values()), n_groups=1,
+                   forward_flops=flops, activations=activations, itemsize=x.element_size(),
+                   probe=probe)
 
 
 class _RawMLP(nn.Module):
@@ -382,12 +389,14 @@ def test_auto_picks_jacobian_when_nothing_is_structured():
     problem = _problem(model, x, "trace")
     seconds = {e: _engines.predicted_seconds(e, problem) for e in _engines.ENGINES}
     # Everything would take the structured engine's fallback: the same work plus a probe.
-    assert _engines.estimate("jacobian", problem).flops <= _engines.estimate("structured", problem).flops
+    flops = {e: _engines.estimate(e, problem).flops for e in ("jacobian", "structured")}
+    assert flops["jacobian"] <= flops["structured"]
     assert min(seconds, key=seconds.get) == "jacobian"
     ntk = nt.empirical_ntk_fn(model, implementation="auto", mode="trace")
     k = ntk(x)
     assert ntk.last_implementation == "jacobian"
-    assert_close(k, nt.empirical_ntk(model, x, implementation="jacobian", mode="trace"), RTOL[torch.float32])
+    assert_close(k, nt.empirical_ntk(model, x, implementation="jacobian", mode="trace"),
+                 RTOL[torch.float32])
 
 
 def test_auto_picks_ntk_vp_when_only_it_fits_the_budget():
@@ -404,40 +413,22 @@ def test_auto_picks_ntk_vp_when_only_it_fits_the_budget():
     assert_close(k, nt.empirical_ntk(model, x, implementation="jacobian"), RTOL[torch.float32])
 
 
-# ---------------------------------------------------------------------------------------
-# The benchmark script runs (a seconds-long configuration; not a timing test).
-
-
-@pytest.mark.slow
-def test_benchmark_script_runs_and_reports_consistent_kernels(tmp_path, monkeypatch):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_empirical.py"
-    spec = importlib.util.spec_from_file_location("bench_empirical", path)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_empirical", bench)  # dataclasses look it up there
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the script adds its folder
-    spec.loader.exec_module(bench)
-    assert bench.main(["--configs", "tiny", "--quick", "--no-memory", "--repeats", "1",
-                       "--threads", "1", "--out", str(tmp_path)]) == 0
-    rows = list(csv.DictReader(open(tmp_path / "bench_empirical.csv")))
-    assert {r["method"] for r in rows} == {*bench.RECIPES, *bench.ENGINES}
-    # Every method's kernel (the tutorial's summed trace divided by O) equals the reference.
-    assert all(float(r["max_rel_diff"]) < 1e-5 for r in rows), rows
-
-
 def test_blocks_prepared_differently_are_computed_together(monkeypatch):
     # Two blocks whose plans disagree (a head separable on one batch only) cannot contract
     # their prepared state; the pair is then computed from the samples, exactly.
     torch.manual_seed(2)
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2),
-                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).double().eval()
-    x1, x2 = torch.randn(5, 2, 7, 7, dtype=torch.float64), torch.randn(4, 2, 7, 7, dtype=torch.float64)
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+    model = model.double().eval()
+    x1 = torch.randn(5, 2, 7, 7, dtype=torch.float64)
+    x2 = torch.randn(4, 2, 7, 7, dtype=torch.float64)
     fm = functionalize(model)
     params, groups = fm.params(), {"": fm.names}
-    flops, activations, n_out, structure = _engines.profile_forward(fm, params, x1)
-    problem = Problem(5, 4, False, "full", n_out, 100, 1, flops, activations, 8, structure)
+    flops, activations, n_out, probe = _engines.profile_forward(fm, params, x1)
+    problem = Problem(5, 4, False, "full", n_out, 100, 1, flops, activations, 8, probe)
     pa = structured.prepare(fm, params, x1, "full", groups, problem=problem)
     pb = structured.prepare(fm, params, x2, "full", groups, problem=problem)
-    assert pa.representation() == pb.representation() and pa.cap.heads and pa.streams
+    assert pa.representation() == pb.representation() and pa.cap.heads and pa.cap.streams
     direct = structured.contract(pa, pb, fm, params, "full", groups, problem=problem)[""]
     monkeypatch.setattr(pb, "representation", lambda: ())
     together = structured.contract(pa, pb, fm, params, "full", groups, problem=problem)[""]

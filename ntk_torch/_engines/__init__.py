@@ -1,14 +1,16 @@
 """The kernel engines and the cost model that ``implementation="auto"`` uses.
 
-Each engine module provides ``estimate(problem) -> Cost`` (FLOPs, peak bytes of one
-block) and ``compute(fm, params, x1, x2, mode, groups, *, problem, memory_budget)``
-returning ``{group: block}`` where ``x2=None`` means ``x2 = x1``. The same work in two
-steps, so that a block of samples met in several blocks of a kernel is worked on once:
-``prepare(fm, params, x, mode, groups, *, problem, memory_budget)`` keeps what the kernel
-needs from samples ``x`` alone (per-sample Jacobians, layer inputs and cotangents), and
-``contract(pa, pb, fm, params, mode, groups, *, problem, memory_budget)`` gives the block
-between two prepared sets (``pb=None``: ``pa`` with itself). Blocks prepared with the same
-``problem`` contract with each other.
+Every engine module satisfies :class:`Engine`: ``estimate(problem) -> Cost`` (FLOPs, peak
+bytes of one block) and ``compute(fm, params, x1, x2, mode, groups, *, problem,
+memory_budget)`` returning ``{group: block}`` where ``x2=None`` means ``x2 = x1``. The same
+work in two steps, so that a block of samples met in several blocks of a kernel is worked
+on once: ``prepare(fm, params, x, mode, groups, *, problem, memory_budget)`` keeps what the
+kernel needs from samples ``x`` alone (per-sample Jacobians, layer inputs and cotangents),
+and ``contract(pa, pb, fm, params, mode, groups, *, problem, memory_budget)`` gives the
+block between two prepared sets (``pb=None``: ``pa`` with itself). Blocks prepared with the
+same ``problem`` contract with each other. The :class:`Problem` holds sizes only, shared
+by all engines; an engine that analyses the model further does so through
+``problem.probe`` (once per probe).
 
 Cost model of ``auto``: among the engines whose estimated peak memory fits the budget,
 the one with the smallest predicted time
@@ -27,14 +29,41 @@ structured engine's). An engine may instead price its parts itself with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from ntk_torch._engines import jacobian, ntk_vp, structured
-from ntk_torch._engines._cost import Cost, Problem, profile_forward
+from ntk_torch._engines._cost import Cost, Probe, Problem, profile_forward
 
-ENGINES: dict[str, ModuleType] = {"jacobian": jacobian, "ntk_vp": ntk_vp, "structured": structured}
+
+@runtime_checkable
+class Engine(Protocol):
+    """What an engine module provides (see the module docstring).
+
+    It may also define ``predicted_seconds(problem, throughput)`` to price its parts itself.
+    """
+
+    EFFICIENCY: float
+    OVERHEAD_S: float
+
+    def estimate(self, problem: Problem) -> Cost: ...
+
+    def prepare(self, fm, params: dict[str, torch.Tensor], x: torch.Tensor, mode: str,
+                groups: dict[str, tuple[str, ...]], *, problem: Problem | None = None,
+                memory_budget: float | None = None) -> Any: ...
+
+    def contract(self, pa: Any, pb: Any | None, fm, params: dict[str, torch.Tensor], mode: str,
+                 groups: dict[str, tuple[str, ...]], *, problem: Problem | None = None,
+                 memory_budget: float | None = None) -> dict[str, torch.Tensor]: ...
+
+    def compute(self, fm, params: dict[str, torch.Tensor], x1: torch.Tensor,
+                x2: torch.Tensor | None, mode: str, groups: dict[str, tuple[str, ...]], *,
+                problem: Problem | None = None,
+                memory_budget: float | None = None) -> dict[str, torch.Tensor]: ...
+
+
+ENGINES: dict[str, Engine] = {"jacobian": jacobian, "ntk_vp": ntk_vp, "structured": structured}
 
 
 def estimate(name: str, problem: Problem) -> Cost:
@@ -48,12 +77,10 @@ THROUGHPUT = 2e10
 
 def predicted_seconds(name: str, problem: Problem) -> float:
     """Predicted time of one block with engine ``name`` (see the module docstring)."""
-    module = ENGINES[name]
-    if hasattr(module, "predicted_seconds"):  # an engine that prices its parts apart
-        return module.predicted_seconds(problem, THROUGHPUT)
-    efficiency = getattr(module, "EFFICIENCY", 1.0)
-    overhead = getattr(module, "OVERHEAD_S", 1e-3)
-    return estimate(name, problem).flops / (THROUGHPUT * efficiency) + overhead
+    engine = ENGINES[name]
+    if hasattr(engine, "predicted_seconds"):  # an engine that prices its parts apart
+        return engine.predicted_seconds(problem, THROUGHPUT)
+    return estimate(name, problem).flops / (THROUGHPUT * engine.EFFICIENCY) + engine.OVERHEAD_S
 
 
 def choose(problem: Problem, memory_budget: float | None) -> str | None:
@@ -69,7 +96,7 @@ def choose(problem: Problem, memory_budget: float | None) -> str | None:
 class Bound:
     """An engine with everything but the samples fixed: a ``_tiling.Blockwise`` kernel."""
 
-    module: ModuleType
+    module: Engine
     fm: object
     params: dict[str, torch.Tensor]
     mode: str
@@ -81,14 +108,17 @@ class Bound:
         return {"problem": self.problem, "memory_budget": self.memory_budget}
 
     def prepare(self, x: torch.Tensor):
-        return self.module.prepare(self.fm, self.params, x, self.mode, self.groups, **self._settings())
+        return self.module.prepare(self.fm, self.params, x, self.mode, self.groups,
+                                   **self._settings())
 
     def contract(self, pa, pb) -> dict[str, torch.Tensor]:
-        return self.module.contract(pa, pb, self.fm, self.params, self.mode, self.groups, **self._settings())
+        return self.module.contract(pa, pb, self.fm, self.params, self.mode, self.groups,
+                                    **self._settings())
 
     def compute(self, xa: torch.Tensor, xb: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        return self.module.compute(self.fm, self.params, xa, xb, self.mode, self.groups, **self._settings())
+        return self.module.compute(self.fm, self.params, xa, xb, self.mode, self.groups,
+                                   **self._settings())
 
 
-__all__ = ["ENGINES", "THROUGHPUT", "Bound", "Cost", "Problem", "choose", "estimate", "predicted_seconds",
-           "profile_forward"]
+__all__ = ["ENGINES", "THROUGHPUT", "Bound", "Cost", "Engine", "Probe", "Problem", "choose",
+           "estimate", "predicted_seconds", "profile_forward"]

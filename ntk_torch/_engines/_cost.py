@@ -3,19 +3,21 @@
 A single-sample forward is run once under a FLOP counter and an allocation counter.
 Engines turn these per-sample numbers into FLOPs and peak bytes for a given block
 (see each engine's ``estimate``); ``auto`` compares those, and the memory guard
-refuses blocks that would not fit.
+refuses blocks that would not fit. An engine that needs more than these numbers (the
+structured engine's layer probe) analyses the model on the profiled sample itself, once
+per :class:`Probe`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
-
-from ntk_torch._engines._structure import Structure, discover
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,8 @@ class Problem:
         forward_flops: FLOPs of a one-sample forward pass.
         activations: elements allocated by a one-sample forward pass.
         itemsize: bytes per element of the parameters' dtype.
-        structure: what the structured engine found in a probe pass (``_structure``), or
-            None when not probed.
+        probe: the model and the profiled sample, for engines that analyse the model
+            further (not part of the sizes: equality and hashing ignore it).
     """
 
     n1: int
@@ -46,7 +48,7 @@ class Problem:
     forward_flops: float
     activations: float
     itemsize: int
-    structure: Structure | None = None
+    probe: Probe | None = field(default=None, compare=False, repr=False)
 
     def output_bytes(self) -> float:
         per_pair = {"full": self.n_out**2, "diagonal": self.n_out, "trace": 1}[self.mode]
@@ -60,7 +62,9 @@ class Cost:
 
 
 class _ForwardCounter(TorchDispatchMode):
-    """FLOPs of the operators torch's FLOP counter knows (matmuls, convolutions, attention)
+    """FLOPs and new elements of the operators run under it.
+
+    FLOPs of the operators torch's FLOP counter knows (matmuls, convolutions, attention)
     and elements of every new tensor an operator returns (an upper bound on activations).
 
     Views (``weight.t()`` inside ``linear``, reshapes) share their input's storage and
@@ -94,13 +98,36 @@ def _storage(t: torch.Tensor) -> int:
         return id(t)
 
 
+T = TypeVar("T")
+
+
+class Probe:
+    """The model, its parameters and one sample, as profiled for a :class:`Problem`.
+
+    Made once per model, parameter selection and sample shape (by the callers that
+    profile), so an engine's analysis of the model (``analysis``) runs once for every
+    block, tile and estimate of that kernel, and only when the engine is considered.
+    """
+
+    def __init__(self, fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> None:
+        self.fm, self.params, self.sample = fm, dict(params), sample
+        self._found: dict[str, Any] = {}
+
+    def analysis(self, key: str,
+                 analyse: Callable[[Any, dict[str, torch.Tensor], torch.Tensor], T]) -> T:
+        """``analyse(fm, params, sample)``, computed on the first call for ``key``."""
+        if key not in self._found:
+            self._found[key] = analyse(self.fm, self.params, self.sample)
+        return self._found[key]
+
+
 def profile_forward(fm, params: dict[str, torch.Tensor],
-                    x: torch.Tensor) -> tuple[float, float, int, Structure]:
-    """FLOPs, allocated elements, output size ``O`` and layer structure, from ``x[:1]``."""
+                    x: torch.Tensor) -> tuple[float, float, int, Probe]:
+    """FLOPs, allocated elements, output size ``O`` and :class:`Probe` of ``x[:1]``."""
     sample = x[:1]
     with torch.no_grad():
         counter = _ForwardCounter()
         with counter:
             out = fm(params, sample)
-    structure = discover(fm, params, sample)
-    return float(max(counter.flops, 1)), float(counter.elements), int(out.shape[1]), structure
+    flops, elements = float(max(counter.flops, 1)), float(counter.elements)
+    return flops, elements, int(out.shape[1]), Probe(fm, params, sample)

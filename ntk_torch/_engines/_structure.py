@@ -1,8 +1,8 @@
 """Which parameters the structured engine can handle, found by one probed forward pass.
 
-A parameter is *structured* when every use of it is the standard forward of a supported
-layer (``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, and the affine
-parameters of ``nn.LayerNorm``/``nn.GroupNorm``/``nn.BatchNorm*`` in eval mode). Its
+A parameter is *structured* when every use of it is the standard forward of a layer with
+a rule (``_layers``: ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, and the
+affine parameters of ``nn.LayerNorm``/``nn.GroupNorm``/``nn.BatchNorm*`` in eval mode). Its
 per-sample gradient is then ``Σ_t δ_t ⊗ a_t`` over the layer's positions ``t`` (and over
 all calls of the layer), with ``a_t`` the layer's input feature and ``δ_t`` the cotangent
 of one output at the layer's output. Everything else is *fallback* and goes through the
@@ -18,78 +18,16 @@ sends the parameter to the fallback, so the kernel stays exact for any model.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from ntk_torch import nn as ntk_nn
-
-_BATCHNORM = nn.modules.batchnorm._BatchNorm
-
-# (class, kind, methods its standard forward consists of): a subclass that overrides any
-# of them may compute something else with the same parameters, so it is not structured.
-_SUPPORTED: tuple[tuple[type, str, tuple[str, ...]], ...] = (
-    (nn.Linear, "linear", ("forward",)),
-    (nn.Conv1d, "conv", ("forward", "_conv_forward")),
-    (nn.Conv2d, "conv", ("forward", "_conv_forward")),
-    (nn.Embedding, "embedding", ("forward",)),
-    (nn.LayerNorm, "layernorm", ("forward",)),
-    (nn.GroupNorm, "groupnorm", ("forward",)),
-    (_BATCHNORM, "batchnorm", ("forward",)),
-    # z = m·W x + m_b·b: the linear/conv rules with the input scaled by m and the bias's
-    # constant input 1 replaced by m_b (see `scales`).
-    (ntk_nn.Dense, "linear", ("forward",)),
-    (ntk_nn.Conv2d, "conv", ("forward",)),
-)
-
-
-def scales(module: nn.Module) -> tuple[float, float]:
-    """``(m, m_b)``: the weight's and the bias's multipliers in the layer's output."""
-    if isinstance(module, (ntk_nn.Dense, ntk_nn.Conv2d)):
-        return float(module.multiplier), float(module.bias_multiplier)
-    return 1.0, 1.0
-
-
-def layer_kind(module: nn.Module) -> str | None:
-    """The structured rule that applies to ``module``, or None."""
-    for cls, kind, methods in _SUPPORTED:
-        if not isinstance(module, cls):
-            continue
-        if any(getattr(type(module), m) is not getattr(cls, m) for m in methods):
-            return None
-        if module._forward_hooks or getattr(module, "_forward_hooks_with_kwargs", None):
-            return None  # a user hook may change the output the cotangent is taken at
-        if kind == "embedding" and (module.max_norm is not None or module.scale_grad_by_freq):
-            return None  # renormalises weights in place / rescales the gradient per batch
-        if kind == "batchnorm" and (module.training or module.running_mean is None):
-            return None  # batch statistics: not a per-sample layer
-        return kind
-    return None
-
-
-@dataclass(frozen=True)
-class Site:
-    """One call of a structured layer.
-
-    Attributes:
-        module: qualified name of the layer.
-        kind: its rule (``"linear"``, ``"conv"``, ``"embedding"``, ``"layernorm"``, ...).
-        in_shape, out_shape: shapes of its input and output for one sample (as the layer
-            sees them, with the model's batch dimension of size one where it has one).
-        out_dtype: dtype of the output (the cotangent's dtype).
-    """
-
-    module: str
-    kind: str
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-    out_dtype: torch.dtype
+from ntk_torch._engines._layers import LayerRule, Site, rule_for
 
 
 @dataclass(frozen=True)
@@ -102,7 +40,7 @@ class Unit:
     (a weight on a constant input 1).
 
     Attributes:
-        kind: rule of the layers (all sites share it).
+        rule: rule of the layers (all sites share it).
         weight, bias: selected parameter names (canonical), or None.
         sites: indices into :attr:`Structure.sites`, in call order.
         positions: ``T``, positions per sample over all sites.
@@ -111,7 +49,7 @@ class Unit:
         bias_scale: the bias's multiplier ``m_b`` (its gradient is ``m_b Σ_t D_t``).
     """
 
-    kind: str
+    rule: LayerRule
     weight: str | None
     bias: str | None
     sites: tuple[int, ...]
@@ -143,9 +81,10 @@ class Structure:
         feature_elements: per sample, elements of the layer inputs kept (unfolded
             convolution patches counted at their unfolded size).
         cotangent_elements: per sample and output, elements of the layer-output cotangents.
+        n_out: ``O``, flattened outputs per sample.
         heads: ``(site, readout site)`` pairs where the site's output reaches the readout's
-            input channel by channel on the probe (``_capture.separable_heads``): the
-            site's unit may take the factored rule.
+            input channel by channel on the probe (``_heads``): the site's unit may take the
+            factored rule.
     """
 
     sites: tuple[Site, ...]
@@ -154,6 +93,7 @@ class Structure:
     fallback_params: int
     feature_elements: int
     cotangent_elements: int
+    n_out: int
     heads: tuple[tuple[int, int], ...] = ()
 
 
@@ -190,9 +130,13 @@ def _hooks(modules: list[nn.Module], pre, post) -> Iterator[None]:
 
 
 def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Structure:
-    """Probe ``fm`` on ``sample`` (one input, with its batch dimension) and split ``params``."""
+    """Probe ``fm`` on ``sample`` (one input, with its batch dimension) and split ``params``.
+
+    Separable heads are found apart, by ``_heads.probe_heads``.
+    """
     model = fm.module
-    candidates = {name: m for name, m in model.named_modules() if layer_kind(m) is not None}
+    rules = {name: rule for name, m in model.named_modules() if (rule := rule_for(m)) is not None}
+    candidates = {name: m for name, m in model.named_modules() if name in rules}
     names_of = {id(m): name for name, m in candidates.items()}
     aliases: dict[int, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -205,7 +149,8 @@ def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Struc
             if p is not None and aliases[id(p)] in params:
                 holders.setdefault(aliases[id(p)], []).append((lname, role))
 
-    owners = {id(params[n]): {id(candidates[l]) for l, _ in hs} for n, hs in holders.items()}
+    owners = {id(params[n]): {id(candidates[layer]) for layer, _ in hs}
+              for n, hs in holders.items()}
     stack: list[nn.Module] = []
     calls: list[tuple[str, tuple[int, ...], tuple[int, ...], torch.dtype]] = []
     unusable: set[str] = set()
@@ -217,34 +162,36 @@ def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Struc
         stack.pop()
         inp = args[0] if args else None
         if isinstance(inp, torch.Tensor) and isinstance(output, torch.Tensor):
-            calls.append((names_of[id(module)], tuple(inp.shape), tuple(output.shape), output.dtype))
+            calls.append((names_of[id(module)], tuple(inp.shape), tuple(output.shape),
+                          output.dtype))
         else:  # called in a way the rules do not cover: keyword input, tuple output
             calls.append((names_of[id(module)], (), (), torch.float32))
             unusable.add(names_of[id(module)])
 
     uses = _ParameterUses(owners, stack)
     with torch.no_grad(), _hooks(list(candidates.values()), pre, post), uses:
-        fm(params, sample)
+        out = fm(params, sample)
 
     structured: dict[str, list[tuple[str, str]]] = {}
     for name, hs in holders.items():
-        kinds = {layer_kind(candidates[l]) for l, _ in hs}
+        kinds = {rules[layer] for layer, _ in hs}
         roles = {r for _, r in hs}
-        multipliers = {scales(candidates[l]) for l, _ in hs}
-        if (id(params[name]) in uses.foreign or len(kinds) > 1 or len(roles) > 1 or len(multipliers) > 1
-                or any(l in unusable for l, _ in hs)
-                or not any(c[0] == l for c in calls for l, _ in hs)):
+        multipliers = {rules[layer].scales(candidates[layer]) for layer, _ in hs}
+        if (id(params[name]) in uses.foreign or len(kinds) > 1 or len(roles) > 1
+                or len(multipliers) > 1
+                or any(layer in unusable for layer, _ in hs)
+                or not any(c[0] == layer for c in calls for layer, _ in hs)):
             continue  # mixed kinds, raw use, or never called: the generic engine is exact
         structured[name] = hs
 
     # A weight and a bias held by exactly the same layers share their sites: one unit.
     by_layers: dict[tuple[str, ...], dict[str, str]] = {}
     for name, hs in structured.items():
-        layers = tuple(sorted(l for l, _ in hs))
+        layers = tuple(sorted(layer for layer, _ in hs))
         by_layers.setdefault(layers, {})[hs[0][1]] = name
-    needed = {l for layers in by_layers for l in layers}
+    needed = {layer for layers in by_layers for layer in layers}
     site_calls = [c for c in calls if c[0] in needed]
-    sites = tuple(Site(l, layer_kind(candidates[l]), i, o, d) for l, i, o, d in site_calls)
+    sites = tuple(Site(name, rules[name], i, o, d) for name, i, o, d in site_calls)
 
     units = []
     for layers, roles in by_layers.items():
@@ -253,79 +200,23 @@ def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Struc
 
     done = {n for u in units for n in u.names}
     fallback = tuple(n for n in params if n not in done)
-    features = sum(_feature_elements(candidates[s.module], s) for s in sites)
+    features = sum(s.rule.feature_elements(candidates[s.module], s) for s in sites)
     cotangents = sum(math.prod(s.out_shape) for s in sites)
-    structure = Structure(sites=sites, units=tuple(units), fallback=fallback,
-                          fallback_params=sum(params[n].numel() for n in fallback),
-                          feature_elements=features, cotangent_elements=cotangents)
-    pairs = _head_candidates(candidates, structure)
-    if not pairs:
-        return structure
-    from ntk_torch._engines._capture import probe_heads  # it builds on this module
-
-    return replace(structure, heads=probe_heads(fm, params, sample, structure, pairs))
-
-
-def _head_candidates(layers: dict[str, nn.Module], structure: Structure) -> list[tuple[int, int]]:
-    """``(site, readout site)`` pairs that may form a separable head: a convolution or a
-    Linear over positions, called once and holding the only unit at that call, and the first
-    later Linear call on one position whose input size is the site's number of channels."""
-    sites = structure.sites
-    sharing = Counter(k for u in structure.units for k in u.sites)
-    pairs = []
-    for unit in structure.units:
-        if (len(unit.sites) != 1 or sharing[unit.sites[0]] > 1 or unit.kind not in ("linear", "conv")
-                or unit.positions == 1):
-            continue
-        s = unit.sites[0]
-        channels = unit.groups * unit.k_out
-        for r in range(s + 1, len(sites)):
-            module = layers[sites[r].module]
-            if (sites[r].kind == "linear" and layer_sizes(module, sites[r])[0] == 1
-                    and module.in_features == channels):
-                pairs.append((s, r))
-                break
-    return pairs
-
-
-def layer_sizes(module: nn.Module, site: Site) -> tuple[int, int, int, int]:
-    """``(positions, groups, k_in, k_out)`` of one call, ``k_in`` without a bias column."""
-    kind = site.kind
-    numel = math.prod(site.in_shape)
-    if kind == "linear":
-        return numel // module.in_features, 1, module.in_features, module.out_features
-    if kind == "conv":
-        nd = len(module.kernel_size)
-        lead = math.prod(site.in_shape[: len(site.in_shape) - nd - 1])
-        positions = lead * math.prod(site.out_shape[-nd:])
-        g = module.groups
-        return positions, g, module.in_channels // g * math.prod(module.kernel_size), module.out_channels // g
-    if kind == "embedding":
-        return numel, 1, module.num_embeddings, module.embedding_dim
-    if kind == "layernorm":
-        c = math.prod(module.normalized_shape)
-    else:  # groupnorm, batchnorm: channels on dimension 1
-        c = site.in_shape[1]
-    return numel // c, c, 1, 1
-
-
-def _feature_elements(module: nn.Module, site: Site) -> int:
-    positions, groups, k_in, _ = layer_sizes(module, site)
-    if site.kind == "embedding":
-        return positions  # the indices
-    return positions * groups * k_in
+    return Structure(sites=sites, units=tuple(units), fallback=fallback,
+                     fallback_params=sum(params[n].numel() for n in fallback),
+                     feature_elements=features, cotangent_elements=cotangents,
+                     n_out=int(out[0].numel()))
 
 
 def _unit(layers: dict[str, nn.Module], sites: tuple[Site, ...], idx: tuple[int, ...],
           weight: str | None, bias: str | None) -> Unit:
-    kind = sites[idx[0]].kind
+    rule = sites[idx[0]].rule
     module = layers[sites[idx[0]].module]
     positions = 0
     for k in idx:  # tied layers share the parameter's shape, so groups and k agree
-        t, groups, k_in, k_out = layer_sizes(layers[sites[k].module], sites[k])
+        t, groups, k_in, k_out = rule.sizes(layers[sites[k].module], sites[k])
         positions += t
     if weight is None:
         k_in = 0
-    vocab = module.num_embeddings if kind == "embedding" else 0
-    return Unit(kind=kind, weight=weight, bias=bias, sites=idx, positions=positions,
-                groups=groups, k_in=k_in, k_out=k_out, vocab=vocab, bias_scale=scales(module)[1])
+    return Unit(rule=rule, weight=weight, bias=bias, sites=idx, positions=positions, groups=groups,
+                k_in=k_in, k_out=k_out, vocab=rule.vocab(module), bias_scale=rule.scales(module)[1])

@@ -32,7 +32,8 @@ def estimate(problem: Problem) -> Cost:
     return Cost(jac_flops + contract_flops, jac_bytes + work_bytes + p.output_bytes())
 
 
-def per_sample_jacobians(fm, params: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, torch.Tensor]:
+def per_sample_jacobians(fm, params: dict[str, torch.Tensor],
+                         x: torch.Tensor) -> dict[str, torch.Tensor]:
     """``{name: (N, O, *param.shape)}``: Jacobians of each sample's outputs."""
     return vmap(jacrev(fm.single), in_dims=(None, 0), randomness="error")(params, x)
 
@@ -49,7 +50,8 @@ def contract_pair(ja: torch.Tensor, jb: torch.Tensor, mode: str) -> torch.Tensor
     return (ja.reshape(n1, -1) @ jb.reshape(n2, -1).T) / n_out
 
 
-def prepare(fm, params, x, mode, groups, *, problem=None, memory_budget=None) -> dict[str, torch.Tensor]:
+def prepare(fm, params, x, mode, groups, *, problem=None,
+            memory_budget=None) -> dict[str, torch.Tensor]:
     """Per-sample Jacobians ``{name: (N, O, *param.shape)}`` of the samples ``x``."""
     return per_sample_jacobians(fm, params, x)
 

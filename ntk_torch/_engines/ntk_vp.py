@@ -43,8 +43,11 @@ def largest_chunk(problem: Problem, memory_budget: float | None) -> int:
 
 
 def prepare(fm, params, x, mode, groups, *, problem=None, memory_budget=None) -> torch.Tensor:
-    """The samples themselves: every NTK-vector product involves both blocks, so nothing
-    of one block alone can be reused."""
+    """The samples themselves.
+
+    Every NTK-vector product involves both blocks, so nothing of one block alone can be
+    reused.
+    """
     return x
 
 

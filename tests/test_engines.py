@@ -1,0 +1,138 @@
+"""How the engines are organised: one rule per layer kind, one engine interface, no
+import cycles; and the benchmark scripts run (seconds-long configurations, not timings).
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+import ntk_torch as nt
+from ntk_torch import _engines
+from ntk_torch._engines._layers import rule_for
+
+
+class _OverriddenForward(nn.Linear):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+def test_every_supported_layer_has_its_rule_and_the_rest_none():
+    ntk_dense, ntk_conv = nt.nn.Dense(3, 2), nt.nn.Conv2d(2, 3, 3)
+    kinds = {nn.Linear(3, 2): "linear", ntk_dense: "linear", nn.Conv1d(2, 3, 3): "conv",
+             nn.Conv2d(2, 3, 3): "conv", ntk_conv: "conv", nn.Embedding(5, 2): "embedding",
+             nn.LayerNorm(4): "layernorm", nn.GroupNorm(2, 4): "groupnorm",
+             nn.BatchNorm1d(4).eval(): "batchnorm", nn.BatchNorm2d(4).eval(): "batchnorm"}
+    for module, kind in kinds.items():
+        assert rule_for(module).name == kind, module
+    multipliers = (ntk_dense.multiplier, ntk_dense.bias_multiplier)
+    assert rule_for(ntk_dense).scales(ntk_dense) == multipliers
+    # Batch statistics, renormalised rows, an overridden forward, other layers: no rule.
+    for module in (nn.BatchNorm2d(4).train(), nn.Embedding(5, 2, max_norm=1.0),
+                   _OverriddenForward(3, 2), nn.Bilinear(2, 2, 2), nn.Conv3d(2, 3, 3)):
+        assert rule_for(module) is None, module
+
+
+def test_engines_share_one_interface():
+    for name, engine in _engines.ENGINES.items():
+        assert isinstance(engine, _engines.Engine), name
+
+
+def _imports(path: Path, module: str, modules: set[str], lazy: bool) -> set[str]:
+    """The ``ntk_torch`` modules that ``module`` (file ``path``) imports; function-level
+    imports too when ``lazy``."""
+    tree = ast.parse(path.read_text())
+    nodes = ast.walk(tree) if lazy else tree.body
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            names = (f"{base}.{a.name}" for a in node.names)
+            found |= {name if name in modules else base for name in names}
+    return (found & modules) - {module}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as a path, or None (depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(v: str) -> list[str] | None:
+        state[v] = 1
+        path.append(v)
+        for w in sorted(graph[v]):
+            if state.get(w) == 1:
+                return path[path.index(w):] + [w]
+            if w not in state and (found := visit(w)):
+                return found
+        path.pop()
+        state[v] = 2
+        return None
+
+    for v in sorted(graph):
+        if v not in state and (found := visit(v)):
+            return found
+    return None
+
+
+def test_no_import_cycles():
+    # Module-level imports across the package; inside the engines, imports in functions too
+    # (a deferred import that closes a cycle is a cycle all the same).
+    root = Path(nt.__file__).parent
+    files = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in root.rglob("*.py")}
+    modules = set(files)
+    for scope, lazy in (("ntk_torch", False), ("ntk_torch._engines", True)):
+        graph = {m: {d for d in _imports(p, m, modules, lazy) if d.startswith(scope)}
+                 for m, p in files.items() if m.startswith(scope)}
+        cycle = _cycle(graph)
+        assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
+
+
+@pytest.mark.slow
+def test_benchmark_script_runs_and_reports_consistent_kernels(tmp_path, monkeypatch):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_empirical.py"
+    spec = importlib.util.spec_from_file_location("bench_empirical", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_empirical", bench)  # dataclasses look it up there
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script adds its folder
+    spec.loader.exec_module(bench)
+    assert bench.main(["--configs", "tiny", "--quick", "--no-memory", "--repeats", "1",
+                       "--threads", "1", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "bench_empirical.csv")))
+    assert {r["method"] for r in rows} == {*bench.RECIPES, *bench.ENGINES}
+    # Every method's kernel (the tutorial's summed trace divided by O) equals the reference.
+    assert all(float(r["max_rel_diff"]) < 1e-5 for r in rows), rows
+
+
+@pytest.mark.slow
+def test_revision_comparison_script_times_both_trees(tmp_path, monkeypatch):
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("needs the git checkout the script compares with")
+    path = root / "benchmarks" / "bench_compare.py"
+    spec = importlib.util.spec_from_file_location("bench_compare", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script adds its folder
+    spec.loader.exec_module(bench)
+    assert bench.main(["--ref", "HEAD", "--configs", "tiny", "--methods", "structured",
+                       "--rounds", "1", "--calls", "2", "--threads", "1",
+                       "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "bench_compare.csv")))
+    assert [(r["mode"], r["method"]) for r in rows] == [("full", "structured"),
+                                                        ("trace", "structured")]
+    # One process per tree, two timed calls each.
+    assert all(float(r["old_s"]) > 0 and float(r["new_s"]) > 0 and r["samples"] == "2"
+               for r in rows)
