@@ -36,7 +36,8 @@ def _update(h, t: torch.Tensor) -> None:
 
 def model_digests(model: nn.Module) -> dict[str, str]:
     """``architecture``: every module's name, class, settings and train/eval mode;
-    ``parameters``: every parameter's and buffer's name and value (tied ones once)."""
+    ``parameters``: every parameter's and buffer's name and value (tied ones once).
+    """
     arch = hashlib.sha256()
     for name, module in model.named_modules():
         kind = f"{type(module).__module__}.{type(module).__qualname__}"
@@ -53,7 +54,8 @@ def inputs_digest(n: int, sample_shape: tuple[int, ...], dtype: torch.dtype,
                   block: Callable[[int, int], torch.Tensor], size: int,
                   inputs_id: str | None) -> dict:
     """Size, sample shape and dtype, plus either ``inputs_id`` or one hash per block of
-    ``size`` samples (read through ``block(start, stop)``), so a difference can be placed."""
+    ``size`` samples (read through ``block(start, stop)``), so a difference can be placed.
+    """
     digest: dict = {"n": n, "sample_shape": list(sample_shape), "dtype": str(dtype)}
     if inputs_id is not None:
         digest["id"] = inputs_id

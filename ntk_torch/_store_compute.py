@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ntk_torch import _engines, _fingerprint, _workers
-from ntk_torch._checks import _describe
+from ntk_torch._checks import describe
 from ntk_torch._engines import Problem
 from ntk_torch._store_files import (
     ARRAY,
@@ -30,6 +30,7 @@ from ntk_torch._store_files import (
     StoreError,
     Tile,
     crc,
+    load_zarr,
     record_path,
     size_text,
     write_atomic,
@@ -57,7 +58,7 @@ class Inputs:
             self.tensor, self.dataset = None, x
         else:
             raise TypeError(f"`{name}` must be a torch.Tensor of shape (N, ...) or a sized "
-                            f"torch.utils.data.Dataset, got {_describe(x)}")
+                            f"torch.utils.data.Dataset, got {describe(x)}")
         if len(self) == 0:
             raise ValueError(f"`{name}` must hold at least one sample for a kernel store, got none")
         self.first = self.load((0, 1))
@@ -85,7 +86,7 @@ class Inputs:
                 item = torch.as_tensor(item)
             except (TypeError, ValueError, RuntimeError):
                 raise TypeError(f"`{self.name}`[{index}] must be a tensor or an (input, target) "
-                                f"pair, got {_describe(item)}") from None
+                                f"pair, got {describe(item)}") from None
         return item
 
     def check_like(self, other: Inputs) -> None:
@@ -105,7 +106,8 @@ class Inputs:
 @dataclass(frozen=True)
 class Job:
     """What a kernel store's tiles are: shapes, the engine's view of one tile, the settings
-    and fingerprint the manifest records."""
+    and fingerprint the manifest records.
+    """
 
     problem: Problem
     symmetric: bool
@@ -147,7 +149,8 @@ def plan(fm, values: dict[str, torch.Tensor], sample: torch.Tensor, inputs1: Inp
 def resolve_engine(implementation: str, job: Job, budget: float | None,
                    device: torch.device) -> tuple[str, float]:
     """The engine for one tile and the memory it may use (the budget less the output tiles
-    in flight)."""
+    in flight).
+    """
     problem, tile = job.problem, job.settings["tile"]
     total = budget or default_memory_budget(device)
     spare = total - (TILES_IN_FLIGHT - 1) * problem.output_bytes()
@@ -166,7 +169,8 @@ def resolve_engine(implementation: str, job: Job, budget: float | None,
 
 def largest_tile(problem: Problem, budget: float, implementation: str, n: int) -> int:
     """The largest tile side whose computation and ``TILES_IN_FLIGHT`` output tiles fit
-    ``budget`` with the given (or, for ``"auto"``, any) engine; 0 if none."""
+    ``budget`` with the given (or, for ``"auto"``, any) engine; 0 if none.
+    """
     names = list(_engines.ENGINES) if implementation == "auto" else [implementation]
 
     def fits(size: int) -> bool:
@@ -186,7 +190,8 @@ def largest_tile(problem: Problem, budget: float, implementation: str, n: int) -
 
 def verify_done(store, w: _workers.Worker) -> None:
     """Check every finished tile (this rank's share of them) against its checksum and drop
-    the records of those that fail, so that they are computed again."""
+    the records of those that fail, so that they are computed again.
+    """
     done = sorted(store.done() & set(store.tiles()))
     for tile in done[w.rank::w.world] if w.group else done:
         try:
@@ -199,13 +204,12 @@ def verify_done(store, w: _workers.Worker) -> None:
 
 class _Writer:
     """Writes finished tiles on a background thread (chunk, then its record), so that disk
-    I/O overlaps the next tile's computation; errors come back on the next ``put``."""
+    I/O overlaps the next tile's computation; errors come back on the next ``put``.
+    """
 
     def __init__(self, store, claims: _workers.Claims, on_done) -> None:
-        import zarr
-
         self.store, self.claims, self.on_done = store, claims, on_done
-        self.array = zarr.open_array(store=str(store.path), path=ARRAY, mode="r+")
+        self.array = load_zarr().open_array(store=str(store.path), path=ARRAY, mode="r+")
         self.queue: queue.Queue = queue.Queue(maxsize=1)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="ntk-writer", daemon=True)

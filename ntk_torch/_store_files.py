@@ -15,10 +15,12 @@ import threading
 import zlib
 from datetime import datetime, timezone
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
 from ntk_torch import _fingerprint
+from ntk_torch._extras import require
 
 FORMAT = "ntk_torch.KernelStore"
 VERSION = 1
@@ -39,7 +41,8 @@ class StoreError(RuntimeError):
 
 def all_tiles(grid: list[int] | tuple[int, int], symmetric: bool) -> list[Tile]:
     """The tiles of a kernel, row by row (only those on and above the diagonal when
-    symmetric)."""
+    symmetric).
+    """
     rows, cols = grid
     return [(i, j) for i in range(rows) for j in range(i if symmetric else 0, cols)]
 
@@ -150,9 +153,13 @@ def open_or_create(path: Path, settings: dict, fingerprint: dict, engine: str, b
     return stored
 
 
-def create_array(path: Path, settings: dict, symmetric: bool, tile: int) -> None:
-    import zarr
+def load_zarr() -> ModuleType:
+    """zarr, which the store's array format needs: imported on first use, named if missing."""
+    return require("zarr", "store", "the kernel store")
 
+
+def create_array(path: Path, settings: dict, symmetric: bool, tile: int) -> None:
+    zarr = load_zarr()
     shape = settings["shape"]
     try:
         zarr.create_array(store=str(path), name=ARRAY, shape=shape,

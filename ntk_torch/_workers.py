@@ -32,7 +32,8 @@ STALE_AFTER_S = 600.0
 @dataclass(frozen=True)
 class Worker:
     """This process's place among the workers: ``rank`` of ``world``; ``group`` is True when
-    a torch.distributed process group connects them (then every rank runs the same call)."""
+    a torch.distributed process group connects them (then every rank runs the same call).
+    """
 
     rank: int
     world: int
@@ -40,7 +41,8 @@ class Worker:
 
     def start(self, n: int) -> int:
         """Where this worker starts in a list of ``n`` pending tiles: evenly spaced, so that
-        workers begin on different rows and each keeps its row blocks for long."""
+        workers begin on different rows and each keeps its row blocks for long.
+        """
         return n * self.rank // max(self.world, 1)
 
 
@@ -48,7 +50,8 @@ class Worker:
 def worker(device: torch.device) -> Iterator[Worker]:
     """The running worker; under ``torchrun`` (``WORLD_SIZE > 1``) joins the process group,
     initialising it (gloo on CPU, nccl on CUDA) when the caller has not, and leaving it as
-    it was found."""
+    it was found.
+    """
     if dist.is_available() and dist.is_initialized():
         yield Worker(dist.get_rank(), dist.get_world_size(), True)
         return

@@ -74,7 +74,8 @@ class LinearizedModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The model's call signature; returns what the model returns (tensors, or tuples,
-        lists and dicts of them), each output ``f(x; θ0) + J(x; θ0)(θ − θ0)``."""
+        lists and dicts of them), each output ``f(x; θ0) + J(x; θ0)(θ − θ0)``.
+        """
         check_model_state(self.model)
         theta0 = self.initial_params()
         current = dict(self.model.named_parameters())

@@ -19,6 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ntk_torch import records as _records
+from ntk_torch._checks import check_int, check_ints, check_number
+from ntk_torch._extras import require
 from ntk_torch.empirical import empirical_ntk
 from ntk_torch.records import Record
 from ntk_torch.tracking import KernelTracker
@@ -82,7 +84,7 @@ def width_sweep(build: Builder, widths: Iterable[int], x: torch.Tensor, *, seeds
         >>> sorted({r["metric"] for r in records})
         ['ntk_bias', 'ntk_error', 'ntk_error_of_mean', 'ntk_fluctuation']
     """
-    widths, seeds = _check_ints("widths", widths), _check_ints("seeds", seeds)
+    widths, seeds = check_ints("widths", widths), check_ints("seeds", seeds)
     if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] < 2:
         raise ValueError(f"`x` must be a tensor of at least 2 probe inputs (N, ...), got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -117,13 +119,6 @@ def width_sweep(build: Builder, widths: Iterable[int], x: torch.Tensor, *, seeds
                     for m, v in _split_error(kernels, limit).items()]
     bar.close()
     return out
-
-
-def _check_ints(name: str, values: Iterable[int]) -> list[int]:
-    values = list(values)
-    if not values or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in values):
-        raise ValueError(f"`{name}` must be a non-empty sequence of ints, got {values!r}")
-    return [int(v) for v in values]
 
 
 def _relative(diff: torch.Tensor, reference: torch.Tensor) -> float:
@@ -219,8 +214,9 @@ def fit_power_law(records: Iterable[Record], metric: str, *, confidence: float =
         >>> round(fit.exponent, 3), fit.low <= -0.5 <= fit.high
         (-0.5, True)
     """
-    if not 0 < confidence < 1:
+    if check_number("confidence", confidence, strict=True) >= 1:
         raise ValueError(f"`confidence` must be in (0, 1), got {confidence!r}")
+    check_int("n_boot", n_boot, low=1)
     chosen = _records.select(records, metric=metric, **where)
     if not chosen:
         raise ValueError(f"no records with metric={metric!r}" + (f" and {where}" if where else ""))
@@ -253,8 +249,7 @@ def fit_power_law(records: Iterable[Record], metric: str, *, confidence: float =
     else:
         if len(widths) < 3:
             raise ValueError(f"an interval without seeds needs at least 3 widths, got {widths}")
-        from scipy import stats
-
+        stats = require("scipy.stats", "stats", "a power-law fit without seeds")
         fit = stats.linregress(log_w, [v.mean() for v in logs])
         half = stats.t.ppf(1 - alpha, len(widths) - 2) * fit.stderr
         low, high = slope - half, slope + half

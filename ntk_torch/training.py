@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from ntk_torch import metrics
-from ntk_torch._checks import check_module
-from ntk_torch._tiling import symmetrize
+from ntk_torch._checks import check_choice, check_int, check_module, check_number
+from ntk_torch._kernel_matrix import symmetrize
 from ntk_torch.empirical import empirical_ntk
 from ntk_torch.predict import gradient_descent_mse
 from ntk_torch.records import Record
+
 
 class GradientDescent:
     """Full-batch gradient descent ``θ ← θ − η ∇L`` on ``L = 1/(2N) Σ_a ‖f(x_a) − y_a‖²``.
@@ -84,14 +85,11 @@ class GradientDescent:
         if y_test is not None and (y_test.dim() != 2 or y_test.shape != (x_test.shape[0], y_train.shape[1])):
             raise ValueError(f"`y_test` must have shape ({x_test.shape[0]}, {y_train.shape[1]}), "
                              f"got {tuple(y_test.shape)}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"`steps` must be a positive int, got {steps!r}")
-        if lr != "auto" and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0):
-            raise ValueError(f"`lr` must be a positive number or 'auto', got {lr!r}")
-        if not lr_factor > 0:
-            raise ValueError(f"`lr_factor` must be positive, got {lr_factor!r}")
-        if kernel_predictor not in ("analytic", None):
-            raise ValueError(f"`kernel_predictor` must be 'analytic' or None, got {kernel_predictor!r}")
+        check_int("steps", steps, low=1)
+        if lr != "auto":
+            check_number("lr", lr, strict=True, alternative="'auto'")
+        check_number("lr_factor", lr_factor, strict=True)
+        check_choice("kernel_predictor", kernel_predictor, ("analytic", None))
         self.x_train, self.y_train, self.x_test, self.y_test = x_train, y_train, x_test, y_test
         self.steps, self.lr, self.lr_factor = steps, lr, lr_factor
         self.kernel_predictor, self.implementation = kernel_predictor, implementation

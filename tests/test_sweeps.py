@@ -97,7 +97,6 @@ def test_sweep_without_analytic_support_warns_and_measures_the_rest():
 
 @pytest.mark.parametrize("bad,match", [
     ({"widths": []}, "`widths` must be a non-empty sequence of ints"),
-    ({"seeds": [1.5]}, "`seeds` must be a non-empty sequence of ints"),
     ({"x": torch.randn(1, 4)}, "`x` must be a tensor of at least 2 probe inputs"),
     ({"analytic": "exact"}, "`analytic` must be 'auto', None or a callable"),
 ])
@@ -105,6 +104,11 @@ def test_sweep_bad_arguments(bad, match):
     args = {"widths": [8], "x": torch.randn(3, 4, dtype=torch.float64), **bad}
     with pytest.raises(ValueError, match=match):
         width_sweep(build_mlp(), args.pop("widths"), args.pop("x"), progress=False, **args)
+
+
+def test_sweep_seeds_must_be_ints():
+    with pytest.raises(TypeError, match=r"`seeds` must be a non-empty sequence of ints, got \[1.5\]"):
+        width_sweep(build_mlp(), [8], torch.randn(3, 4), seeds=[1.5], progress=False)
 
 
 def test_sweep_build_must_return_a_module():
@@ -232,9 +236,9 @@ def test_gradient_descent_auto_lr_is_stable_for_the_standard_parameterization():
 @pytest.mark.parametrize("kwargs,match", [
     ({"y_train": torch.zeros(5, 3)}, r"`y_train` must have shape \(N, O\) with N = 12"),
     ({"steps": 0}, "`steps` must be a positive int"),
-    ({"lr": -1.0}, "`lr` must be a positive number or 'auto'"),
+    ({"lr": -1.0}, "`lr` must be a finite number > 0 or 'auto'"),
     ({"x_test": torch.zeros(3, 4)}, "`x_test` and `y_test` must be given together"),
-    ({"kernel_predictor": "empirical"}, "`kernel_predictor` must be 'analytic' or None"),
+    ({"kernel_predictor": "empirical"}, "`kernel_predictor` must be one of 'analytic', None"),
 ])
 def test_gradient_descent_bad_arguments(kwargs, match):
     x_train, y_train, _, _ = data()
