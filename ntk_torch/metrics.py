@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 
-def _check_kernel(name: str, k: object) -> torch.Tensor:
+def _check_square_kernel(name: str, k: object) -> torch.Tensor:
     # NaN entries are measured, not refused: a tracker records a diverged run's NaNs.
     return check_kernel(name, k, diagonal=True, square=True, finite=False)
 
@@ -72,7 +72,7 @@ def as_matrix(k: torch.Tensor) -> torch.Tensor:
         >>> as_matrix(torch.ones(2, 2, 3)).shape
         torch.Size([6, 6])
     """
-    return _kernel_matrix.as_matrix(_check_kernel("k", k))
+    return _kernel_matrix.as_matrix(_check_square_kernel("k", k))
 
 
 def kernel_distance(k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
@@ -219,7 +219,7 @@ def kernel_alignment(k: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         >>> kernel_alignment(torch.outer(y, y), y)
         tensor(1.)
     """
-    k = _check_kernel("k", k)
+    k = _check_square_kernel("k", k)
     n = k.shape[0]
     targets = _targets(y, n, None if k.dim() == 2 else k.shape[2], k)
     if k.dim() > 2 and targets.shape[1] != k.shape[2]:
@@ -305,7 +305,7 @@ def spectrum(k: torch.Tensor, num: int | None = None) -> torch.Tensor:
         >>> spectrum(torch.tensor([[2.0, 1.0], [1.0, 2.0]]), 2)
         tensor([3., 1.])
     """
-    k = _check_kernel("k", k)
+    k = _check_square_kernel("k", k)
     size = k.shape[0] * (1 if k.dim() == 2 else k.shape[2])
     num = check_int("num", num, low=1, high=size, optional=True)
     values = _kernel_matrix.eigenvalues(k)
@@ -331,7 +331,7 @@ def effective_rank(k: torch.Tensor) -> torch.Tensor:
         >>> effective_rank(torch.diag(torch.tensor([5.0, 5.0, 5.0, 0.0])))
         tensor(3.)
     """
-    k = _check_kernel("k", k)
+    k = _check_square_kernel("k", k)
     values = _kernel_matrix.eigenvalues(k).clamp_min(0)
     p = _ratio(values, values.sum())
     entropy = -torch.special.xlogy(p, p).sum()
