@@ -97,9 +97,12 @@ def check_ints(name: str, values: Iterable[Any]) -> list[int]:
 def check_number(name: str, value: Any, *, low: float = 0.0, strict: bool = False,
                  finite: bool = True, optional: bool = False, unit: str = "",
                  alternative: str | None = None) -> float | None:
-    """``value`` is a real number ``>= low`` (``> low`` if ``strict``), finite unless not
-    ``finite`` (then ``inf`` is allowed); NaN never. A one-element tensor counts as its value.
-    ``alternative`` names another value the caller accepts before calling (e.g. ``'auto'``).
+    """``value`` is a real number ``>= low`` (``> low`` if ``strict``), never NaN.
+
+    It must be finite unless ``finite=False`` (then ``inf`` is allowed); a one-element
+    tensor counts as its value. ``unit`` qualifies the number in messages (``" of bytes"``)
+    and ``alternative`` names another value the caller accepts before calling
+    (e.g. ``"'auto'"``).
 
     Example:
         >>> check_number("ridge", 0.5)
@@ -141,15 +144,18 @@ ANY_OUTPUTS = -1
 def check_kernel(name: str, k: Any, *, diagonal: bool = False, square: bool = False,
                  rows: int | None = None, cols: int | None = None,
                  n_out: int | None = ANY_OUTPUTS, finite: bool = True) -> torch.Tensor:
-    """``k`` is a floating kernel ``(R, C)`` or ``(R, C, O, O)`` (and ``(R, C, O)`` if
-    ``diagonal``) of the expected sizes.
+    """``k`` is a floating kernel tensor of the expected layout and sizes.
+
+    Layouts: trace ``(R, C)`` and full ``(R, C, O, O)``, and diagonal ``(R, C, O)`` if
+    ``diagonal``.
 
     Args:
         name: the argument's name, for messages.
         k: the value to check.
         diagonal: accept the diagonal layout ``(R, C, O)``.
         square: demand ``R == C``.
-        rows, cols: demanded ``R`` and ``C``.
+        rows: demanded ``R``, or None.
+        cols: demanded ``C``, or None.
         n_out: ``ANY_OUTPUTS`` accepts any layout, ``None`` demands trace mode ``(R, C)``,
             an int the full layout with that ``O``.
         finite: reject NaN and inf entries.
@@ -209,9 +215,11 @@ def check_inputs(x1: Any, x2: Any | None) -> None:
         if x is None and name == "x2":
             continue
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"`{name}` must be a torch.Tensor of shape (N, ...), got {describe(x)}")
+            raise TypeError(f"`{name}` must be a torch.Tensor of shape (N, ...), "
+                            f"got {describe(x)}")
         if x.dim() == 0:
-            raise ValueError(f"`{name}` must have a batch dimension, shape (N, ...), got a 0-d tensor")
+            raise ValueError(f"`{name}` must have a batch dimension, shape (N, ...), "
+                             "got a 0-d tensor")
     if x2 is not None:
         if tuple(x1.shape[1:]) != tuple(x2.shape[1:]):
             raise ValueError(
@@ -242,9 +250,11 @@ def check_inputs_match_params(x: torch.Tensor, params: dict[str, torch.Tensor]) 
     devices = {t.device for t in params.values()}
     dtypes = {t.dtype for t in params.values()}
     if len(devices) > 1:
-        raise ValueError(f"the selected parameters must live on one device, got {sorted(map(str, devices))}")
+        raise ValueError("the selected parameters must live on one device, "
+                         f"got {sorted(map(str, devices))}")
     if len(dtypes) > 1:
-        raise ValueError(f"the selected parameters must share one dtype, got {sorted(map(str, dtypes))}")
+        raise ValueError("the selected parameters must share one dtype, "
+                         f"got {sorted(map(str, dtypes))}")
 
 
 def check_model_state(model: nn.Module) -> None:

@@ -29,9 +29,11 @@ __all__ = ["Gaussian", "conditional", "gp_posterior", "kernel_regression", "solv
 
 
 class Gaussian(NamedTuple):
-    """A Gaussian over ``M`` test points: ``mean`` shaped like the labels (``(M,)``,
-    ``(M, C)`` or ``(M, O)``), ``covariance`` ``(M, M)`` for a trace kernel (shared by every
-    output column) or ``(M, M, O, O)`` for a full one.
+    """A Gaussian over ``M`` test points.
+
+    ``mean`` is shaped like the labels (``(M,)``, ``(M, C)`` or ``(M, O)``), ``covariance``
+    is ``(M, M)`` for a trace kernel (shared by every output column) or ``(M, M, O, O)`` for
+    a full one.
     """
 
     mean: torch.Tensor
@@ -83,7 +85,7 @@ def solve(kernel, y: torch.Tensor, *, ridge: float, tol: float = 1e-6, max_iter:
     ridge = check_number("ridge", ridge)
     if _operators.is_store(kernel):
         op = _operators.StoreOperator(kernel, "kernel")
-        layout, rhs = Targets.read("y", y, op.n_samples, op.n_out, _like(kernel, float64=True))
+        layout, rhs = Targets.read("y", y, op.n_samples, op.n_out, _store_solve_like())
         x = _store_solve(op, rhs, ridge, tol, max_iter, callback)
         return layout.write(x, op.n_samples).to(_result_dtype(y, kernel.dtype))
     kernel = check_kernel("kernel", kernel, square=True)
@@ -97,13 +99,13 @@ def solve(kernel, y: torch.Tensor, *, ridge: float, tol: float = 1e-6, max_iter:
 def _store_solve(op, rhs: torch.Tensor, ridge: float, tol: float, max_iter: int | None,
                  callback) -> torch.Tensor:
     x, _ = _krylov_solve.solve_pcg(op, rhs.double(), ridge=ridge, tol=tol, max_iter=max_iter,
-                             callback=callback)
+                                   callback=callback)
     return x
 
 
-def _like(store, float64: bool = False) -> torch.Tensor:
-    """An empty tensor standing for a store's dtype and device in the layout checks."""
-    return torch.empty(0, dtype=torch.float64 if float64 else store.dtype)
+def _store_solve_like() -> torch.Tensor:
+    """An empty float64 CPU tensor: a store's solve runs there, whatever the store holds."""
+    return torch.empty(0, dtype=torch.float64)
 
 
 def _result_dtype(y: object, fallback: torch.dtype) -> torch.dtype:
@@ -115,8 +117,8 @@ def kernel_regression(k_train, k_test_train, y_train: torch.Tensor, *, ridge: fl
     """Kernel (ridge) regression ``K(X*, X) (K(X, X) + ridge·I)⁻¹ y``.
 
     With ``ridge = 0`` the inverse is the pseudo-inverse, so this is where gradient flow
-    from ``f0 = 0`` ends (:func:`gradient_flow_mse` at ``t = inf``); with ``ridge = σ²`` it
-    is the posterior mean of :func:`gp_posterior` with ``noise = σ²``.
+    from ``f0 = 0`` ends (:func:`ntk_torch.gradient_flow_mse` at ``t = inf``); with
+    ``ridge = σ²`` it is the posterior mean of :func:`gp_posterior` with ``noise = σ²``.
 
     Kernels on disk work too: ``k_train`` a :class:`ntk_torch.KernelStore` of the training
     inputs (solved by :func:`solve`, which needs ``ridge > 0`` in practice) and
@@ -145,7 +147,7 @@ def kernel_regression(k_train, k_test_train, y_train: torch.Tensor, *, ridge: fl
     ridge = check_number("ridge", ridge)
     if _operators.is_store(k_train):
         op = _operators.StoreOperator(k_train, "k_train")
-        layout, y = Targets.read("y_train", y_train, op.n_samples, op.n_out, _like(k_train, True))
+        layout, y = Targets.read("y_train", y_train, op.n_samples, op.n_out, _store_solve_like())
         weights = _store_solve(op, y, ridge, tol, None, None)
         if _operators.is_store(k_test_train):
             _operators.check_store_like(k_test_train, "k_test_train", op.n_out, k_train.mode)
@@ -177,7 +179,7 @@ def gp_posterior(k_train, k_test_train, k_test, y_train: torch.Tensor, *,
 
     (pseudo-inverse when ``noise = 0``: conditioning a degenerate Gaussian on labels in its
     support). Note the NTK used this way is *not* what trained networks compute; for that
-    see :func:`ntk_gp_posterior`.
+    see :func:`ntk_torch.ntk_gp_posterior`.
 
     ``k_train`` may be a :class:`ntk_torch.KernelStore` (trace or full mode) of the training
     inputs: the solves then run by :func:`solve` on the store, one right-hand side per test
@@ -226,13 +228,14 @@ def _store_gp_posterior(store, k_test_train, k_test, y_train, noise: float, tol:
                          "the full kernel (mode='trace' or mode='full')")
     op = _operators.StoreOperator(store, "k_train")
     n, n_out = op.n_samples, op.n_out
-    k_test_train, k_test = (b.load() if _operators.is_store(b) else b for b in (k_test_train, k_test))
+    k_test_train, k_test = (b.load() if _operators.is_store(b) else b
+                            for b in (k_test_train, k_test))
     k_test_train = check_kernel("k_test_train", k_test_train, cols=n, n_out=n_out)
     m = k_test_train.shape[0]
     k_test = check_kernel("k_test", k_test, rows=m, cols=m, n_out=n_out)
     check_like("k_test", k_test, "k_test_train", k_test_train)
     check_symmetric("k_test", as_matrix(k_test))
-    layout, y = Targets.read("y_train", y_train, n, n_out, _like(store, True))
+    layout, y = Targets.read("y_train", y_train, n, n_out, _store_solve_like())
     cross = as_matrix(k_test_train).double()  # (M·O, N·O)
     solved = _store_solve(op, torch.cat([y, cross.T], dim=1), noise, tol, None, None)
     mean = cross @ solved[:, : y.shape[1]]

@@ -1,5 +1,7 @@
-"""Outputs of a model trained under a fixed kernel: gradient flow and gradient descent on
-the squared error, and the distribution of infinitely wide networks after training.
+"""Outputs of a model trained under a fixed kernel.
+
+Gradient flow and gradient descent on the squared error, and the distribution of
+infinitely wide networks after training.
 
 Loss and time conventions as in :mod:`ntk_torch.predict`.
 """
@@ -28,8 +30,10 @@ __all__ = ["FlowPrediction", "gradient_descent_mse", "gradient_flow_mse", "ntk_g
 
 
 class FlowPrediction(NamedTuple):
-    """Outputs after gradient flow: ``train`` shaped like ``y_train``, ``test`` like the
-    test labels (``None`` when no test kernel was given).
+    """Outputs after training under a fixed kernel.
+
+    ``train`` is shaped like ``y_train``, ``test`` like the test labels (``None`` when no
+    test kernel was given).
     """
 
     train: torch.Tensor
@@ -73,7 +77,7 @@ def gradient_flow_mse(k_train: torch.Tensor, y_train: torch.Tensor, f0_train: to
     exactly what a linearized network (:func:`ntk_torch.linearize`) trained by gradient
     flow follows, and what a wide network follows approximately. At ``t = inf``:
     ``f(X) = y`` on the range of ``Θ`` and ``f(X*) = f0(X*) + Θ(X*, X) Θ⁺ (y - f0(X))``,
-    which is :func:`kernel_regression` of the residual.
+    which is :func:`ntk_torch.kernel_regression` of the residual.
 
     Args:
         k_train: NTK ``(N, N)`` or ``(N, N, O, O)`` of the training inputs.
@@ -145,8 +149,10 @@ def gradient_descent_mse(k_train: torch.Tensor, y_train: torch.Tensor, f0_train:
 
 
 def _evolve(k_train, y_train, f0_train, filters, k_test_train, f0_test) -> FlowPrediction:
-    """Training outputs ``y + V diag(decay) Vᵀ (f0 − y)`` and test outputs
-    ``f0* + Θ*ᵀ V diag(gain) Vᵀ (y − f0)`` for ``(decay, gain) = filters(eigenvalues)``.
+    """Training and test outputs for ``(decay, gain) = filters(eigenvalues)``.
+
+    Training outputs ``y + V diag(decay) Vᵀ (f0 − y)``, test outputs
+    ``f0* + Θ*ᵀ V diag(gain) Vᵀ (y − f0)``.
     """
     k_train = check_kernel("k_train", k_train)
     n, n_out = k_train.shape[0], n_out_of(k_train)
@@ -199,12 +205,14 @@ def ntk_gp_posterior(nngp_train: torch.Tensor, nngp_test_train: torch.Tensor,
 
     ``t = 0`` is the prior ``N(0, K(X*, X*))``; ``t = inf`` takes ``A = Θ(X*, X) Θ⁺``, an
     ensemble of trained networks, which is *not* the NNGP posterior
-    (:func:`gp_posterior`) unless ``Θ ∝ K``.
+    (:func:`ntk_torch.gp_posterior`) unless ``Θ ∝ K``.
 
     Args:
-        nngp_train, nngp_test_train, nngp_test: NNGP blocks ``(N, N)``, ``(M, N)``,
-            ``(M, M)``, or all full ``(·, ·, O, O)``.
-        ntk_train, ntk_test_train: NTK blocks ``(N, N)``, ``(M, N)`` in the same layout.
+        nngp_train: NNGP of the training inputs, ``(N, N)`` or full ``(N, N, O, O)``.
+        nngp_test_train: NNGP ``(M, N)`` between test and training inputs, same layout.
+        nngp_test: NNGP ``(M, M)`` of the test inputs, same layout.
+        ntk_train: NTK ``(N, N)`` of the training inputs, same layout.
+        ntk_test_train: NTK ``(M, N)`` between test and training inputs, same layout.
         y_train: ``(N,)``/``(N, C)`` (trace) or ``(N, O)`` (full).
         t: training time ``≥ 0`` (``float('inf')`` allowed).
         lr: learning rate ``η > 0``.

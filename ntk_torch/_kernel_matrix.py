@@ -48,8 +48,9 @@ def from_matrix(m: torch.Tensor, rows: int, cols: int, n_out: int | None) -> tor
 
 
 def transpose_pairs(k: torch.Tensor) -> torch.Tensor:
-    """``K(x2, x1)`` from ``K(x1, x2)``: samples swapped and, in full mode, outputs; the
-    transpose of :func:`as_matrix`'s view in every layout.
+    """``K(x2, x1)`` from ``K(x1, x2)``: samples swapped and, in full mode, outputs.
+
+    This is the transpose of :func:`as_matrix`'s view in every layout.
     """
     k = k.transpose(0, 1)
     return k.transpose(2, 3) if k.dim() == 4 else k

@@ -44,8 +44,9 @@ class SymmetricOperator(Protocol):
     device: torch.device
 
     def matmul(self, v: torch.Tensor) -> torch.Tensor:
-        """``K @ v`` for ``v`` ``(n, C)`` float64, returned ``(n, C)`` float64, accumulated
-        in float64. One call is one pass over ``K``.
+        """``K @ v`` for ``v`` ``(n, C)`` float64, returned ``(n, C)`` float64.
+
+        Accumulated in float64; one call is one pass over ``K``.
         """
         ...
 
@@ -110,8 +111,10 @@ def product(op: SymmetricOperator, v: torch.Tensor, sketch: bool = False) -> tor
 
 def extend_basis(block: torch.Tensor, basis: torch.Tensor, generator: torch.Generator
                   ) -> torch.Tensor:
-    """Orthonormal ``(n, c)`` columns orthogonal to ``basis`` ``(n, m)`` spanning the part of
-    ``block`` ``(n, c)`` outside it; directions lost to rounding are drawn at random.
+    """Orthonormal ``(n, c)`` columns orthogonal to ``basis`` ``(n, m)``.
+
+    They span the part of ``block`` ``(n, c)`` outside the basis; directions lost to
+    rounding are drawn at random.
 
     Block Gram–Schmidt twice, then QR; a column whose QR diagonal falls below
     ``_DEFLATION`` of its norm is noise. A third projection and QR restores orthogonality

@@ -1,5 +1,7 @@
-"""The leading eigenpairs of a kernel seen only through products: thick-restarted block
-Lanczos, its cost counted in passes over ``K`` (see :mod:`ntk_torch._krylov`).
+"""The leading eigenpairs of a kernel seen only through products.
+
+Thick-restarted block Lanczos, its cost counted in passes over ``K`` (see
+:mod:`ntk_torch._krylov`).
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ __all__ = ["EigInfo", "top_eigenpairs"]
 
 
 class EigInfo(NamedTuple):
-    """How :func:`top_eigenpairs` went: operator ``passes``, the ``residual`` ``(k,)``
-    ``‖K u - θ u‖ / θ_max`` of each returned pair, and whether all reached ``tol``.
+    """How :func:`top_eigenpairs` went.
+
+    Operator ``passes``, the ``residual`` ``(k,)`` ``‖K u - θ u‖ / θ_max`` of each returned
+    pair, and whether all reached ``tol``.
     """
 
     passes: int

@@ -22,10 +22,11 @@ __all__ = ["SolveInfo", "solve_pcg"]
 
 
 class SolveInfo(NamedTuple):
-    """How :func:`solve_pcg` went: CG ``iterations``, operator ``passes`` in all (sketch
-    and residual checks included), the relative true ``residual`` ``(C,)``
-    ``‖B - (K + ridge·I) X‖ / ‖B‖`` per column (0 for a zero column), and whether every
-    column reached ``tol``.
+    """How :func:`solve_pcg` went.
+
+    CG ``iterations``, operator ``passes`` in all (sketch and residual checks included),
+    the relative true ``residual`` ``(C,)`` ``‖B - (K + ridge·I) X‖ / ‖B‖`` per column (0
+    for a zero column), and whether every column reached ``tol``.
     """
 
     iterations: int
@@ -36,8 +37,10 @@ class SolveInfo(NamedTuple):
 
 def _nystrom(op: SymmetricOperator, rank: int, mu: float, generator: torch.Generator,
              max_rank: int | None = None) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
-    """Inverse randomized Nyström preconditioner and the passes it took (Frangella, Tropp &
-    Udell, SIAM J. Matrix Anal. Appl. 2023: Algorithm 2.1 for the sketch, §5 for ``P⁻¹``).
+    """Inverse randomized Nyström preconditioner and the passes it took.
+
+    After Frangella, Tropp & Udell, SIAM J. Matrix Anal. Appl. 2023: Algorithm 2.1 for the
+    sketch, §5 for ``P⁻¹``.
 
     Sketch ``Y = K Ω`` with orthonormal ``Ω`` ``(n, ℓ)``; shift ``ν = √n·eps·‖Y‖₂``,
     ``C = chol(Ωᵀ(Y + νΩ))``, ``U Σ Vᵀ = svd((Y + νΩ) C⁻ᵀ)``, ``Λ̂ = max(0, Σ² - ν)``; then
@@ -106,9 +109,11 @@ TARGET_CONDITION = 40.0
 SKETCH_BYTES = 2**30
 
 
-def _nystrom_factors(omega: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``U``, ``Λ̂`` (descending) and the shift ``ν`` of the Nyström approximation from the
-    sketch ``Y = K Ω``.
+def _nystrom_factors(omega: torch.Tensor, y: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``U``, ``Λ̂`` (descending) and the shift ``ν`` of the Nyström approximation.
+
+    From the sketch ``Y = K Ω``.
 
     Costs ``O(n·ℓ²)`` in matrix products: ``‖Y‖₂`` is bounded by the Frobenius norm (a
     slightly larger shift), and the SVD of ``B = (Y + νΩ) C⁻ᵀ`` comes from the

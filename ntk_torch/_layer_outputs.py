@@ -1,5 +1,7 @@
-"""Reading a model without disturbing it: the outputs of named layers, captured by forward
-hooks, and a context that measures in eval mode and restores every mode and RNG state.
+"""Reading a model without disturbing it.
+
+The outputs of named layers, captured by forward hooks, and a context that measures in
+eval mode and restores every mode and RNG state.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
     return None
 
 
-def layer_outputs(model: nn.Module, x: torch.Tensor, layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def layer_outputs(model: nn.Module, x: torch.Tensor,
+                  layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Outputs ``(N, D)`` of the named modules on ``x``, by forward hooks removed afterwards."""
     modules = dict(model.named_modules())
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}

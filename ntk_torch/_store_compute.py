@@ -1,5 +1,6 @@
-"""Computing the tiles of a kernel store: inputs read by blocks, the engine for one tile,
-claims, and a background writer.
+"""Computing the tiles of a kernel store.
+
+Inputs read by blocks, the engine for one tile, claims, and a background writer.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class Inputs:
         self.name = name
         if isinstance(x, torch.Tensor):
             if x.dim() == 0:
-                raise ValueError(f"`{name}` must have a batch dimension, shape (N, ...), got a 0-d tensor")
+                raise ValueError(f"`{name}` must have a batch dimension, shape (N, ...), "
+                                 "got a 0-d tensor")
             self.tensor, self.dataset = x, None
         elif isinstance(x, torch.utils.data.Dataset) and hasattr(x, "__len__"):
             self.tensor, self.dataset = None, x
@@ -105,8 +107,10 @@ class Inputs:
 
 @dataclass(frozen=True)
 class Job:
-    """What a kernel store's tiles are: shapes, the engine's view of one tile, the settings
-    and fingerprint the manifest records.
+    """What a kernel store's tiles are.
+
+    Shapes, the engine's view of one tile, the settings and fingerprint the manifest
+    records.
     """
 
     problem: Problem
@@ -148,8 +152,9 @@ def plan(fm, values: dict[str, torch.Tensor], sample: torch.Tensor, inputs1: Inp
 
 def resolve_engine(implementation: str, job: Job, budget: float | None,
                    device: torch.device) -> tuple[str, float]:
-    """The engine for one tile and the memory it may use (the budget less the output tiles
-    in flight).
+    """The engine for one tile and the memory it may use.
+
+    That is the budget less the output tiles in flight.
     """
     problem, tile = job.problem, job.settings["tile"]
     total = budget or default_memory_budget(device)
@@ -168,8 +173,10 @@ def resolve_engine(implementation: str, job: Job, budget: float | None,
 
 
 def largest_tile(problem: Problem, budget: float, implementation: str, n: int) -> int:
-    """The largest tile side whose computation and ``TILES_IN_FLIGHT`` output tiles fit
-    ``budget`` with the given (or, for ``"auto"``, any) engine; 0 if none.
+    """The largest tile side that fits ``budget``; 0 if none.
+
+    Its computation and ``TILES_IN_FLIGHT`` output tiles must fit, with the given (or, for
+    ``"auto"``, any) engine.
     """
     names = list(_engines.ENGINES) if implementation == "auto" else [implementation]
 
@@ -189,8 +196,9 @@ def largest_tile(problem: Problem, budget: float, implementation: str, n: int) -
 
 
 def verify_done(store, w: _workers.Worker) -> None:
-    """Check every finished tile (this rank's share of them) against its checksum and drop
-    the records of those that fail, so that they are computed again.
+    """Check every finished tile (this rank's share of them) against its checksum.
+
+    The records of those that fail are dropped, so that they are computed again.
     """
     done = sorted(store.done() & set(store.tiles()))
     for tile in done[w.rank::w.world] if w.group else done:
@@ -203,8 +211,9 @@ def verify_done(store, w: _workers.Worker) -> None:
 
 
 class _Writer:
-    """Writes finished tiles on a background thread (chunk, then its record), so that disk
-    I/O overlaps the next tile's computation; errors come back on the next ``put``.
+    """Writes finished tiles on a background thread (chunk, then its record).
+
+    Disk I/O overlaps the next tile's computation; errors come back on the next ``put``.
     """
 
     def __init__(self, store, claims: _workers.Claims, on_done) -> None:
@@ -228,7 +237,8 @@ class _Writer:
 
     def _write(self, tile: Tile, values: torch.Tensor, seconds: float) -> None:
         store = self.store
-        (r0, r1), (c0, c1) = store.span(tile[0], store.shape[0]), store.span(tile[1], store.shape[1])
+        (r0, r1) = store.span(tile[0], store.shape[0])
+        (c0, c1) = store.span(tile[1], store.shape[1])
         array = np.ascontiguousarray(values.detach().cpu().numpy())
         self.array[r0:r1, c0:c1] = array
         record = {"crc32": crc(array), "shape": list(array.shape), "seconds": round(seconds, 3),
@@ -261,7 +271,8 @@ def _key(tile: Tile) -> str:
 
 
 def compute_tiles(store, bound: _engines.Bound, inputs1: Inputs, inputs2: Inputs | None,
-                   device: torch.device, w: _workers.Worker, progress: bool, shared_rows: bool) -> None:
+                   device: torch.device, w: _workers.Worker, progress: bool,
+                   shared_rows: bool) -> None:
     """Claim and compute the missing tiles, row by row from this worker's starting point."""
     _check_writable(store.path)
     pending = [t for t in store.tiles() if t not in store.done()]

@@ -1,5 +1,7 @@
-"""Products ``K V`` streamed over a kernel store: every tile read once, the next one in the
-background, converted a block of rows at a time into one reused buffer.
+"""Products ``K V`` streamed over a kernel store.
+
+Every tile is read once, the next one in the background, and converted a block of rows at
+a time into one reused buffer.
 """
 
 from __future__ import annotations
@@ -67,9 +69,12 @@ def stream(store) -> Iterator[tuple[Tile, torch.Tensor]]:
 _PRODUCT_BLOCK_BYTES = 128 * 2**20
 
 
-def _matrix(rows: torch.Tensor, mode: str, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rows`` of a tile as a matrix in ``buffer`` (its dtype; grown as needed): ``(R, C)``
-    (trace), ``(R·O, C·O)`` with row ``a·O + i`` (full), or ``(O, R, C)`` (diagonal).
+def _matrix(rows: torch.Tensor, mode: str,
+            buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` of a tile as a matrix in ``buffer`` (its dtype; grown as needed).
+
+    ``(R, C)`` (trace), ``(R·O, C·O)`` with row ``a·O + i`` (full), or ``(O, R, C)``
+    (diagonal).
     """
     if mode == "full":
         view = rows.permute(0, 2, 1, 3)

@@ -173,9 +173,11 @@ class Dense(_Parameterized):
         self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``m · x Wᵀ + m_b · b``: ``(N, *, in_features) -> (N, *, out_features)``."""
         return _scaled(self, F.linear(x, self.weight), 1)
 
     def extra_repr(self) -> str:
+        """Sizes, parameterization and stds."""
         return f"{self.in_features}, {self.out_features}, " + super().extra_repr()
 
 
@@ -224,9 +226,11 @@ class Conv2d(_Parameterized):
         self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``m · (W ⋆ x) + m_b · b``: ``(N, in_channels, H, W) -> (N, out_channels, H', W')``."""
         return _scaled(self, F.conv2d(x, self.weight, padding=self.padding), 3)
 
     def extra_repr(self) -> str:
+        """Sizes, padding, parameterization and stds."""
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"padding={self.padding!r}, " + super().extra_repr())
 

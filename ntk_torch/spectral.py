@@ -27,9 +27,11 @@ __all__ = ["Eigenmodes", "eigenmodes", "natural_ntk"]
 
 
 class Eigenmodes(NamedTuple):
-    """Eigenvalues ``(n,)``, largest first, and unit eigenvectors: column ``j`` of
-    ``(N, n)`` for a trace kernel, ``[:, :, j]`` of ``(N, O, n)`` for a full one
-    (``n = N`` or ``N·O``)."""
+    """Eigenvalues ``(n,)``, largest first, and unit eigenvectors (``n = N`` or ``N·O``).
+
+    Eigenvector ``j`` is column ``j`` of ``(N, n)`` for a trace kernel and ``[:, :, j]`` of
+    ``(N, O, n)`` for a full one.
+    """
 
     values: torch.Tensor
     vectors: torch.Tensor

@@ -1,5 +1,7 @@
-"""Kernels bigger than memory: computed tile by tile into an on-disk store, resumable,
-shared by any number of processes, and read back by streaming solvers.
+"""Kernels bigger than memory: computed tile by tile into an on-disk store.
+
+Stores are resumable, shared by any number of processes, and read back by streaming
+solvers.
 
 Layout of a store directory (a zarr v3 group, readable from any language with zarr):
 
@@ -78,8 +80,9 @@ from ntk_torch._tiling import Span, default_memory_budget
 
 
 class KernelStore:
-    """A kernel on disk, computed by :func:`compute_kernel`; read in tiles, never whole
-    unless asked.
+    """A kernel on disk, computed by :func:`compute_kernel`.
+
+    It is read in tiles, never whole unless asked.
 
     Shapes as in :func:`ntk_torch.empirical_ntk`: :attr:`shape` is ``(N1, N2, O, O)``
     (``mode="full"``), ``(N1, N2, O)`` (``"diagonal"``) or ``(N1, N2)`` (``"trace"``).
@@ -128,8 +131,9 @@ class KernelStore:
         return math.ceil(self.shape[0] / self.tile), math.ceil(self.shape[1] / self.tile)
 
     def tiles(self) -> list[Tile]:
-        """Every tile the kernel is made of (only those on and above the diagonal when
-        symmetric), row by row.
+        """Every tile the kernel is made of, row by row.
+
+        Only those on and above the diagonal when symmetric.
         """
         return all_tiles(self.grid, self.symmetric)
 
@@ -144,6 +148,7 @@ class KernelStore:
 
     @property
     def complete(self) -> bool:
+        """Whether every tile is finished."""
         done, total = self.progress
         return done == total
 
@@ -155,6 +160,7 @@ class KernelStore:
     # -- tiles --------------------------------------------------------------------------
 
     def span(self, index: int, n: int) -> Span:
+        """Samples ``[start, stop)`` of tile ``index`` along an axis of ``n`` samples."""
         return index * self.tile, min((index + 1) * self.tile, n)
 
     def _zarr(self):
@@ -199,7 +205,8 @@ class KernelStore:
         """``K[rows, cols]`` as a tensor, from the tiles it overlaps.
 
         Args:
-            rows, cols: contiguous ranges of samples (``slice(a, b)`` or ``range(a, b)``).
+            rows: contiguous range of samples (``slice(a, b)`` or ``range(a, b)``).
+            cols: contiguous range of samples, likewise.
 
         Returns:
             ``(R, C, O, O)``, ``(R, C, O)`` or ``(R, C)`` by mode.
@@ -221,9 +228,9 @@ class KernelStore:
         budget = self.memory_budget or default_memory_budget(torch.device("cpu"))
         if self.nbytes > budget:
             raise MemoryError(
-                f"the kernel in {self.path} takes {size_text(self.nbytes)} in memory but the memory "
-                f"budget is {size_text(budget)}: read parts with store.block(rows, cols), or use "
-                "store.matvec / nt.solve / nt.eigenmodes, which stream it tile by tile "
+                f"the kernel in {self.path} takes {size_text(self.nbytes)} in memory but the "
+                f"memory budget is {size_text(budget)}: read parts with store.block(rows, cols), "
+                "or use store.matvec / nt.solve / nt.eigenmodes, which stream it tile by tile "
                 "(KernelStore(path, memory_budget=<bytes>) raises the budget)")
         return self.block(slice(0, self.shape[0]), slice(0, self.shape[1]))
 
@@ -237,16 +244,21 @@ class KernelStore:
         ``out[a, i] = Σ_b K[a, b, i] V[b, i]``. Returned in ``V``'s dtype.
         """
         expected = (self.shape[1], *self.shape[2:3], "C")
-        if not isinstance(v, torch.Tensor) or v.dim() != len(expected) or tuple(v.shape[:-1]) != expected[:-1]:
+        fits = (isinstance(v, torch.Tensor) and v.dim() == len(expected)
+                and tuple(v.shape[:-1]) == expected[:-1])
+        if not fits:
             raise ValueError(f"`V` must have shape {_shape_text(expected)} for this "
                              f"{self.mode}-mode kernel of shape {self.shape}, got {describe(v)}")
-        return stream_product(self, v.double()).to(v.dtype if v.is_floating_point() else torch.float64)
+        dtype = v.dtype if v.is_floating_point() else torch.float64
+        return stream_product(self, v.double()).to(dtype)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """``K v`` streamed tile by tile: trace mode ``(N2,) -> (N1,)`` (or ``(N2, C)``),
-        full and diagonal modes ``(N2, O) -> (N1, O)``; see :meth:`matmul`.
+        """``K v`` streamed tile by tile; see :meth:`matmul`.
+
+        Trace mode ``(N2,) -> (N1,)`` (or ``(N2, C)``), full and diagonal modes
+        ``(N2, O) -> (N1, O)``.
         """
-        single = v.dim() == (1 if self.mode == "trace" else 2) if isinstance(v, torch.Tensor) else False
+        single = isinstance(v, torch.Tensor) and v.dim() == (1 if self.mode == "trace" else 2)
         if not single:
             return self.matmul(v)
         return self.matmul(v.unsqueeze(-1)).squeeze(-1)
@@ -335,7 +347,8 @@ def compute_kernel(model: nn.Module, x1: torch.Tensor | torch.utils.data.Dataset
     check_choice("implementation", implementation, ("auto", *_engines.ENGINES))
     check_int("tile", tile, low=1)
     if not isinstance(store, (str, os.PathLike)):
-        raise TypeError(f"`store` must be a directory path (str or os.PathLike), got {describe(store)}")
+        raise TypeError("`store` must be a directory path (str or os.PathLike), "
+                        f"got {describe(store)}")
     if inputs_id is not None and not isinstance(inputs_id, str):
         raise TypeError(f"`inputs_id` must be a str or None, got {describe(inputs_id)}")
     budget_arg = check_memory_budget(memory_budget)

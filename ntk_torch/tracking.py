@@ -146,8 +146,9 @@ class KernelTracker:
 
     @property
     def reference_kernel(self) -> torch.Tensor | None:
-        """``K_0``, the total probe kernel of the reference measurement (in the tracker's
-        ``mode``: ``(N, N)``, ``(N, N, O)`` or ``(N, N, O, O)``), ``None`` before it.
+        """``K_0``, the total probe kernel of the reference measurement; ``None`` before it.
+
+        In the tracker's ``mode``: ``(N, N)``, ``(N, N, O)`` or ``(N, N, O, O)``.
         """
         return None if self._reference is None else self._reference["kernels"][TOTAL]
 

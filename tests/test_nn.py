@@ -184,7 +184,8 @@ def test_layer_bad_arguments():
         Conv2d(1, 1, 3, padding="full")
     with pytest.raises(ValueError, match="`kernel_size` must be a positive int, got 0"):
         Conv2d(1, 1, 0)
-    with pytest.raises(ValueError, match=r"`kernel_size` must be an int or a pair of ints, got \(1, 2, 3\)"):
+    with pytest.raises(ValueError,
+                       match=r"`kernel_size` must be an int or a pair of ints, got \(1, 2, 3\)"):
         Conv2d(1, 1, (1, 2, 3))
     with pytest.raises(ValueError, match="`padding` must be an int >= 0, got -1"):
         Conv2d(1, 1, 3, padding=(1, -1))

@@ -1,6 +1,7 @@
-"""The dual of an activation ``φ``: Gaussian expectations of ``φ(u)φ(v)`` and ``φ'(u)φ'(v)``
-(definitions in :mod:`ntk_torch.analytic.activations`), and the clamped correlation that
-every dual starts from.
+"""The dual of an activation ``φ`` and the clamped correlation every dual starts from.
+
+A dual gives the Gaussian expectations of ``φ(u)φ(v)`` and ``φ'(u)φ'(v)`` (definitions in
+:mod:`ntk_torch.analytic.activations`).
 """
 
 from __future__ import annotations

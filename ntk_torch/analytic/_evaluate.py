@@ -1,5 +1,7 @@
-"""Layer maps run on inputs: the ``Kernel -> Kernel`` maps of a network applied block by
-block to the pairs of inputs, in bounded memory.
+"""Layer maps run on inputs.
+
+The ``Kernel -> Kernel`` maps of a network applied block by block to the pairs of inputs,
+in bounded memory.
 """
 
 from __future__ import annotations

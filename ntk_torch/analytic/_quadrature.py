@@ -1,5 +1,7 @@
-"""Duals of any elementwise activation by Gauss–Hermite quadrature over the bivariate
-normal, with a degree that adapts to the activation and the variances of each call.
+"""Duals of any elementwise activation by Gauss–Hermite quadrature.
+
+The quadrature runs over the bivariate normal, with a degree that adapts to the activation
+and the variances of each call.
 """
 
 from __future__ import annotations

@@ -34,17 +34,20 @@ def mlp_kernel(x1: torch.Tensor, x2: torch.Tensor | None = None, *, depth: int,
     NTK terms by powers of the width, so they need ``width``.
 
     Args:
-        x1: ``(N1, d)``; x2: ``(N2, d)`` or ``None`` for ``x1``.
+        x1: ``(N1, d)``.
+        x2: ``(N2, d)`` or ``None`` for ``x1``.
         depth: number of hidden layers, ``>= 0``.
         activation: name, module or elementwise callable (closed forms for relu,
             leaky_relu, abs, identity, erf, gelu; quadrature otherwise).
-        weight_std, bias_std: ``σ_w`` and ``β``.
+        weight_std: ``σ_w``.
+        bias_std: ``β``.
         parameterization: ``"ntk"``, ``"standard"`` or ``"mup"``.
         width: hidden width ``n``; required for ``"standard"`` and ``"mup"``, unused by
             ``"ntk"`` (whose limit does not depend on it).
         bias: whether the layers have biases (with ``"standard"`` a zero-initialised
             bias still adds 1 per layer to the NTK).
-        dtype, batch_size: as in :func:`ntk_torch.analytic.kernel`.
+        dtype: computation and result dtype, as in :func:`ntk_torch.analytic.kernel`.
+        batch_size: samples per block, as in :func:`ntk_torch.analytic.kernel`.
 
     Returns:
         :class:`Kernel` with ``nngp`` and ``ntk`` of shape ``(N1, N2)``.
