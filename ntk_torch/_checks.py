@@ -128,6 +128,23 @@ def check_number(name: str, value: Any, *, low: float = 0.0, strict: bool = Fals
     return number
 
 
+def check_sample_range(name: str, index: Any, n: int) -> tuple[int, int]:
+    """``index`` is a contiguous ``slice`` or ``range`` within ``n`` samples; ``(start, stop)``."""
+    if isinstance(index, range):
+        if index.step != 1:
+            raise ValueError(f"`{name}` must be a contiguous range (step 1), got {index!r}")
+        start, stop = index.start, index.stop
+    elif isinstance(index, slice):
+        if index.step not in (None, 1):
+            raise ValueError(f"`{name}` must be a contiguous slice (step 1), got {index!r}")
+        start, stop, _ = index.indices(n)
+    else:
+        raise TypeError(f"`{name}` must be a slice or range of samples, got {describe(index)}")
+    if not 0 <= start <= stop <= n:
+        raise ValueError(f"`{name}` must lie within the {n} samples, got {start}:{stop}")
+    return start, stop
+
+
 def check_tensor(name: str, value: Any) -> torch.Tensor:
     """``value`` is a floating-point tensor."""
     if not isinstance(value, torch.Tensor):

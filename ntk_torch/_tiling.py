@@ -53,8 +53,7 @@ def spans(n: int, size: int) -> list[Span]:
 
 def block_pairs(n1: int, n2: int | None, size: int) -> list[tuple[Span, Span]]:
     """Blocks of at most ``size`` samples in row-major order; with ``n2=None`` (a kernel of
-    ``x1`` with itself) only those on and above the diagonal.
-    """
+    ``x1`` with itself) only those on and above the diagonal."""
     rows = spans(n1, size)
     if n2 is None:
         return [(r, c) for i, r in enumerate(rows) for c in rows[i:]]

@@ -33,7 +33,6 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -47,6 +46,7 @@ from ntk_torch._checks import (
     check_int,
     check_memory_budget,
     check_model_state,
+    check_sample_range,
     describe,
 )
 from ntk_torch._functional import ParamSelection, functionalize
@@ -211,8 +211,8 @@ class KernelStore:
         Returns:
             ``(R, C, O, O)``, ``(R, C, O)`` or ``(R, C)`` by mode.
         """
-        r0, r1 = _contiguous("rows", rows, self.shape[0])
-        c0, c1 = _contiguous("cols", cols, self.shape[1])
+        r0, r1 = check_sample_range("rows", rows, self.shape[0])
+        c0, c1 = check_sample_range("cols", cols, self.shape[1])
         out = torch.empty((r1 - r0, c1 - c0, *self.shape[2:]), dtype=self.dtype)
         for i in range(r0 // self.tile, math.ceil(r1 / self.tile)):
             ti0, ti1 = self.span(i, self.shape[0])
@@ -244,10 +244,11 @@ class KernelStore:
         ``out[a, i] = Σ_b K[a, b, i] V[b, i]``. Returned in ``V``'s dtype.
         """
         expected = (self.shape[1], *self.shape[2:3], "C")
+        expected_text = "(" + ", ".join(map(str, expected)) + ")"
         fits = (isinstance(v, torch.Tensor) and v.dim() == len(expected)
                 and tuple(v.shape[:-1]) == expected[:-1])
         if not fits:
-            raise ValueError(f"`V` must have shape {_shape_text(expected)} for this "
+            raise ValueError(f"`V` must have shape {expected_text} for this "
                              f"{self.mode}-mode kernel of shape {self.shape}, got {describe(v)}")
         dtype = v.dtype if v.is_floating_point() else torch.float64
         return stream_product(self, v.double()).to(dtype)
@@ -395,26 +396,6 @@ def compute_kernel(model: nn.Module, x1: torch.Tensor | torch.utils.data.Dataset
                       shared_rows=job.symmetric or len(inputs2) > tile)
         _workers.barrier(w)
     return KernelStore(path)
-
-
-def _contiguous(name: str, index: Any, n: int) -> Span:
-    if isinstance(index, range):
-        if index.step != 1:
-            raise ValueError(f"`{name}` must be a contiguous range (step 1), got {index!r}")
-        start, stop = index.start, index.stop
-    elif isinstance(index, slice):
-        if index.step not in (None, 1):
-            raise ValueError(f"`{name}` must be a contiguous slice (step 1), got {index!r}")
-        start, stop, _ = index.indices(n)
-    else:
-        raise TypeError(f"`{name}` must be a slice or range of samples, got {describe(index)}")
-    if not 0 <= start <= stop <= n:
-        raise ValueError(f"`{name}` must lie within the {n} samples, got {start}:{stop}")
-    return start, stop
-
-
-def _shape_text(shape: tuple) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ")"
 
 
 __all__ = ["KernelStore", "StoreError", "compute_kernel"]
