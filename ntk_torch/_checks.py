@@ -145,6 +145,13 @@ def check_sample_range(name: str, index: Any, n: int) -> tuple[int, int]:
     return start, stop
 
 
+def check_dtype(dtype: Any) -> torch.dtype:
+    """``dtype`` is a floating-point ``torch.dtype``."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"`dtype` must be a floating torch.dtype, got {dtype!r}")
+    return dtype
+
+
 def check_tensor(name: str, value: Any) -> torch.Tensor:
     """``value`` is a floating-point tensor."""
     if not isinstance(value, torch.Tensor):

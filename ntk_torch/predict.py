@@ -14,9 +14,9 @@ advances ``t`` by one; the time of ``k`` steps is ``t = k`` at ``lr = η``, or e
 ``t = k·η`` at ``lr = 1``. With a mean loss ``½ Σ ‖f - y‖² / (N·O)`` divide ``lr`` by
 ``N·O``.
 
-Every solve goes through the eigendecomposition of the (symmetric, PSD-checked) training
-kernel. Where the kernel is singular the infinite-time limits use the pseudo-inverse: the
-minimum-norm interpolant that gradient flow from ``f0`` reaches.
+Every solve in memory goes through the eigendecomposition of the (symmetric, PSD-checked)
+training kernel. Where the kernel is singular the infinite-time limits use the pseudo-inverse:
+the minimum-norm interpolant that gradient flow from ``f0`` reaches.
 """
 
 from ntk_torch._gaussian_process import (

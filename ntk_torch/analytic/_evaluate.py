@@ -16,7 +16,7 @@ from ntk_torch._tiling import tiled
 from ntk_torch.analytic import layers as L
 from ntk_torch.analytic._limit import Kernel
 
-__all__ = ["NamedLayer", "check_dtype", "evaluate"]
+__all__ = ["NamedLayer", "evaluate"]
 
 NamedLayer = tuple[str, nn.Module | None, L.Layer]
 """A layer map with the name and module it was read from (``None`` when described by
@@ -26,12 +26,6 @@ hyper-parameters), for error messages."""
 # kernel. Blocks this small stay in cache through the dozens of elementwise passes of a
 # deep recursion and are reused by the allocator; larger ones are slower (page faults).
 _BLOCK_ELEMENTS = 1 << 17
-
-
-def check_dtype(dtype: object) -> torch.dtype:
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"`dtype` must be a floating torch.dtype, got {dtype!r}")
-    return dtype
 
 
 def _default_batch(x: torch.Tensor) -> int:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from ntk_torch import nn as ntk_nn
-from ntk_torch._checks import check_choice, check_int
+from ntk_torch._checks import check_choice, check_dtype, check_int
 from ntk_torch.analytic import layers as L
-from ntk_torch.analytic._evaluate import NamedLayer, check_dtype, evaluate
+from ntk_torch.analytic._evaluate import NamedLayer, evaluate
 from ntk_torch.analytic._limit import Kernel
 from ntk_torch.analytic.activations import dual
 from ntk_torch.nn import ActivationSpec

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from ntk_torch import nn as ntk_nn
-from ntk_torch._checks import check_module
+from ntk_torch._checks import check_dtype, check_module
 from ntk_torch.analytic import layers as L
-from ntk_torch.analytic._evaluate import check_dtype, evaluate
+from ntk_torch.analytic._evaluate import evaluate
 from ntk_torch.analytic._limit import Kernel
 from ntk_torch.analytic.activations import ACTIVATION_TYPES, dual
 
