@@ -109,8 +109,8 @@ def product(op: SymmetricOperator, v: torch.Tensor, sketch: bool = False) -> tor
     return out.to(torch.float64)
 
 
-def extend_basis(block: torch.Tensor, basis: torch.Tensor, generator: torch.Generator
-                  ) -> torch.Tensor:
+def extend_basis(block: torch.Tensor, basis: torch.Tensor,
+                 generator: torch.Generator) -> torch.Tensor:
     """Orthonormal ``(n, c)`` columns orthogonal to ``basis`` ``(n, m)``.
 
     They span the part of ``block`` ``(n, c)`` outside the basis; directions lost to

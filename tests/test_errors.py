@@ -229,3 +229,39 @@ def test_non_finite_kernel_warns():
         warnings.simplefilter("always")
         nt.empirical_ntk(model, torch.randn(2, 3), mode="trace")
     assert any("non-finite entries" in str(w.message) for w in caught)
+
+
+_X = torch.randn(4, 3)
+_K = torch.eye(4, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: nt.KernelTracker(mlp(), _X, every=True), TypeError,
+     "`every` must be a positive int, got bool True"),
+    (lambda: nt.KernelTracker(mlp(), _X, top_k=-1), ValueError,
+     "`top_k` must be an int >= 0, got -1"),
+    (lambda: nt.compute_kernel(mlp(), _X, store="unused", tile=0), ValueError,
+     "`tile` must be a positive int, got 0"),
+    (lambda: nt.analytic.mlp_kernel(_X, depth=1, width=0, parameterization="standard"),
+     ValueError, "`width` must be a positive int or None, got 0"),
+    (lambda: nt.analytic.mlp_kernel(_X, depth=1.0), TypeError,
+     "`depth` must be an int >= 0, got float 1.0"),
+    (lambda: nt.fit_power_law([], "e", n_boot=0), ValueError,
+     "`n_boot` must be a positive int, got 0"),
+    (lambda: nt.fit_power_law([], "e", confidence=0.0), ValueError,
+     "`confidence` must be a finite number > 0, got 0.0"),
+    (lambda: nt.eigenmodes(_K, k=0), ValueError,
+     r"`k` must be an int in \[1, 4\] or None, got 0"),
+    (lambda: nt.solve(_K, torch.ones(4, dtype=torch.float64), ridge=float("nan")), ValueError,
+     "`ridge` must be a finite number >= 0, got nan"),
+    (lambda: nt.gradient_flow_mse(_K, torch.ones(4), torch.ones(4), t="1"), TypeError,
+     r"`t` must be a number >= 0 \(inf allowed\), got str '1'"),
+    (lambda: nt.nn.Dense(3, 2, weight_std=float("inf")), ValueError,
+     "`weight_std` must be a finite number >= 0, got inf"),
+    (lambda: nt.metrics.spectrum(_K, num=5), ValueError,
+     r"`num` must be an int in \[1, 4\] or None, got 5"),
+])
+def test_numbers_are_checked_alike_everywhere(call, error, message):
+    """Every int and number argument names itself, the range and what arrived."""
+    with pytest.raises(error, match=message):
+        call()
