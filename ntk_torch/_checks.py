@@ -38,8 +38,8 @@ def describe(value: Any) -> str:
     return f"{type(value).__name__} {text}"
 
 
-def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
-    """``value`` is one of ``choices``."""
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
+    """``value`` is one of ``choices`` (names, or ``None`` where it is an option)."""
     choices = tuple(choices)
     if value not in choices:
         options = ", ".join(repr(c) for c in choices)

@@ -30,14 +30,34 @@ def n_out_of(k: torch.Tensor) -> int | None:
     return None if k.dim() == 2 else k.shape[2]
 
 
-def as_matrix(k: torch.Tensor) -> torch.Tensor:
-    """``(R, C)`` as it is; ``(R, C, O)`` and ``(R, C, O, O)`` as ``(R·O, C·O)``."""
-    if k.dim() == 2:
-        return k
+def as_matrix(k: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``(R, C)`` as it is; ``(R, C, O)`` and ``(R, C, O, O)`` as ``(R·O, C·O)``.
+
+    With ``out``, a flat tensor of at least ``k.numel()`` elements, a trace or full
+    kernel's matrix is copied into (and viewed from) its first elements, in its dtype: a
+    buffer reused across the tiles of a stream.
+    """
     if k.dim() == 3:
         k = torch.diag_embed(k)  # zero cross-output entries
-    r, c, o, _ = k.shape
-    return k.permute(0, 2, 1, 3).reshape(r * o, c * o)
+    if k.dim() == 2:
+        view, shape = k, tuple(k.shape)
+    else:
+        r, c, o, _ = k.shape
+        view, shape = k.permute(0, 2, 1, 3), (r * o, c * o)
+    if out is None:
+        return view.reshape(shape)
+    matrix = out[:view.numel()].view(view.shape)
+    matrix.copy_(view)
+    return matrix.view(shape)
+
+
+def per_output_blocks(k: torch.Tensor) -> torch.Tensor:
+    """A diagonal kernel ``(R, C, O)`` as its ``O`` per-output matrices ``(O, R, C)``.
+
+    The nonzero blocks of :func:`as_matrix`'s view, kept apart so that products and
+    spectra cost ``O`` times ``R·C`` rather than ``(R·O)·(C·O)``.
+    """
+    return k.permute(2, 0, 1)
 
 
 def from_matrix(m: torch.Tensor, rows: int, cols: int, n_out: int | None) -> torch.Tensor:
@@ -113,8 +133,8 @@ def symmetric_eigh(name: str, m: torch.Tensor, *, psd: bool) -> tuple[torch.Tens
 def eigenvalues(k: torch.Tensor) -> torch.Tensor:
     """All eigenvalues of a kernel's symmetrised matrix view, descending (no checks)."""
     if k.dim() == 3:
-        # Block-diagonal view: the union of the O per-output spectra, at O·N³ not (O·N)³.
-        values = torch.linalg.eigvalsh(symmetrize(k).permute(2, 0, 1)).reshape(-1)
+        # The union of the O per-output spectra, at O·N³ not (O·N)³.
+        values = torch.linalg.eigvalsh(per_output_blocks(symmetrize(k))).reshape(-1)
     else:
         values = torch.linalg.eigvalsh(symmetrize(as_matrix(k)))
     return values.sort(descending=True).values

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ntk_torch._kernel_matrix import as_matrix, per_output_blocks
 from ntk_torch._store_files import StoreError, Tile
 
 __all__ = ["stream", "stream_product"]
@@ -76,19 +77,13 @@ def _matrix(rows: torch.Tensor, mode: str,
     ``(R, C)`` (trace), ``(R·O, C·O)`` with row ``a·O + i`` (full), or ``(O, R, C)``
     (diagonal).
     """
-    if mode == "full":
-        view = rows.permute(0, 2, 1, 3)
-        shape = (rows.shape[0] * rows.shape[2], rows.shape[1] * rows.shape[3])
-    elif mode == "diagonal":
-        view = rows.permute(2, 0, 1)
-        shape = tuple(view.shape)
-    else:
-        view, shape = rows, tuple(rows.shape)
     if buffer.numel() < rows.numel():
         buffer = buffer.new_empty(rows.numel())
-    matrix = buffer[:rows.numel()].view(view.shape)
-    matrix.copy_(view)
-    return matrix.view(shape), buffer
+    if mode == "diagonal":
+        blocks = per_output_blocks(rows)
+        matrix = buffer[:rows.numel()].view(blocks.shape)
+        return matrix.copy_(blocks), buffer
+    return as_matrix(rows, out=buffer), buffer
 
 
 class _Prefetch:
