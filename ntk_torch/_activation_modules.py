@@ -27,6 +27,9 @@ class Elementwise(nn.Module):
         tensor([0., 0.])
     """
 
+    # Its public home, which pickles and store fingerprints (module class paths) record.
+    __module__ = "ntk_torch.nn"
+
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], name: str | None = None) -> None:
         super().__init__()
         if not callable(fn):

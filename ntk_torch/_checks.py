@@ -84,6 +84,14 @@ def check_int(name: str, value: Any, *, low: int | None = None, high: int | None
     return int(value)
 
 
+def check_int_pair(name: str, value: Any, *, low: int) -> tuple[int, int]:
+    """``k`` or ``(kh, kw)`` (a kernel size, a padding) as a pair of ints ``>= low``."""
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(pair) != 2:
+        raise ValueError(f"`{name}` must be an int or a pair of ints, got {value!r}")
+    return check_int(name, pair[0], low=low), check_int(name, pair[1], low=low)
+
+
 def check_ints(name: str, values: Iterable[Any]) -> list[int]:
     """A non-empty sequence of ints (widths, seeds)."""
     values = list(values)

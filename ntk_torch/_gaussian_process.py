@@ -36,6 +36,8 @@ class Gaussian(NamedTuple):
     a full one.
     """
 
+    __module__ = "ntk_torch.predict"  # its public home, which pickles record
+
     mean: torch.Tensor
     covariance: torch.Tensor
 

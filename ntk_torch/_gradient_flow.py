@@ -36,6 +36,8 @@ class FlowPrediction(NamedTuple):
     test kernel was given).
     """
 
+    __module__ = "ntk_torch.predict"  # its public home, which pickles record
+
     train: torch.Tensor
     test: torch.Tensor | None
 

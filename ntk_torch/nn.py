@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ntk_torch._activation_modules import ActivationSpec, Elementwise, activation_module
-from ntk_torch._checks import check_choice, check_int, check_number
+from ntk_torch._checks import check_choice, check_int, check_int_pair, check_number
 
 Parameterization = Literal["ntk", "standard", "mup"]
 Role = Literal["input", "hidden", "readout"]
@@ -64,14 +64,6 @@ PARAMETERIZATIONS = ("ntk", "standard", "mup")
 ROLES = ("input", "hidden", "readout")
 
 __all__ = ["Conv2d", "Dense", "Elementwise", "MLP", "activation_module"]
-
-
-def _int_pair(name: str, value: object, *, low: int) -> tuple[int, int]:
-    """``k`` or ``(kh, kw)`` as a pair of ints ``>= low``."""
-    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-    if len(pair) != 2:
-        raise ValueError(f"`{name}` must be an int or a pair of ints, got {value!r}")
-    return check_int(name, pair[0], low=low), check_int(name, pair[1], low=low)
 
 
 def scales(parameterization: str, role: str, fan_in: int, fan_out: int, weight_std: float,
@@ -210,12 +202,12 @@ class Conv2d(_Parameterized):
         super().__init__()
         self.in_channels = check_int("in_channels", in_channels, low=1)
         self.out_channels = check_int("out_channels", out_channels, low=1)
-        ks = _int_pair("kernel_size", kernel_size, low=1)
+        ks = check_int_pair("kernel_size", kernel_size, low=1)
         self.kernel_size: tuple[int, int] = ks
         if isinstance(padding, str):
             check_choice("padding", padding, ("same", "valid"))
         else:
-            padding = _int_pair("padding", padding, low=0)  # type: ignore[assignment]
+            padding = check_int_pair("padding", padding, low=0)  # type: ignore[assignment]
         self.padding = padding
         # Geometry in nn.Conv2d's terms, so code that reads convolutions can read this one.
         self.stride, self.dilation, self.groups, self.padding_mode = (1, 1), (1, 1), 1, "zeros"
