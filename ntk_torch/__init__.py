@@ -11,7 +11,6 @@ from ntk_torch.empirical import (
     empirical_ntk_fn,
     layerwise_ntk,
 )
-from ntk_torch.kernels import Eigenmodes, eigenmodes, natural_ntk, prior_logprob
 from ntk_torch.linearize import LinearizedModel, linearize
 from ntk_torch.predict import (
     FlowPrediction,
@@ -24,6 +23,8 @@ from ntk_torch.predict import (
     ntk_gp_posterior,
     solve,
 )
+from ntk_torch.priors import prior_logprob
+from ntk_torch.spectral import Eigenmodes, eigenmodes, natural_ntk
 from ntk_torch.store import KernelStore, StoreError, compute_kernel
 from ntk_torch.sweeps import fit_power_law, width_sweep
 from ntk_torch.tracking import KernelTracker

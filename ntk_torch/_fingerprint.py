@@ -1,5 +1,6 @@
-"""What defines a kernel, in a form that can be stored and compared: hashes of the model,
-its parameter values and the inputs, and the settings.
+"""What defines a kernel, in a form that can be stored and compared.
+
+Hashes of the model, its parameter values and the inputs, and the settings.
 
 A stored kernel is resumed only by a call whose fingerprint equals the stored one; the
 comparison names every part that differs, in words a user can act on.
@@ -35,8 +36,11 @@ def _update(h, t: torch.Tensor) -> None:
 
 
 def model_digests(model: nn.Module) -> dict[str, str]:
-    """``architecture``: every module's name, class, settings and train/eval mode;
-    ``parameters``: every parameter's and buffer's name and value (tied ones once)."""
+    """Digests of the model's ``architecture`` and ``parameters``.
+
+    ``architecture``: every module's name, class, settings and train/eval mode;
+    ``parameters``: every parameter's and buffer's name and value (tied ones once).
+    """
     arch = hashlib.sha256()
     for name, module in model.named_modules():
         kind = f"{type(module).__module__}.{type(module).__qualname__}"
@@ -52,8 +56,11 @@ def model_digests(model: nn.Module) -> dict[str, str]:
 def inputs_digest(n: int, sample_shape: tuple[int, ...], dtype: torch.dtype,
                   block: Callable[[int, int], torch.Tensor], size: int,
                   inputs_id: str | None) -> dict:
-    """Size, sample shape and dtype, plus either ``inputs_id`` or one hash per block of
-    ``size`` samples (read through ``block(start, stop)``), so a difference can be placed."""
+    """Size, sample shape and dtype, plus ``inputs_id`` or one hash per block of samples.
+
+    Blocks of ``size`` samples are read through ``block(start, stop)``, so that a
+    difference can be placed.
+    """
     digest: dict = {"n": n, "sample_shape": list(sample_shape), "dtype": str(dtype)}
     if inputs_id is not None:
         digest["id"] = inputs_id

@@ -1,8 +1,10 @@
-"""A kernel held in a :class:`ntk_torch.KernelStore`, seen as one symmetric matrix on
-flattened vectors, for the streaming solvers of ``_krylov``.
+"""A kernel held in a :class:`ntk_torch.KernelStore`, seen as one symmetric matrix.
+
+The matrix acts on flattened vectors, for the streaming solvers of ``_krylov_solve`` and
+``_krylov_eigen``.
 
 Rows and columns are ``a·O + i`` (sample ``a``, output ``i``) as for the dense kernels of
-:mod:`ntk_torch.kernels`: a full kernel ``(N, N, O, O)`` is the ``(N·O, N·O)`` matrix, a
+:mod:`ntk_torch._kernel_matrix`: a full kernel ``(N, N, O, O)`` is the ``(N·O, N·O)`` matrix, a
 diagonal one ``(N, N, O)`` its block-diagonal part (``O`` kernels, one per output), a
 trace kernel ``(N, N)`` itself.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ntk_torch._checks import _describe
+from ntk_torch._checks import describe
 
 
 def is_store(kernel: object) -> bool:
@@ -21,8 +23,10 @@ def is_store(kernel: object) -> bool:
 
 
 class StoreOperator:
-    """:class:`ntk_torch._krylov.SymmetricOperator` of a symmetric kernel store; every
-    product streams the store once (:meth:`ntk_torch.KernelStore.matmul`)."""
+    """:class:`ntk_torch._krylov.SymmetricOperator` of a symmetric kernel store.
+
+    Every product streams the store once (:meth:`ntk_torch.KernelStore.matmul`).
+    """
 
     def __init__(self, store, name: str) -> None:
         if not store.symmetric:
@@ -42,9 +46,11 @@ class StoreOperator:
         return self.store.matmul(shaped).reshape(self.size, columns)  # in v's dtype
 
     def sketch(self, v: torch.Tensor) -> torch.Tensor:
-        """``K v`` in the store's precision (at least float32): half the time of
-        :meth:`matmul` for the many columns of a preconditioner's sketch, which needs no
-        more accuracy than the stored values have."""
+        """``K v`` in the store's precision (at least float32).
+
+        Half the time of :meth:`matmul` for the many columns of a preconditioner's sketch,
+        which needs no more accuracy than the stored values have.
+        """
         dtype = torch.promote_types(self.dtype, torch.float32)
         return self.matmul(v.to(dtype)).double()
 
@@ -56,8 +62,10 @@ class StoreOperator:
 
 
 def store_product(store, weights: torch.Tensor, name: str, n: int) -> torch.Tensor:
-    """``K(X*, X) W`` for a store of shape ``(M, N, ...)`` and flattened ``W`` ``(N·O, C)``;
-    flattened ``(M·O, C)``."""
+    """``K(X*, X) W``, flattened ``(M·O, C)``.
+
+    For a store of shape ``(M, N, ...)`` and flattened ``W`` ``(N·O, C)``.
+    """
     if store.shape[1] != n:
         raise ValueError(f"`{name}` must have {n} columns (dimension 1) to match the training "
                          f"kernel, got shape {store.shape}")
@@ -70,4 +78,4 @@ def store_product(store, weights: torch.Tensor, name: str, n: int) -> torch.Tens
 def check_store_like(store, name: str, n_out: int | None, mode: str) -> None:
     if store.mode != mode or store.n_out != n_out:
         raise ValueError(f"`{name}` must be a {mode}-mode kernel like the training kernel, "
-                         f"got {_describe(store)}")
+                         f"got {describe(store)}")

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ntk_torch import _engines, _fingerprint, _workers
-from ntk_torch._checks import _describe
+from ntk_torch._checks import describe
 from ntk_torch._engines import Problem
 from ntk_torch._store_files import (
     ARRAY,
@@ -31,6 +31,7 @@ from ntk_torch._store_files import (
     StoreError,
     Tile,
     crc,
+    load_zarr,
     record_path,
     size_text,
     write_atomic,
@@ -59,7 +60,7 @@ class Inputs:
             self.tensor, self.dataset = None, x
         else:
             raise TypeError(f"`{name}` must be a torch.Tensor of shape (N, ...) or a sized "
-                            f"torch.utils.data.Dataset, got {_describe(x)}")
+                            f"torch.utils.data.Dataset, got {describe(x)}")
         if len(self) == 0:
             raise ValueError(f"`{name}` must hold at least one sample for a kernel store, got none")
         self.first = self.load((0, 1))
@@ -87,7 +88,7 @@ class Inputs:
                 item = torch.as_tensor(item)
             except (TypeError, ValueError, RuntimeError):
                 raise TypeError(f"`{self.name}`[{index}] must be a tensor or an (input, target) "
-                                f"pair, got {_describe(item)}") from None
+                                f"pair, got {describe(item)}") from None
         return item
 
     def check_like(self, other: Inputs) -> None:
@@ -108,7 +109,8 @@ class Inputs:
 class Job:
     """What a kernel store's tiles are.
 
-    Shapes, the engine's view of one tile, the settings and fingerprint the manifest records.
+    Shapes, the engine's view of one tile, the settings and fingerprint the manifest
+    records.
     """
 
     problem: Problem
@@ -173,7 +175,7 @@ def resolve_engine(implementation: str, job: Job, budget: float | None,
 def largest_tile(problem: Problem, budget: float, implementation: str, n: int) -> int:
     """The largest tile side that fits ``budget``; 0 if none.
 
-    Its computation and ``TILES_IN_FLIGHT`` output tiles must fit with the given (or, for
+    Its computation and ``TILES_IN_FLIGHT`` output tiles must fit, with the given (or, for
     ``"auto"``, any) engine.
     """
     names = list(_engines.ENGINES) if implementation == "auto" else [implementation]
@@ -211,14 +213,12 @@ def verify_done(store, w: _workers.Worker) -> None:
 class _Writer:
     """Writes finished tiles on a background thread (chunk, then its record).
 
-    Disk I/O then overlaps the next tile's computation; errors come back on the next ``put``.
+    Disk I/O overlaps the next tile's computation; errors come back on the next ``put``.
     """
 
     def __init__(self, store, claims: _workers.Claims, on_done) -> None:
-        import zarr
-
         self.store, self.claims, self.on_done = store, claims, on_done
-        self.array = zarr.open_array(store=str(store.path), path=ARRAY, mode="r+")
+        self.array = load_zarr().open_array(store=str(store.path), path=ARRAY, mode="r+")
         self.queue: queue.Queue = queue.Queue(maxsize=1)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="ntk-writer", daemon=True)
@@ -271,8 +271,8 @@ def _key(tile: Tile) -> str:
 
 
 def compute_tiles(store, bound: _engines.Bound, inputs1: Inputs, inputs2: Inputs | None,
-                  device: torch.device, w: _workers.Worker, progress: bool,
-                  shared_rows: bool) -> None:
+                   device: torch.device, w: _workers.Worker, progress: bool,
+                   shared_rows: bool) -> None:
     """Claim and compute the missing tiles, row by row from this worker's starting point."""
     _check_writable(store.path)
     pending = [t for t in store.tiles() if t not in store.done()]

@@ -15,10 +15,12 @@ import threading
 import zlib
 from datetime import datetime, timezone
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
 from ntk_torch import _fingerprint
+from ntk_torch._extras import require
 
 FORMAT = "ntk_torch.KernelStore"
 VERSION = 1
@@ -38,8 +40,7 @@ class StoreError(RuntimeError):
 
 
 def all_tiles(grid: list[int] | tuple[int, int], symmetric: bool) -> list[Tile]:
-    """The tiles of a kernel, row by row (only those on and above the diagonal when
-    symmetric)."""
+    """The tiles of a kernel, row by row (on and above the diagonal when symmetric)."""
     rows, cols = grid
     return [(i, j) for i in range(rows) for j in range(i if symmetric else 0, cols)]
 
@@ -122,7 +123,8 @@ def open_or_create(path: Path, settings: dict, fingerprint: dict, engine: str, b
         foreign = sorted(set(os.listdir(path)) - _OWN_NAMES)
         if foreign:
             raise StoreError(f"{path} is not a kernel store (no {MANIFEST}) and is not empty "
-                             f"(it holds {', '.join(foreign[:5])}); choose a new or empty directory")
+                             f"(it holds {', '.join(foreign[:5])}); choose a new or empty "
+                             "directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
         (path / TILES).mkdir(exist_ok=True)
@@ -130,7 +132,8 @@ def open_or_create(path: Path, settings: dict, fingerprint: dict, engine: str, b
         create_array(path, settings, symmetric, tile)
         manifest = {
             "format": FORMAT, "version": VERSION, **settings, "symmetric": symmetric,
-            "grid": [math.ceil(settings["shape"][0] / tile), math.ceil(settings["shape"][1] / tile)],
+            "grid": [math.ceil(settings["shape"][0] / tile),
+                     math.ceil(settings["shape"][1] / tile)],
             "settings": {"implementation": engine, "memory_budget": budget},
             "fingerprint": fingerprint,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -150,9 +153,13 @@ def open_or_create(path: Path, settings: dict, fingerprint: dict, engine: str, b
     return stored
 
 
-def create_array(path: Path, settings: dict, symmetric: bool, tile: int) -> None:
-    import zarr
+def load_zarr() -> ModuleType:
+    """zarr, which the store's array format needs: imported on first use, named if missing."""
+    return require("zarr", "store", "the kernel store")
 
+
+def create_array(path: Path, settings: dict, symmetric: bool, tile: int) -> None:
+    zarr = load_zarr()
     shape = settings["shape"]
     try:
         zarr.create_array(store=str(path), name=ARRAY, shape=shape,
@@ -177,7 +184,8 @@ def check_same(path: Path, stored: dict, settings: dict, fingerprint: dict,
                      "(pass implementation='auto' to use the store's)")
     if not diffs:
         if stored.get("shape") != settings["shape"]:
-            diffs.append(f"shape {tuple(stored.get('shape'))} in the store, {tuple(settings['shape'])} now")
+            diffs.append(f"shape {tuple(stored.get('shape'))} in the store, "
+                         f"{tuple(settings['shape'])} now")
         diffs += _fingerprint.differences(stored["fingerprint"], fingerprint, tile)
     if diffs:
         raise StoreError(
@@ -196,8 +204,8 @@ def write_error(path: Path, err: OSError, what: str) -> OSError:
             manifest = read_manifest(path)
             expected = set(all_tiles(manifest["grid"], manifest["symmetric"]))
             finished = len(done_tiles(path) & expected)
-            done = (f" The {finished} of {len(expected)} finished tiles are kept: fix this and call "
-                    "compute_kernel again with the same arguments to resume.")
+            done = (f" The {finished} of {len(expected)} finished tiles are kept: fix this "
+                    "and call compute_kernel again with the same arguments to resume.")
         except (OSError, StoreError, KeyError):
             pass
     return type(err)(err.errno, f"could not {what} at {path}: {reason}.{done}")

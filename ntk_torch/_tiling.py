@@ -10,6 +10,8 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from ntk_torch._kernel_matrix import symmetrize, transpose_pairs
+
 BlockFn = Callable[[torch.Tensor, "torch.Tensor | None"], dict[str, torch.Tensor]]
 Span = tuple[int, int]
 
@@ -58,17 +60,6 @@ def block_pairs(n1: int, n2: int | None, size: int) -> list[tuple[Span, Span]]:
     if n2 is None:
         return [(r, c) for i, r in enumerate(rows) for c in rows[i:]]
     return [(r, c) for r in rows for c in spans(n2, size)]
-
-
-def transpose_pairs(block: torch.Tensor) -> torch.Tensor:
-    """``K(x2, x1)`` from ``K(x1, x2)``: swap samples and, in full mode, outputs."""
-    block = block.transpose(0, 1)
-    return block.transpose(2, 3) if block.dim() == 4 else block
-
-
-def symmetrize(block: torch.Tensor) -> torch.Tensor:
-    # (K + Kᵀ)/2 is exactly symmetric in floating point: addition commutes.
-    return (block + transpose_pairs(block)) / 2
 
 
 def blocks(kernel: Blockwise, rows: Callable[[Span], Any], cols: Callable[[Span], Any] | None,

@@ -1,5 +1,7 @@
-"""How several processes share the tiles of one kernel: a torch.distributed group when the
-job runs under ``torchrun``, and atomic per-tile claim files in every case.
+"""How several processes share the tiles of one kernel.
+
+A torch.distributed group when the job runs under ``torchrun``, and atomic per-tile claim
+files in every case.
 
 A claim is a file created with ``O_CREAT | O_EXCL`` (atomic on local and NFS v3+ file
 systems): whoever creates it computes the tile. A worker refreshes the modification time
@@ -31,24 +33,32 @@ STALE_AFTER_S = 600.0
 
 @dataclass(frozen=True)
 class Worker:
-    """This process's place among the workers: ``rank`` of ``world``; ``group`` is True when
-    a torch.distributed process group connects them (then every rank runs the same call)."""
+    """This process's place among the workers: ``rank`` of ``world``.
+
+    ``group`` is True when a torch.distributed process group connects them (then every rank
+    runs the same call).
+    """
 
     rank: int
     world: int
     group: bool
 
     def start(self, n: int) -> int:
-        """Where this worker starts in a list of ``n`` pending tiles: evenly spaced, so that
-        workers begin on different rows and each keeps its row blocks for long."""
+        """Where this worker starts in a list of ``n`` pending tiles.
+
+        Evenly spaced, so that workers begin on different rows and each keeps its row
+        blocks for long.
+        """
         return n * self.rank // max(self.world, 1)
 
 
 @contextmanager
 def worker(device: torch.device) -> Iterator[Worker]:
-    """The running worker; under ``torchrun`` (``WORLD_SIZE > 1``) joins the process group,
-    initialising it (gloo on CPU, nccl on CUDA) when the caller has not, and leaving it as
-    it was found."""
+    """The running worker.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) it joins the process group, initialising it
+    (gloo on CPU, nccl on CUDA) when the caller has not, and leaves it as it was found.
+    """
     if dist.is_available() and dist.is_initialized():
         yield Worker(dist.get_rank(), dist.get_world_size(), True)
         return

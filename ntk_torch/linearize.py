@@ -73,8 +73,10 @@ class LinearizedModel(nn.Module):
         return {name: getattr(self.theta0, str(i)) for i, name in enumerate(self.names)}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The model's call signature; returns what the model returns (tensors, or tuples,
-        lists and dicts of them), each output ``f(x; θ0) + J(x; θ0)(θ − θ0)``."""
+        """The model's call signature, each output ``f(x; θ0) + J(x; θ0)(θ − θ0)``.
+
+        Returns what the model returns: tensors, or tuples, lists and dicts of them.
+        """
         check_model_state(self.model)
         theta0 = self.initial_params()
         current = dict(self.model.named_parameters())
@@ -95,6 +97,7 @@ class LinearizedModel(nn.Module):
         return _add(value, derivative)
 
     def extra_repr(self) -> str:
+        """How many parameters the expansion is in."""
         return f"linearized parameters: {len(self.names)}"
 
 
@@ -137,8 +140,9 @@ def _add(a: Any, b: Any) -> Any:
 
 
 def linearize(model: nn.Module, *, params: ParamSelection = None) -> LinearizedModel:
-    """A trainable module computing the model's first-order Taylor expansion at its current
-    parameters.
+    """A trainable module computing the model's first-order Taylor expansion.
+
+    The expansion is taken at the model's current parameters.
 
     ``f_lin(x; θ) = f(x; θ0) + J(x; θ0)(θ − θ0)`` with ``θ0`` the current parameter values
     and ``J`` the ``(N, O, P)`` Jacobian of the outputs. The result owns a deep copy of

@@ -18,11 +18,14 @@ A kernel of zero norm has no direction, so measures that divide by its norm retu
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 
 import torch
 
-from ntk_torch._checks import _describe
+from ntk_torch import _kernel_matrix
+from ntk_torch._checks import check_int, check_kernel, check_tensor, describe
 
 __all__ = [
     "as_matrix",
@@ -35,25 +38,9 @@ __all__ = [
 ]
 
 
-def _check_tensor(name: str, value: object) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {_describe(value)}")
-    if not value.is_floating_point():
-        raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {value.dtype}")
-    return value
-
-
-def _check_kernel(name: str, k: object) -> torch.Tensor:
-    """A square kernel in one of the three layouts; returns it unchanged."""
-    k = _check_tensor(name, k)
-    square = k.dim() in (2, 3, 4) and k.shape[0] == k.shape[1]
-    ok = square and (k.dim() != 4 or k.shape[2] == k.shape[3])
-    if not ok:
-        raise ValueError(
-            f"`{name}` must be a square kernel of shape (N, N), (N, N, O) or (N, N, O, O), "
-            f"got shape {tuple(k.shape)}"
-        )
-    return k
+def _check_square_kernel(name: str, k: object) -> torch.Tensor:
+    # NaN entries are measured, not refused: a tracker records a diverged run's NaNs.
+    return check_kernel(name, k, diagonal=True, square=True, finite=False)
 
 
 def _check_same_shape(name1: str, a: torch.Tensor, name2: str, b: torch.Tensor) -> None:
@@ -85,13 +72,7 @@ def as_matrix(k: torch.Tensor) -> torch.Tensor:
         >>> as_matrix(torch.ones(2, 2, 3)).shape
         torch.Size([6, 6])
     """
-    k = _check_kernel("k", k)
-    if k.dim() == 2:
-        return k
-    if k.dim() == 3:
-        k = torch.diag_embed(k)  # (N, N, O, O) with zero cross-output entries
-    n, o = k.shape[0], k.shape[2]
-    return k.permute(0, 2, 1, 3).reshape(n * o, n * o)
+    return _kernel_matrix.as_matrix(_check_square_kernel("k", k))
 
 
 def kernel_distance(k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
@@ -119,8 +100,8 @@ def kernel_distance(k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
         >>> round(float(kernel_distance(torch.eye(2), torch.tensor([[0.0, 1.0], [1.0, 0.0]]))), 6)
         1.0
     """
-    k1 = _check_tensor("k1", k1)
-    k2 = _check_tensor("k2", k2)
+    k1 = check_tensor("k1", k1)
+    k2 = check_tensor("k2", k2)
     _check_same_shape("k1", k1, "k2", k2)
     # 1 − cos = ½‖K1/‖K1‖ − K2/‖K2‖‖²: no cancellation, so small drifts keep their digits
     # (in float32, 1 − cos would bottom out near 1e-7) and identical kernels give exactly 0.
@@ -130,27 +111,47 @@ def kernel_distance(k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
     return (k1 / n1 - k2 / n2).square().sum() / 2
 
 
-def relative_change(current: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+def relative_change(current: torch.Tensor | Sequence[torch.Tensor],
+                    reference: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     """Relative Frobenius change ``‖X_t − X_0‖_F / ‖X_0‖_F``.
 
-    Used for kernels (``K_t`` against ``K_0``), features ``(N, D)`` and weights alike.
+    Used for kernels (``K_t`` against ``K_0``), features ``(N, D)`` and weights alike. A
+    sequence of tensors is one vector made of all their entries (the parameters of a
+    layer or a model): ``sqrt(Σ_i ‖X_t^i − X_0^i‖²) / sqrt(Σ_i ‖X_0^i‖²)``, its sums
+    accumulated in float64 without concatenating the tensors.
 
     Args:
-        current: ``X_t``, any shape.
-        reference: ``X_0``, ``current``'s shape.
+        current: ``X_t``, a tensor of any shape or a sequence of them.
+        reference: ``X_0``, shaped like ``current`` (tensor by tensor).
 
     Returns:
-        0-d tensor ``≥ 0``; NaN if ``reference`` is zero.
+        0-d tensor ``≥ 0`` in the inputs' dtype; NaN if ``reference`` is zero.
 
     Example:
         >>> import torch
         >>> relative_change(torch.tensor([3.0, 5.0]), torch.tensor([0.0, 5.0]))
         tensor(0.6000)
+        >>> relative_change([torch.tensor([3.0]), torch.tensor([5.0])],
+        ...                 [torch.tensor([0.0]), torch.tensor([5.0])])
+        tensor(0.6000)
     """
-    current = _check_tensor("current", current)
-    reference = _check_tensor("reference", reference)
-    _check_same_shape("reference", reference, "current", current)
-    return _ratio((current - reference).norm(), reference.norm())
+    if isinstance(current, torch.Tensor) or isinstance(reference, torch.Tensor):
+        current = check_tensor("current", current)
+        reference = check_tensor("reference", reference)
+        _check_same_shape("reference", reference, "current", current)
+        return _ratio((current - reference).norm(), reference.norm())
+    currents, references = list(current), list(reference)
+    if not currents or len(currents) != len(references):
+        raise ValueError(f"`current` and `reference` must be tensors or equally long, non-empty "
+                         f"sequences of tensors, got {len(currents)} and {len(references)}")
+    change = reference_norm = torch.zeros((), dtype=torch.float64)
+    for i, (now, then) in enumerate(zip(currents, references)):
+        now, then = check_tensor(f"current[{i}]", now), check_tensor(f"reference[{i}]", then)
+        _check_same_shape(f"reference[{i}]", then, f"current[{i}]", now)
+        change = change.to(now.device) + (now.double() - then.double()).square().sum()
+        reference_norm = reference_norm.to(now.device) + then.double().square().sum()
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in currents + references))
+    return _ratio(change.sqrt(), reference_norm.sqrt()).to(dtype)
 
 
 def _center(k: torch.Tensor) -> torch.Tensor:
@@ -162,7 +163,7 @@ def _center(k: torch.Tensor) -> torch.Tensor:
 def _targets(y: object, n: int, n_out: int | None, like: torch.Tensor) -> torch.Tensor:
     """Targets as a float ``(N, C)`` matrix; integer ``(N,)`` labels become one-hot."""
     if not isinstance(y, torch.Tensor):
-        raise TypeError(f"`y` must be a torch.Tensor of shape (N,) or (N, C), got {_describe(y)}")
+        raise TypeError(f"`y` must be a torch.Tensor of shape (N,) or (N, C), got {describe(y)}")
     if y.dim() not in (1, 2) or y.shape[0] != n:
         raise ValueError(
             f"`y` must have shape (N,) or (N, C) with N = {n} as in `k`, got {tuple(y.shape)}")
@@ -218,7 +219,7 @@ def kernel_alignment(k: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         >>> kernel_alignment(torch.outer(y, y), y)
         tensor(1.)
     """
-    k = _check_kernel("k", k)
+    k = _check_square_kernel("k", k)
     n = k.shape[0]
     targets = _targets(y, n, None if k.dim() == 2 else k.shape[2], k)
     if k.dim() > 2 and targets.shape[1] != k.shape[2]:
@@ -263,8 +264,8 @@ def linear_cka(h1: torch.Tensor, h2: torch.Tensor) -> torch.Tensor:
         >>> (linear_cka(h, 5 * h @ q + 7) - 1).abs() < 1e-6
         tensor(True)
     """
-    h1 = _check_tensor("h1", h1)
-    h2 = _check_tensor("h2", h2)
+    h1 = check_tensor("h1", h1)
+    h2 = check_tensor("h2", h2)
     if h1.dim() < 1 or h2.dim() < 1 or h1.shape[0] != h2.shape[0]:
         raise ValueError(
             f"`h1` and `h2` must be features (N, ...) of the same N samples, "
@@ -286,18 +287,6 @@ def linear_cka(h1: torch.Tensor, h2: torch.Tensor) -> torch.Tensor:
     return _ratio((gx * gz).sum(), gx.norm() * gz.norm())
 
 
-def _eigenvalues(k: torch.Tensor) -> torch.Tensor:
-    """All eigenvalues of the symmetric matrix view, descending."""
-    if k.dim() == 3:
-        # Block-diagonal view: the union of the O per-output spectra, at O·N³ not (O·N)³.
-        blocks = k.permute(2, 0, 1)
-        values = torch.linalg.eigvalsh((blocks + blocks.mT) / 2).reshape(-1)
-    else:
-        m = as_matrix(k)
-        values = torch.linalg.eigvalsh((m + m.T) / 2)  # symmetrise away rounding asymmetry
-    return values.sort(descending=True).values
-
-
 def spectrum(k: torch.Tensor, num: int | None = None) -> torch.Tensor:
     """The ``num`` largest eigenvalues of a kernel, in descending order.
 
@@ -316,13 +305,10 @@ def spectrum(k: torch.Tensor, num: int | None = None) -> torch.Tensor:
         >>> spectrum(torch.tensor([[2.0, 1.0], [1.0, 2.0]]), 2)
         tensor([3., 1.])
     """
-    k = _check_kernel("k", k)
+    k = _check_square_kernel("k", k)
     size = k.shape[0] * (1 if k.dim() == 2 else k.shape[2])
-    bad = isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= size
-    if num is not None and bad:
-        raise ValueError(f"`num` must be an int in [1, {size}] for a kernel of shape "
-                         f"{tuple(k.shape)}, got {num!r}")
-    values = _eigenvalues(k)
+    num = check_int("num", num, low=1, high=size, optional=True)
+    values = _kernel_matrix.eigenvalues(k)
     return values if num is None else values[:num]
 
 
@@ -345,8 +331,8 @@ def effective_rank(k: torch.Tensor) -> torch.Tensor:
         >>> effective_rank(torch.diag(torch.tensor([5.0, 5.0, 5.0, 0.0])))
         tensor(3.)
     """
-    k = _check_kernel("k", k)
-    values = _eigenvalues(k).clamp_min(0)
+    k = _check_square_kernel("k", k)
+    values = _kernel_matrix.eigenvalues(k).clamp_min(0)
     p = _ratio(values, values.sum())
     entropy = -torch.special.xlogy(p, p).sum()
     return entropy.exp()

@@ -47,123 +47,23 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ntk_torch._activation_modules import ActivationSpec, Elementwise, activation_module
+from ntk_torch._checks import check_choice, check_int, check_int_pair, check_number
+
 Parameterization = Literal["ntk", "standard", "mup"]
 Role = Literal["input", "hidden", "readout"]
 PARAMETERIZATIONS = ("ntk", "standard", "mup")
 ROLES = ("input", "hidden", "readout")
-ActivationSpec = str | nn.Module | Callable[[torch.Tensor], torch.Tensor]
 
 __all__ = ["Conv2d", "Dense", "Elementwise", "MLP", "activation_module"]
-
-
-class Elementwise(nn.Module):
-    """An elementwise function ``φ`` as a module: ``forward(x) = fn(x)``.
-
-    Args:
-        fn: maps a tensor to a tensor of the same shape, entry by entry (``torch.erf``,
-            ``torch.sin``, ``lambda x: x * torch.sigmoid(x)``, ...).
-        name: shown in ``repr``; defaults to ``fn.__name__``.
-
-    Example:
-        >>> import torch
-        >>> Elementwise(torch.erf)(torch.zeros(2))
-        tensor([0., 0.])
-    """
-
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], name: str | None = None) -> None:
-        super().__init__()
-        if not callable(fn):
-            raise TypeError(f"`fn` must be a callable tensor -> tensor, got {type(fn).__name__}")
-        self.fn = fn
-        self.name = name or getattr(fn, "__name__", type(fn).__name__)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x)
-
-    def extra_repr(self) -> str:
-        return self.name
-
-
-_NAMED_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "relu": nn.ReLU,
-    "leaky_relu": nn.LeakyReLU,
-    "abs": lambda: Elementwise(torch.abs, "abs"),
-    "identity": nn.Identity,
-    "linear": nn.Identity,
-    "erf": lambda: Elementwise(torch.erf, "erf"),
-    "gelu": nn.GELU,
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
-    "silu": nn.SiLU,
-    "swish": nn.SiLU,
-    "softplus": nn.Softplus,
-    "elu": nn.ELU,
-    "selu": nn.SELU,
-    "mish": nn.Mish,
-    "sin": lambda: Elementwise(torch.sin, "sin"),
-    "cos": lambda: Elementwise(torch.cos, "cos"),
-}
-
-
-def activation_module(activation: ActivationSpec) -> nn.Module:
-    """A fresh module for an activation given by name, module or elementwise callable.
-
-    Names: ``"relu"``, ``"leaky_relu"`` (slope 0.01, PyTorch's default; pass
-    ``nn.LeakyReLU(slope)`` for another), ``"abs"``, ``"identity"``/``"linear"``, ``"erf"``,
-    ``"gelu"`` (exact), ``"tanh"``, ``"sigmoid"``, ``"silu"``/``"swish"``, ``"softplus"``,
-    ``"elu"``, ``"selu"``, ``"mish"``, ``"sin"``, ``"cos"``. A module is deep-copied (each
-    layer gets its own); any other callable is wrapped in :class:`Elementwise`.
-
-    Example:
-        >>> activation_module("erf")
-        Elementwise(erf)
-    """
-    if isinstance(activation, str):
-        key = activation.lower()
-        if key not in _NAMED_ACTIVATIONS:
-            names = ", ".join(repr(k) for k in _NAMED_ACTIVATIONS)
-            raise ValueError(
-                f"`activation` must be one of {names}, an nn.Module or an elementwise callable, "
-                f"got {activation!r}"
-            )
-        return _NAMED_ACTIVATIONS[key]()
-    if isinstance(activation, nn.Module):
-        return copy.deepcopy(activation)
-    if callable(activation):
-        return Elementwise(activation)
-    raise TypeError(
-        "`activation` must be a name, an nn.Module or an elementwise callable, "
-        f"got {type(activation).__name__}"
-    )
-
-
-def _check_positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_std(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
-            or not math.isfinite(value):
-        raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value  # type: ignore[return-value]
 
 
 def scales(parameterization: str, role: str, fan_in: int, fan_out: int, weight_std: float,
@@ -193,11 +93,11 @@ class _Parameterized(nn.Module):
 
     def _set_scales(self, fan_in: int, fan_out: int, parameterization: str, role: str,
                     weight_std: float, bias_std: float) -> None:
-        self.parameterization = _check_choice("parameterization", parameterization,
+        self.parameterization = check_choice("parameterization", parameterization,
                                               PARAMETERIZATIONS)
-        self.role = _check_choice("role", role, ROLES)
-        self.weight_std = _check_std("weight_std", weight_std)
-        self.bias_std = _check_std("bias_std", bias_std)
+        self.role = check_choice("role", role, ROLES)
+        self.weight_std = check_number("weight_std", weight_std)
+        self.bias_std = check_number("bias_std", bias_std)
         self.multiplier, self.init_std, self.bias_multiplier, self.bias_init_std = scales(
             parameterization, role, fan_in, fan_out, self.weight_std, self.bias_std)
 
@@ -257,17 +157,19 @@ class Dense(_Parameterized):
                  parameterization: Parameterization = "ntk", weight_std: float = 1.0,
                  bias_std: float = 0.0, bias: bool = True, role: Role = "hidden") -> None:
         super().__init__()
-        self.in_features = _check_positive_int("in_features", in_features)
-        self.out_features = _check_positive_int("out_features", out_features)
+        self.in_features = check_int("in_features", in_features, low=1)
+        self.out_features = check_int("out_features", out_features, low=1)
         self._set_scales(in_features, out_features, parameterization, role, weight_std, bias_std)
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``m · x Wᵀ + m_b · b``: ``(N, *, in_features) -> (N, *, out_features)``."""
         return _scaled(self, F.linear(x, self.weight), 1)
 
     def extra_repr(self) -> str:
+        """Sizes, parameterization and stds."""
         return f"{self.in_features}, {self.out_features}, " + super().extra_repr()
 
 
@@ -298,22 +200,14 @@ class Conv2d(_Parameterized):
                  bias_std: float = 0.0, bias: bool = True, role: Role = "hidden",
                  padding: str | int | tuple[int, int] = "same") -> None:
         super().__init__()
-        self.in_channels = _check_positive_int("in_channels", in_channels)
-        self.out_channels = _check_positive_int("out_channels", out_channels)
-        ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
-        if len(ks) != 2 or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
-            raise ValueError("`kernel_size` must be a positive int or a pair of them, "
-                             f"got {kernel_size!r}")
-        self.kernel_size: tuple[int, int] = ks  # type: ignore[assignment]
+        self.in_channels = check_int("in_channels", in_channels, low=1)
+        self.out_channels = check_int("out_channels", out_channels, low=1)
+        ks = check_int_pair("kernel_size", kernel_size, low=1)
+        self.kernel_size: tuple[int, int] = ks
         if isinstance(padding, str):
-            _check_choice("padding", padding, ("same", "valid"))
+            check_choice("padding", padding, ("same", "valid"))
         else:
-            pads = (padding, padding) if isinstance(padding, int) else tuple(padding)
-            if len(pads) != 2 or any(isinstance(p, bool) or not isinstance(p, int) or p < 0
-                                     for p in pads):
-                raise ValueError("`padding` must be 'same', 'valid', an int >= 0 or a pair, "
-                                 f"got {padding!r}")
-            padding = pads  # type: ignore[assignment]
+            padding = check_int_pair("padding", padding, low=0)  # type: ignore[assignment]
         self.padding = padding
         # Geometry in nn.Conv2d's terms, so code that reads convolutions can read this one.
         self.stride, self.dilation, self.groups, self.padding_mode = (1, 1), (1, 1), 1, "zeros"
@@ -324,9 +218,11 @@ class Conv2d(_Parameterized):
         self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``m · (W ⋆ x) + m_b · b``: ``(N, in_channels, H, W) -> (N, out_channels, H', W')``."""
         return _scaled(self, F.conv2d(x, self.weight, padding=self.padding), 3)
 
     def extra_repr(self) -> str:
+        """Sizes, padding, parameterization and stds."""
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"padding={self.padding!r}, " + super().extra_repr())
 
@@ -366,11 +262,11 @@ class MLP(nn.Sequential):
     def __init__(self, in_features: int, width: int, depth: int, out_features: int, *,
                  activation: ActivationSpec = "relu", parameterization: Parameterization = "ntk",
                  weight_std: float = 1.0, bias_std: float = 0.0, bias: bool = True) -> None:
-        _check_positive_int("in_features", in_features)
-        _check_positive_int("width", width)
-        _check_positive_int("depth", depth, minimum=0)
-        _check_positive_int("out_features", out_features)
-        _check_choice("parameterization", parameterization, PARAMETERIZATIONS)
+        check_int("in_features", in_features, low=1)
+        check_int("width", width, low=1)
+        check_int("depth", depth, low=0)
+        check_int("out_features", out_features, low=1)
+        check_choice("parameterization", parameterization, PARAMETERIZATIONS)
         if parameterization == "mup" and depth == 0:
             raise ValueError("`depth` must be >= 1 with parameterization='mup': a single dense "
                              "layer has no width to scale, got depth=0")

@@ -1,5 +1,7 @@
-"""Kernels bigger than memory: computed tile by tile into an on-disk store, resumable,
-shared by any number of processes, and read back by streaming solvers.
+"""Kernels bigger than memory: computed tile by tile into an on-disk store.
+
+Stores are resumable, shared by any number of processes, and read back by streaming
+solvers.
 
 Layout of a store directory (a zarr v3 group, readable from any language with zarr):
 
@@ -30,11 +32,7 @@ from __future__ import annotations
 
 import math
 import os
-import queue
-import threading
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -43,13 +41,16 @@ from torch import nn
 from ntk_torch import _engines, _workers
 from ntk_torch._checks import (
     MODES,
-    _describe,
     check_choice,
     check_inputs_match_params,
+    check_int,
     check_memory_budget,
     check_model_state,
+    check_sample_range,
+    describe,
 )
 from ntk_torch._functional import ParamSelection, functionalize
+from ntk_torch._kernel_matrix import transpose_pairs
 from ntk_torch._store_compute import (
     STORABLE_DTYPES,
     Inputs,
@@ -65,20 +66,23 @@ from ntk_torch._store_files import (
     all_tiles,
     crc,
     done_tiles,
+    load_zarr,
     open_or_create,
     read_manifest,
     read_record,
     size_text,
 )
-from ntk_torch._tiling import Span, default_memory_budget, transpose_pairs
+from ntk_torch._store_products import stream_product
+from ntk_torch._tiling import Span, default_memory_budget
 
 # ---------------------------------------------------------------------------------------
 # Reading.
 
 
 class KernelStore:
-    """A kernel on disk, computed by :func:`compute_kernel`; read in tiles, never whole
-    unless asked.
+    """A kernel on disk, computed by :func:`compute_kernel`.
+
+    It is read in tiles, never whole unless asked.
 
     Shapes as in :func:`ntk_torch.empirical_ntk`: :attr:`shape` is ``(N1, N2, O, O)``
     (``mode="full"``), ``(N1, N2, O)`` (``"diagonal"``) or ``(N1, N2)`` (``"trace"``).
@@ -98,6 +102,7 @@ class KernelStore:
     """
 
     def __init__(self, path: str | os.PathLike, *, memory_budget: float | None = None) -> None:
+        load_zarr()
         self.path = Path(path)
         self.memory_budget = check_memory_budget(memory_budget)
         self.manifest = read_manifest(self.path)
@@ -126,8 +131,10 @@ class KernelStore:
         return math.ceil(self.shape[0] / self.tile), math.ceil(self.shape[1] / self.tile)
 
     def tiles(self) -> list[Tile]:
-        """Every tile the kernel is made of (only those on and above the diagonal when
-        symmetric), row by row."""
+        """Every tile the kernel is made of, row by row.
+
+        Only those on and above the diagonal when symmetric.
+        """
         return all_tiles(self.grid, self.symmetric)
 
     def done(self) -> set[Tile]:
@@ -141,6 +148,7 @@ class KernelStore:
 
     @property
     def complete(self) -> bool:
+        """Whether every tile is finished."""
         done, total = self.progress
         return done == total
 
@@ -152,13 +160,12 @@ class KernelStore:
     # -- tiles --------------------------------------------------------------------------
 
     def span(self, index: int, n: int) -> Span:
+        """Samples ``[start, stop)`` of tile ``index`` along an axis of ``n`` samples."""
         return index * self.tile, min((index + 1) * self.tile, n)
 
     def _zarr(self):
         if self._array is None:
-            import zarr
-
-            self._array = zarr.open_array(store=str(self.path), path=ARRAY, mode="r")
+            self._array = load_zarr().open_array(store=str(self.path), path=ARRAY, mode="r")
         return self._array
 
     def read_tile(self, i: int, j: int) -> torch.Tensor:
@@ -198,13 +205,14 @@ class KernelStore:
         """``K[rows, cols]`` as a tensor, from the tiles it overlaps.
 
         Args:
-            rows, cols: contiguous ranges of samples (``slice(a, b)`` or ``range(a, b)``).
+            rows: contiguous range of samples (``slice(a, b)`` or ``range(a, b)``).
+            cols: contiguous range of samples, likewise.
 
         Returns:
             ``(R, C, O, O)``, ``(R, C, O)`` or ``(R, C)`` by mode.
         """
-        r0, r1 = _contiguous("rows", rows, self.shape[0])
-        c0, c1 = _contiguous("cols", cols, self.shape[1])
+        r0, r1 = check_sample_range("rows", rows, self.shape[0])
+        c0, c1 = check_sample_range("cols", cols, self.shape[1])
         out = torch.empty((r1 - r0, c1 - c0, *self.shape[2:]), dtype=self.dtype)
         for i in range(r0 // self.tile, math.ceil(r1 / self.tile)):
             ti0, ti1 = self.span(i, self.shape[0])
@@ -220,9 +228,9 @@ class KernelStore:
         budget = self.memory_budget or default_memory_budget(torch.device("cpu"))
         if self.nbytes > budget:
             raise MemoryError(
-                f"the kernel in {self.path} takes {size_text(self.nbytes)} in memory but the memory "
-                f"budget is {size_text(budget)}: read parts with store.block(rows, cols), or use "
-                "store.matvec / nt.solve / nt.eigenmodes, which stream it tile by tile "
+                f"the kernel in {self.path} takes {size_text(self.nbytes)} in memory but the "
+                f"memory budget is {size_text(budget)}: read parts with store.block(rows, cols), "
+                "or use store.matvec / nt.solve / nt.eigenmodes, which stream it tile by tile "
                 "(KernelStore(path, memory_budget=<bytes>) raises the budget)")
         return self.block(slice(0, self.shape[0]), slice(0, self.shape[1]))
 
@@ -236,62 +244,25 @@ class KernelStore:
         ``out[a, i] = Σ_b K[a, b, i] V[b, i]``. Returned in ``V``'s dtype.
         """
         expected = (self.shape[1], *self.shape[2:3], "C")
-        if not isinstance(v, torch.Tensor) or v.dim() != len(expected) or tuple(v.shape[:-1]) != expected[:-1]:
-            raise ValueError(f"`V` must have shape {_shape_text(expected)} for this "
-                             f"{self.mode}-mode kernel of shape {self.shape}, got {_describe(v)}")
-        return self._product(v.double()).to(v.dtype if v.is_floating_point() else torch.float64)
+        expected_text = "(" + ", ".join(map(str, expected)) + ")"
+        fits = (isinstance(v, torch.Tensor) and v.dim() == len(expected)
+                and tuple(v.shape[:-1]) == expected[:-1])
+        if not fits:
+            raise ValueError(f"`V` must have shape {expected_text} for this "
+                             f"{self.mode}-mode kernel of shape {self.shape}, got {describe(v)}")
+        dtype = v.dtype if v.is_floating_point() else torch.float64
+        return stream_product(self, v.double()).to(dtype)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """``K v`` streamed tile by tile: trace mode ``(N2,) -> (N1,)`` (or ``(N2, C)``),
-        full and diagonal modes ``(N2, O) -> (N1, O)``; see :meth:`matmul`."""
-        single = v.dim() == (1 if self.mode == "trace" else 2) if isinstance(v, torch.Tensor) else False
+        """``K v`` streamed tile by tile; see :meth:`matmul`.
+
+        Trace mode ``(N2,) -> (N1,)`` (or ``(N2, C)``), full and diagonal modes
+        ``(N2, O) -> (N1, O)``.
+        """
+        single = isinstance(v, torch.Tensor) and v.dim() == (1 if self.mode == "trace" else 2)
         if not single:
             return self.matmul(v)
         return self.matmul(v.unsqueeze(-1)).squeeze(-1)
-
-    def _product(self, v: torch.Tensor) -> torch.Tensor:
-        """``K v`` for ``v`` ``(N2, [O,] C)``, computed and returned in ``v``'s dtype.
-
-        Each tile is read once and converted to that dtype a block of rows at a time into one
-        reused buffer (a matrix in the flattened layout: row ``a·O + i``), which serves the
-        tile and, below the diagonal of a symmetric store, its mirror image."""
-        mode, n1 = self.mode, self.shape[0]
-        per = self.shape[2] if mode == "full" else 1
-        if mode == "diagonal":  # O independent kernels: batched over outputs
-            vv, out = v.transpose(0, 1).contiguous(), v.new_zeros((v.shape[1], n1, v.shape[2]))
-        else:
-            vv, out = v.reshape(-1, v.shape[-1]), v.new_zeros((n1 * per, v.shape[-1]))
-        row_bytes = 8 * min(self.tile, self.shape[1]) * math.prod(self.shape[2:])
-        step = max(1, _PRODUCT_BLOCK_BYTES // row_bytes)
-        buffer = v.new_empty(0)
-        for (i, j), tile in self._stream():
-            (r0, _), (c0, c1) = self.span(i, n1), self.span(j, self.shape[1])
-            for a0 in range(0, tile.shape[0], step):
-                rows = tile[a0:a0 + step]
-                a, b = r0 + a0, r0 + a0 + rows.shape[0]
-                m, buffer = _matrix(rows, mode, buffer)
-                if mode == "diagonal":
-                    out[:, a:b] += m @ vv[:, c0:c1]
-                    if self.symmetric and i != j:
-                        out[:, c0:c1] += m.transpose(1, 2) @ vv[:, a:b]
-                else:
-                    out[a * per:b * per] += m @ vv[c0 * per:c1 * per]
-                    if self.symmetric and i != j:
-                        out[c0 * per:c1 * per] += m.T @ vv[a * per:b * per]
-        if mode == "diagonal":
-            return out.transpose(0, 1)
-        return out.reshape(n1, *v.shape[1:])
-
-    def _stream(self) -> Iterator[tuple[Tile, torch.Tensor]]:
-        """Every stored tile once, the next one read in the background meanwhile."""
-        tiles = self.tiles()
-        missing = len(set(tiles) - self.done())
-        if missing:
-            raise StoreError(f"the kernel store {self.path} is incomplete ({missing} of "
-                             f"{len(tiles)} tiles missing); run compute_kernel with the same "
-                             "arguments to finish it")
-        with _Prefetch(self.read_tile, tiles) as tiles_read:
-            yield from tiles_read
 
     def diagonal(self) -> torch.Tensor:
         """``K[a, a]``: ``(N, O, O)``, ``(N, O)`` or ``(N,)`` by mode, from the diagonal tiles."""
@@ -303,75 +274,6 @@ class KernelStore:
             idx = torch.arange(m)
             parts.append(tile[idx, idx])
         return torch.cat(parts)[:n]
-
-
-# Bytes (of float64) that a streamed product converts at once (and keeps as its buffer).
-_PRODUCT_BLOCK_BYTES = 128 * 2**20
-
-
-def _matrix(rows: torch.Tensor, mode: str, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rows`` of a tile as a matrix in ``buffer`` (its dtype; grown as needed): ``(R, C)``
-    (trace), ``(R·O, C·O)`` with row ``a·O + i`` (full), or ``(O, R, C)`` (diagonal)."""
-    if mode == "full":
-        view = rows.permute(0, 2, 1, 3)
-        shape = (rows.shape[0] * rows.shape[2], rows.shape[1] * rows.shape[3])
-    elif mode == "diagonal":
-        view = rows.permute(2, 0, 1)
-        shape = tuple(view.shape)
-    else:
-        view, shape = rows, tuple(rows.shape)
-    if buffer.numel() < rows.numel():
-        buffer = buffer.new_empty(rows.numel())
-    matrix = buffer[:rows.numel()].view(view.shape)
-    matrix.copy_(view)
-    return matrix.view(shape), buffer
-
-
-class _Prefetch:
-    """Reads ``read(i, j)`` for each tile in order on a background thread, one ahead."""
-
-    def __init__(self, read, tiles: list[Tile]) -> None:
-        self.read, self.tiles = read, tiles
-        self.queue: queue.Queue = queue.Queue(maxsize=1)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="ntk-prefetch", daemon=True)
-
-    def _run(self) -> None:
-        for tile in self.tiles:
-            if self.stop.is_set():
-                return
-            try:
-                item = (tile, self.read(*tile), None)
-            except BaseException as err:  # handed to the reader, raised there
-                item = (tile, None, err)
-            while not self.stop.is_set():
-                try:
-                    self.queue.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if item[2] is not None:
-                return
-
-    def __enter__(self) -> Iterator[tuple[Tile, torch.Tensor]]:
-        self.thread.start()
-
-        def items():
-            for _ in self.tiles:
-                tile, values, err = self.queue.get()
-                if err is not None:
-                    raise err
-                yield tile, values
-
-        return items()
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
-
-
-# ---------------------------------------------------------------------------------------
-# The manifest and the tile records.
 
 
 # ---------------------------------------------------------------------------------------
@@ -441,14 +343,15 @@ def compute_kernel(model: nn.Module, x1: torch.Tensor | torch.utils.data.Dataset
         MemoryError: not even one tile fits the memory budget; the message gives a tile
             size that does.
     """
+    load_zarr()  # before any work: the store cannot be written without it
     check_choice("mode", mode, MODES)
     check_choice("implementation", implementation, ("auto", *_engines.ENGINES))
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
-        raise ValueError(f"`tile` must be a positive int (samples per tile side), got {tile!r}")
+    check_int("tile", tile, low=1)
     if not isinstance(store, (str, os.PathLike)):
-        raise TypeError(f"`store` must be a directory path (str or os.PathLike), got {_describe(store)}")
+        raise TypeError("`store` must be a directory path (str or os.PathLike), "
+                        f"got {describe(store)}")
     if inputs_id is not None and not isinstance(inputs_id, str):
-        raise TypeError(f"`inputs_id` must be a str or None, got {_describe(inputs_id)}")
+        raise TypeError(f"`inputs_id` must be a str or None, got {describe(inputs_id)}")
     budget_arg = check_memory_budget(memory_budget)
     path = Path(store)
     fm = functionalize(model, params)
@@ -493,26 +396,6 @@ def compute_kernel(model: nn.Module, x1: torch.Tensor | torch.utils.data.Dataset
                       shared_rows=job.symmetric or len(inputs2) > tile)
         _workers.barrier(w)
     return KernelStore(path)
-
-
-def _contiguous(name: str, index: Any, n: int) -> Span:
-    if isinstance(index, range):
-        if index.step != 1:
-            raise ValueError(f"`{name}` must be a contiguous range (step 1), got {index!r}")
-        start, stop = index.start, index.stop
-    elif isinstance(index, slice):
-        if index.step not in (None, 1):
-            raise ValueError(f"`{name}` must be a contiguous slice (step 1), got {index!r}")
-        start, stop, _ = index.indices(n)
-    else:
-        raise TypeError(f"`{name}` must be a slice or range of samples, got {_describe(index)}")
-    if not 0 <= start <= stop <= n:
-        raise ValueError(f"`{name}` must lie within the {n} samples, got {start}:{stop}")
-    return start, stop
-
-
-def _shape_text(shape: tuple) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ")"
 
 
 __all__ = ["KernelStore", "StoreError", "compute_kernel"]

@@ -19,6 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ntk_torch import records as _records
+from ntk_torch._checks import check_int, check_ints, check_number
+from ntk_torch._extras import require
 from ntk_torch.empirical import empirical_ntk
 from ntk_torch.records import Record
 from ntk_torch.tracking import KernelTracker
@@ -30,7 +32,8 @@ Trainer = Callable[[nn.Module], Union[None, Mapping[str, float], Iterable[Record
 __all__ = ["PowerLaw", "fit_power_law", "width_sweep"]
 
 
-def width_sweep(build: Builder, widths: Iterable[int], x: torch.Tensor, *, seeds: Iterable[int] = range(5),
+def width_sweep(build: Builder, widths: Iterable[int], x: torch.Tensor, *,
+                seeds: Iterable[int] = range(5),
                 analytic: AnalyticSpec = "auto", train: Trainer | None = None,
                 probe_y: torch.Tensor | None = None, implementation: str = "auto",
                 tags: Mapping[str, Any] | None = None, progress: bool = True) -> list[Record]:
@@ -82,12 +85,13 @@ def width_sweep(build: Builder, widths: Iterable[int], x: torch.Tensor, *, seeds
         >>> sorted({r["metric"] for r in records})
         ['ntk_bias', 'ntk_error', 'ntk_error_of_mean', 'ntk_fluctuation']
     """
-    widths, seeds = _check_ints("widths", widths), _check_ints("seeds", seeds)
+    widths, seeds = check_ints("widths", widths), check_ints("seeds", seeds)
     if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] < 2:
         raise ValueError(f"`x` must be a tensor of at least 2 probe inputs (N, ...), got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     if not (analytic in ("auto", None) or callable(analytic)):
-        raise ValueError(f"`analytic` must be 'auto', None or a callable (model, x) -> kernel, got {analytic!r}")
+        raise ValueError("`analytic` must be 'auto', None or a callable (model, x) -> kernel, "
+                         f"got {analytic!r}")
     tags = dict(tags or {})
     out: list[Record] = []
     bar = tqdm(total=len(widths) * len(seeds), desc="width sweep", disable=not progress)
@@ -97,7 +101,8 @@ def width_sweep(build: Builder, widths: Iterable[int], x: torch.Tensor, *, seeds
             bar.set_postfix(width=width, seed=seed)
             model = build(width, seed)
             if not isinstance(model, nn.Module):
-                raise TypeError(f"`build({width}, {seed})` must return an nn.Module, got {type(model).__name__}")
+                raise TypeError(f"`build({width}, {seed})` must return an nn.Module, "
+                                f"got {type(model).__name__}")
             if i == 0 and analytic is not None:
                 limit = _analytic_kernel(analytic, model, x)
             fields = {"width": width, "seed": seed, **tags}
@@ -110,7 +115,8 @@ def width_sweep(build: Builder, widths: Iterable[int], x: torch.Tensor, *, seeds
                 out += [{**fields, **r} for r in _train_and_track(tracker, train)]
             kernels.append(k.detach().to("cpu", torch.float64))
             if limit is not None:
-                out.append({**fields, "metric": "ntk_error", "value": _relative(kernels[-1] - limit, limit)})
+                error = _relative(kernels[-1] - limit, limit)
+                out.append({**fields, "metric": "ntk_error", "value": error})
             bar.update()
         if limit is not None:
             out += [{"width": width, **tags, "metric": m, "value": v}
@@ -119,25 +125,20 @@ def width_sweep(build: Builder, widths: Iterable[int], x: torch.Tensor, *, seeds
     return out
 
 
-def _check_ints(name: str, values: Iterable[int]) -> list[int]:
-    values = list(values)
-    if not values or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in values):
-        raise ValueError(f"`{name}` must be a non-empty sequence of ints, got {values!r}")
-    return [int(v) for v in values]
-
-
 def _relative(diff: torch.Tensor, reference: torch.Tensor) -> float:
     return float(diff.norm() / reference.norm())
 
 
-def _analytic_kernel(analytic: AnalyticSpec, model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+def _analytic_kernel(analytic: AnalyticSpec, model: nn.Module,
+                     x: torch.Tensor) -> torch.Tensor | None:
     if analytic == "auto":
         from ntk_torch import analytic as analytic_module
 
         try:
             result = analytic_module.kernel(model, x)
         except (TypeError, ValueError, NotImplementedError) as error:
-            warnings.warn(f"no analytic kernel, so no error metrics: {error}", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"no analytic kernel, so no error metrics: {error}", RuntimeWarning,
+                          stacklevel=3)
             return None
     else:
         result = analytic(model, x)
@@ -191,7 +192,8 @@ class PowerLaw:
                 f"({self.confidence:.0%}, {self.method})")
 
 
-def fit_power_law(records: Iterable[Record], metric: str, *, confidence: float = 0.95, n_boot: int = 2000,
+def fit_power_law(records: Iterable[Record], metric: str, *, confidence: float = 0.95,
+                  n_boot: int = 2000,
                   seed: int = 0, **where: Any) -> PowerLaw:
     """Fit ``metric ∝ width^exponent`` by least squares in log-log coordinates.
 
@@ -219,8 +221,9 @@ def fit_power_law(records: Iterable[Record], metric: str, *, confidence: float =
         >>> round(fit.exponent, 3), fit.low <= -0.5 <= fit.high
         (-0.5, True)
     """
-    if not 0 < confidence < 1:
+    if check_number("confidence", confidence, strict=True) >= 1:
         raise ValueError(f"`confidence` must be in (0, 1), got {confidence!r}")
+    check_int("n_boot", n_boot, low=1)
     chosen = _records.select(records, metric=metric, **where)
     if not chosen:
         raise ValueError(f"no records with metric={metric!r}" + (f" and {where}" if where else ""))
@@ -228,8 +231,8 @@ def fit_power_law(records: Iterable[Record], metric: str, *, confidence: float =
     for r in chosen:
         value = float(r["value"])
         if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"`{metric}` must be positive and finite to fit a power law, got {value} "
-                             f"at width {r.get('width')}")
+            raise ValueError(f"`{metric}` must be positive and finite to fit a power law, "
+                             f"got {value} at width {r.get('width')}")
         by_width.setdefault(int(r["width"]), []).append(math.log(value))
     widths = sorted(by_width)
     if len(widths) < 2:
@@ -242,7 +245,8 @@ def fit_power_law(records: Iterable[Record], metric: str, *, confidence: float =
         rng = np.random.default_rng(seed)
         # The least-squares slope is linear in the per-width means: slope = means @ c.
         c = (log_w - log_w.mean()) / np.square(log_w - log_w.mean()).sum()
-        means = np.stack([v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1) for v in logs], axis=1)
+        means = np.stack([v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1) for v in logs],
+                         axis=1)
         boot = means @ c
         # Resampling S seeds underestimates the variance of their mean by (S - 1)/S;
         # widen the bootstrap quantiles around the estimate accordingly.
@@ -253,11 +257,10 @@ def fit_power_law(records: Iterable[Record], metric: str, *, confidence: float =
     else:
         if len(widths) < 3:
             raise ValueError(f"an interval without seeds needs at least 3 widths, got {widths}")
-        from scipy import stats
-
+        stats = require("scipy.stats", "stats", "a power-law fit without seeds")
         fit = stats.linregress(log_w, [v.mean() for v in logs])
         half = stats.t.ppf(1 - alpha, len(widths) - 2) * fit.stderr
         low, high = slope - half, slope + half
         method = "least-squares t-interval"
-    return PowerLaw(float(slope), float(math.exp(intercept)), float(low), float(high), confidence, method,
-                    tuple(widths))
+    return PowerLaw(float(slope), float(math.exp(intercept)), float(low), float(high), confidence,
+                    method, tuple(widths))

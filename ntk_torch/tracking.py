@@ -8,8 +8,7 @@ batch and appends long-format records (see :mod:`ntk_torch.records`).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,9 @@ from torch import nn
 
 from ntk_torch import metrics
 from ntk_torch import records as _records
-from ntk_torch._checks import MODES, _describe, check_choice, check_module
+from ntk_torch._checks import MODES, check_choice, check_int, check_module, describe
 from ntk_torch._functional import ParamSelection
+from ntk_torch._layer_outputs import layer_outputs, measuring
 from ntk_torch.empirical import Implementation, Mode, empirical_ntk_fn
 
 _Tensors = dict[str, torch.Tensor]
@@ -119,11 +119,9 @@ class KernelTracker:
         self.model = model
         self.probe_x = _check_probe_x(probe_x)
         self.probe_y = _check_probe_y(probe_y, probe_x.shape[0])
-        self.every = _check_positive_int("every", every)
+        self.every = check_int("every", every, low=1)
         self.mode = check_choice("mode", mode, MODES)
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"`top_k` must be an int >= 0, got {top_k!r}")
-        self.top_k = top_k
+        self.top_k = check_int("top_k", top_k, low=0)
         self._ntk = empirical_ntk_fn(model, mode=mode, implementation=implementation, params=params,
                                      batch_size=batch_size, layerwise=True)
         fm = self._ntk.functional
@@ -148,8 +146,10 @@ class KernelTracker:
 
     @property
     def reference_kernel(self) -> torch.Tensor | None:
-        """``K_0``, the total probe kernel of the reference measurement (in the tracker's
-        ``mode``: ``(N, N)``, ``(N, N, O)`` or ``(N, N, O, O)``), ``None`` before it."""
+        """``K_0``, the total probe kernel of the reference measurement; ``None`` before it.
+
+        In the tracker's ``mode``: ``(N, N)``, ``(N, N, O)`` or ``(N, N, O, O)``.
+        """
         return None if self._reference is None else self._reference["kernels"][TOTAL]
 
     def update(self, step: int, *, force: bool = False) -> list[_records.Record]:
@@ -163,8 +163,7 @@ class KernelTracker:
         Returns:
             The records appended by this call (an empty list if it did not measure).
         """
-        if isinstance(step, bool) or not isinstance(step, int):
-            raise TypeError(f"`step` must be an int, got {_describe(step)}")
+        step = check_int("step", step)
         if self._reference is not None and not force and step % self.every != 0:
             return []
         if self._previous is not None and step <= self._previous["step"]:
@@ -217,7 +216,7 @@ class KernelTracker:
         """
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             got = (f"version {state.get('version')!r}" if isinstance(state, dict)
-                   else _describe(state))
+                   else describe(state))
             raise ValueError(f"`state` must be a KernelTracker.state_dict() of version "
                              f"{_STATE_VERSION}, got {got}")
         config = state["config"]
@@ -249,8 +248,8 @@ class KernelTracker:
     # -- measurement ------------------------------------------------------------------
 
     def _measure(self) -> tuple[_Tensors, _Tensors, _Tensors]:
-        with _measuring(self.model):
-            features = _capture(self.model, self.probe_x, self.layers)
+        with measuring(self.model):
+            features = layer_outputs(self.model, self.probe_x, self.layers)
             kernels = dict(self._ntk(self.probe_x))
             kernels[TOTAL] = sum(kernels.values())
             named = dict(self.model.named_parameters())
@@ -272,9 +271,8 @@ class KernelTracker:
                 add(layer, "kernel_alignment", metrics.kernel_alignment(k, self.probe_y))
 
         def weight_change(names: Iterable[str]) -> torch.Tensor:
-            diff = sum((weights[n] - ref["weights"][n]).double().square().sum() for n in names)
-            base = sum(ref["weights"][n].double().square().sum() for n in names)
-            return metrics._ratio(diff.sqrt(), base.sqrt())
+            return metrics.relative_change([weights[n] for n in names],
+                                           [ref["weights"][n] for n in names])
 
         kernel_metrics(TOTAL)
         if self._previous is not None:
@@ -296,73 +294,6 @@ class KernelTracker:
         return out
 
 
-@contextmanager
-def _measuring(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no autograd graph, and the RNG state and per-module modes restored."""
-    modes = [(m, m.training) for m in model.modules()]
-    cpu_rng = torch.get_rng_state()
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    cuda_rng = torch.cuda.get_rng_state_all() if cuda else None
-    try:
-        model.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        # Per module, not model.train(flag): the user may keep some submodules in eval.
-        for module, training in modes:
-            module.training = training
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-
-
-def _first_tensor(output: Any) -> torch.Tensor | None:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        for item in output:
-            if isinstance(item, torch.Tensor):
-                return item
-    return None
-
-
-def _capture(model: nn.Module, x: torch.Tensor, layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Outputs ``(N, D)`` of the named modules on ``x``, by forward hooks removed afterwards."""
-    modules = dict(model.named_modules())
-    seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    handles = []
-
-    def hook_for(name: str):
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            tensor = _first_tensor(output)
-            if tensor is None:
-                raise TypeError(
-                    f"layer {name!r} ({type(module).__name__}) returned no tensor to track")
-            if tensor.dim() == 0 or tensor.shape[0] != x.shape[0]:
-                raise ValueError(
-                    f"layer {name!r} ({type(module).__name__}) returned shape "
-                    f"{tuple(tensor.shape)}, expected features (N, ...) with N = {x.shape[0]} "
-                    "probe samples; leave it out of `layers`"
-                )
-            # Clone: a later in-place op (ReLU(inplace=True)) would overwrite the stored output.
-            seen[name].append(tensor.detach().reshape(tensor.shape[0], -1).clone())
-        return hook
-
-    try:
-        for name in layers:
-            handles.append(modules[name].register_forward_hook(hook_for(name)))
-        model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [name for name, outs in seen.items() if not outs]
-    if missing:
-        raise ValueError(f"layers {missing} were not called by the model's forward on `probe_x`; "
-                         "leave them out of `layers`")
-    return {name: outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-            for name, outs in seen.items()}
-
-
 def _clone_tree(tree: Any, device: torch.device | None = None) -> Any:
     if isinstance(tree, torch.Tensor):
         tree = tree.detach().clone()
@@ -372,15 +303,9 @@ def _clone_tree(tree: Any, device: torch.device | None = None) -> Any:
     return tree
 
 
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-    return value
-
-
 def _check_probe_x(x: Any) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"`probe_x` must be a torch.Tensor of shape (N, ...), got {_describe(x)}")
+        raise TypeError(f"`probe_x` must be a torch.Tensor of shape (N, ...), got {describe(x)}")
     if x.dim() == 0 or x.shape[0] < 2:
         raise ValueError(
             f"`probe_x` must hold N >= 2 samples, shape (N, ...), got shape {tuple(x.shape)}")
@@ -392,7 +317,7 @@ def _check_probe_y(y: Any, n: int) -> torch.Tensor | None:
         return None
     if not isinstance(y, torch.Tensor):
         raise TypeError(
-            f"`probe_y` must be a torch.Tensor (N,) or (N, C) or None, got {_describe(y)}")
+            f"`probe_y` must be a torch.Tensor (N,) or (N, C) or None, got {describe(y)}")
     if y.dim() not in (1, 2) or y.shape[0] != n:
         raise ValueError(f"`probe_y` must have shape (N,) or (N, C) with N = {n} as `probe_x`, "
                          f"got {tuple(y.shape)}")

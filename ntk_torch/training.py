@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from ntk_torch import metrics
-from ntk_torch._checks import check_module
-from ntk_torch._tiling import symmetrize
+from ntk_torch._checks import check_choice, check_int, check_module, check_number
+from ntk_torch._kernel_matrix import symmetrize
 from ntk_torch.empirical import empirical_ntk
 from ntk_torch.predict import gradient_descent_mse
 from ntk_torch.records import Record
+
 
 class GradientDescent:
     """Full-batch gradient descent ``θ ← θ − η ∇L`` on ``L = 1/(2N) Σ_a ‖f(x_a) − y_a‖²``.
@@ -69,40 +70,40 @@ class GradientDescent:
         True
     """
 
-    def __init__(self, x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor | None = None,
-                 y_test: torch.Tensor | None = None, *, steps: int = 100, lr: float | Literal["auto"] = "auto",
+    def __init__(self, x_train: torch.Tensor, y_train: torch.Tensor,
+                 x_test: torch.Tensor | None = None, y_test: torch.Tensor | None = None, *,
+                 steps: int = 100, lr: float | Literal["auto"] = "auto",
                  lr_factor: float = 0.5, kernel_predictor: Literal["analytic"] | None = "analytic",
                  implementation: str = "auto") -> None:
         for name, value in (("x_train", x_train), ("y_train", y_train)):
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
         if y_train.dim() != 2 or y_train.shape[0] != x_train.shape[0]:
-            raise ValueError(f"`y_train` must have shape (N, O) with N = {x_train.shape[0]} inputs, "
-                             f"got {tuple(y_train.shape)}")
+            raise ValueError(f"`y_train` must have shape (N, O) with N = {x_train.shape[0]} "
+                             f"inputs, got {tuple(y_train.shape)}")
         if (x_test is None) != (y_test is None):
             raise ValueError("`x_test` and `y_test` must be given together")
-        if y_test is not None and (y_test.dim() != 2 or y_test.shape != (x_test.shape[0], y_train.shape[1])):
+        if y_test is not None and tuple(y_test.shape) != (x_test.shape[0], y_train.shape[1]):
             raise ValueError(f"`y_test` must have shape ({x_test.shape[0]}, {y_train.shape[1]}), "
                              f"got {tuple(y_test.shape)}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"`steps` must be a positive int, got {steps!r}")
-        if lr != "auto" and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0):
-            raise ValueError(f"`lr` must be a positive number or 'auto', got {lr!r}")
-        if not lr_factor > 0:
-            raise ValueError(f"`lr_factor` must be positive, got {lr_factor!r}")
-        if kernel_predictor not in ("analytic", None):
-            raise ValueError(f"`kernel_predictor` must be 'analytic' or None, got {kernel_predictor!r}")
+        check_int("steps", steps, low=1)
+        if lr != "auto":
+            check_number("lr", lr, strict=True, alternative="'auto'")
+        check_number("lr_factor", lr_factor, strict=True)
+        check_choice("kernel_predictor", kernel_predictor, ("analytic", None))
         self.x_train, self.y_train, self.x_test, self.y_test = x_train, y_train, x_test, y_test
         self.steps, self.lr, self.lr_factor = steps, lr, lr_factor
         self.kernel_predictor, self.implementation = kernel_predictor, implementation
 
     def __call__(self, model: nn.Module) -> list[Record]:
+        """Train ``model`` in place; the records described in the class docstring."""
         check_module("model", model)
         n = self.x_train.shape[0]
         x_all = self.x_train if self.x_test is None else torch.cat([self.x_train, self.x_test])
         with torch.no_grad():
             f0 = model(x_all).reshape(x_all.shape[0], -1)
-        theta = empirical_ntk(model, x_all, self.x_train, mode="full", implementation=self.implementation)
+        theta = empirical_ntk(model, x_all, self.x_train, mode="full",
+                              implementation=self.implementation)
         lr = float(self.lr) if self.lr != "auto" else (
             self.lr_factor * n / float(metrics.spectrum(theta[:n].double(), 1)))
 
@@ -117,9 +118,11 @@ class GradientDescent:
             trained = model(x_all).reshape(x_all.shape[0], -1)
 
         outputs = {"network": trained,
-                   "linearized": linearized_descent(theta, f0, self.y_train, lr=lr, steps=self.steps)}
+                   "linearized": linearized_descent(theta, f0, self.y_train, lr=lr,
+                                                    steps=self.steps)}
         if self.kernel_predictor == "analytic":
-            kernel = _infinite_width_descent(model, x_all, f0, self.y_train, lr=lr, steps=self.steps)
+            kernel = _infinite_width_descent(model, x_all, f0, self.y_train, lr=lr,
+                                             steps=self.steps)
             if kernel is not None:
                 outputs["kernel"] = kernel
         records: list[Record] = [{"metric": "lr", "value": lr}]
@@ -135,7 +138,8 @@ class GradientDescent:
         out = []
         for split, pred, target in splits:
             pred = pred.to(target.dtype)
-            out.append({"metric": f"{split}_loss", "value": float((pred - target).square().sum(1).mean() / 2)})
+            loss = float((pred - target).square().sum(1).mean() / 2)
+            out.append({"metric": f"{split}_loss", "value": loss})
             if target.shape[1] > 1:
                 accuracy = (pred.argmax(1) == target.argmax(1)).double().mean()
                 out.append({"metric": f"{split}_accuracy", "value": float(accuracy)})
@@ -152,8 +156,10 @@ def linearized_descent(theta: torch.Tensor, f0: torch.Tensor, y_train: torch.Ten
     Args:
         theta: full NTK ``(N + M, N, O, O)`` between all inputs (the ``N`` training inputs
             first) and the training inputs.
-        f0: initial outputs ``(N + M, O)``; ``y_train``: ``(N, O)``.
-        lr: step size ``η``; steps: number of steps ``k``.
+        f0: initial outputs ``(N + M, O)``.
+        y_train: targets ``(N, O)``.
+        lr: step size ``η``.
+        steps: number of steps ``k``.
 
     Returns:
         ``(N + M, O)`` outputs after ``k`` steps.
@@ -177,8 +183,8 @@ def linearized_descent(theta: torch.Tensor, f0: torch.Tensor, y_train: torch.Ten
     return (out.train if out.test is None else torch.cat([out.train, out.test])).to(y_train.dtype)
 
 
-def _infinite_width_descent(model: nn.Module, x_all: torch.Tensor, f0: torch.Tensor, y_train: torch.Tensor,
-                            *, lr: float, steps: int) -> torch.Tensor | None:
+def _infinite_width_descent(model: nn.Module, x_all: torch.Tensor, f0: torch.Tensor,
+                            y_train: torch.Tensor, *, lr: float, steps: int) -> torch.Tensor | None:
     """Outputs ``(N + M, O)`` of the same gradient descent under the analytic NTK, or None."""
     from ntk_torch import analytic
 
@@ -191,5 +197,6 @@ def _infinite_width_descent(model: nn.Module, x_all: torch.Tensor, f0: torch.Ten
     ntk, f0 = ntk.to(torch.float64), f0.to(torch.float64)
     test = x_all.shape[0] > n
     out = gradient_descent_mse(ntk[:n, :n], y_train.to(torch.float64), f0[:n], steps, lr=lr / n,
-                               k_test_train=ntk[n:, :n] if test else None, f0_test=f0[n:] if test else None)
+                               k_test_train=ntk[n:, :n] if test else None,
+                               f0_test=f0[n:] if test else None)
     return (torch.cat([out.train, out.test]) if test else out.train).to(y_train.dtype)

@@ -19,7 +19,8 @@ def mlp() -> nn.Module:
 @pytest.mark.parametrize("make,what", [
     (lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)), "BatchNorm1d"),
     (lambda: nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.1), nn.Linear(4, 2)), "Dropout"),
-    (lambda: nn.Sequential(nn.Unflatten(1, (1, 3)), nn.Dropout1d(0.5), nn.Flatten(), nn.Linear(3, 2)),
+    (lambda: nn.Sequential(nn.Unflatten(1, (1, 3)), nn.Dropout1d(0.5), nn.Flatten(),
+                           nn.Linear(3, 2)),
      "Dropout1d"),
 ])
 def test_train_mode_batch_or_random_modules_are_refused(make, what):
@@ -65,7 +66,8 @@ def test_random_ops_in_forward_are_refused():
 
 
 def test_mismatched_trailing_shapes():
-    with pytest.raises(ValueError, match=re.escape("`x2` must share `x1`'s trailing shape (3,), got (5,)")):
+    message = "`x2` must share `x1`'s trailing shape (3,), got (5,)"
+    with pytest.raises(ValueError, match=re.escape(message)):
         nt.empirical_ntk(mlp(), torch.randn(4, 3), torch.randn(2, 5))
 
 
@@ -97,7 +99,8 @@ def test_model_without_trainable_parameters():
 
 
 def test_unknown_mode_and_implementation():
-    with pytest.raises(ValueError, match=r"`mode` must be one of 'full', 'diagonal', 'trace', got 'sum'"):
+    with pytest.raises(ValueError,
+                       match=r"`mode` must be one of 'full', 'diagonal', 'trace', got 'sum'"):
         nt.empirical_ntk(mlp(), torch.randn(2, 3), mode="sum")
     with pytest.raises(ValueError, match=r"`implementation` must be one of 'auto', .*got 'fast'"):
         nt.empirical_ntk(mlp(), torch.randn(2, 3), implementation="fast")
@@ -106,7 +109,8 @@ def test_unknown_mode_and_implementation():
 
 
 def test_unknown_parameter_names():
-    with pytest.raises(ValueError, match=r"`params` names unknown parameter '9.weight'; the model has: 0.bias"):
+    with pytest.raises(ValueError,
+                       match=r"`params` names unknown parameter '9.weight'; the model has: 0.bias"):
         nt.empirical_ntk(mlp(), torch.randn(2, 3), params=["9.weight"])
     with pytest.raises(TypeError, match=r"got the string '0.weight'; use \['0.weight'\]"):
         nt.empirical_ntk(mlp(), torch.randn(2, 3), params="0.weight")
@@ -115,7 +119,8 @@ def test_unknown_parameter_names():
 
 
 def test_mixed_devices_and_dtypes():
-    with pytest.raises(ValueError, match="`x1` is on meta but the model's parameter '0.weight' is on cpu"):
+    with pytest.raises(ValueError,
+                       match="`x1` is on meta but the model's parameter '0.weight' is on cpu"):
         nt.empirical_ntk(mlp(), torch.randn(2, 3, device="meta"))
     with pytest.raises(ValueError, match="`x1` has dtype torch.float64 but the model's parameter"):
         nt.empirical_ntk(mlp(), torch.randn(2, 3, dtype=torch.float64))
@@ -132,13 +137,16 @@ def test_model_returning_non_tensor():
         def forward(self, x):
             return self.fc(x), x
 
-    with pytest.raises(TypeError, match="`model` must return a Tensor of shape \\(N, ...\\), got tuple"):
+    with pytest.raises(TypeError,
+                       match="`model` must return a Tensor of shape \\(N, ...\\), got tuple"):
         nt.empirical_ntk(Pair(), torch.randn(2, 3))
 
 
-@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
-def test_bad_batch_size(bad):
-    with pytest.raises(ValueError, match=f"`batch_size` must be a positive int or None, got {bad!r}"):
+@pytest.mark.parametrize("bad, error, got", [(0, ValueError, "0"), (-3, ValueError, "-3"),
+                                             (2.5, TypeError, "float 2.5"),
+                                             (True, TypeError, "bool True")])
+def test_bad_batch_size(bad, error, got):
+    with pytest.raises(error, match=f"`batch_size` must be a positive int or None, got {got}"):
         nt.empirical_ntk(mlp(), torch.randn(2, 3), batch_size=bad)
 
 
@@ -157,14 +165,16 @@ def test_memory_budget_error_says_what_fits():
     # Following the advice works and gives the same kernel.
     tiled = nt.empirical_ntk(model, x, mode="full", implementation="jacobian", memory_budget=budget,
                              batch_size=batch_size)
-    whole = nt.empirical_ntk(model, x, mode="full", implementation="jacobian", memory_budget=float("inf"))
+    whole = nt.empirical_ntk(model, x, mode="full", implementation="jacobian",
+                             memory_budget=float("inf"))
     torch.testing.assert_close(tiled, whole)
 
 
 def test_memory_budget_error_suggests_a_cheaper_mode():
     # Many samples, few parameters: the (N, N, O, O) output is what does not fit.
     model, x = nn.Linear(3, 10), torch.randn(200, 3)
-    with pytest.raises(MemoryError, match=r"(?s)needs about 1\d\.\d MiB.*mode='diagonal'.*mode='trace'"):
+    with pytest.raises(MemoryError,
+                       match=r"(?s)needs about 1\d\.\d MiB.*mode='diagonal'.*mode='trace'"):
         nt.empirical_ntk(model, x, mode="full", memory_budget=4 * 2**20)
     assert nt.empirical_ntk(model, x, mode="trace", memory_budget=4 * 2**20).shape == (200, 200)
 
@@ -194,17 +204,20 @@ def test_batch_suggestions_leave_out_engines_far_slower_than_the_best():
     with pytest.raises(MemoryError) as info:
         nt.empirical_ntk(model, x, mode="trace", memory_budget=400e6)
     message = str(info.value)
-    suggestions = re.findall(r"implementation='(\w+)' with batch_size=(\d+) \(([\d,]+) blocks\)", message)
+    suggestions = re.findall(r"implementation='(\w+)' with batch_size=(\d+) \(([\d,]+) blocks\)",
+                             message)
     assert suggestions and all(engine != "jacobian" for engine, _, _ in suggestions), message
     fewest = min(int(blocks.replace(",", "")) for _, _, blocks in suggestions)
     assert fewest < 100, message
     # Asked for by name, the engine's own advice is still given.
-    with pytest.raises(MemoryError, match=r"implementation='jacobian' with batch_size=\d+ \([\d,]+ blocks\)"):
+    with pytest.raises(MemoryError,
+                       match=r"implementation='jacobian' with batch_size=\d+ \([\d,]+ blocks\)"):
         nt.empirical_ntk(model, x, mode="trace", implementation="jacobian", memory_budget=400e6)
 
 
 def test_memory_budget_must_be_positive():
-    with pytest.raises(ValueError, match="`memory_budget` must be a positive number of bytes"):
+    with pytest.raises(ValueError, match=r"`memory_budget` must be a number of bytes > 0 "
+                                         r"\(inf allowed\) or None, got -1"):
         nt.empirical_ntk(mlp(), torch.randn(2, 3), memory_budget=-1)
 
 
@@ -216,3 +229,39 @@ def test_non_finite_kernel_warns():
         warnings.simplefilter("always")
         nt.empirical_ntk(model, torch.randn(2, 3), mode="trace")
     assert any("non-finite entries" in str(w.message) for w in caught)
+
+
+_X = torch.randn(4, 3)
+_K = torch.eye(4, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: nt.KernelTracker(mlp(), _X, every=True), TypeError,
+     "`every` must be a positive int, got bool True"),
+    (lambda: nt.KernelTracker(mlp(), _X, top_k=-1), ValueError,
+     "`top_k` must be an int >= 0, got -1"),
+    (lambda: nt.compute_kernel(mlp(), _X, store="unused", tile=0), ValueError,
+     "`tile` must be a positive int, got 0"),
+    (lambda: nt.analytic.mlp_kernel(_X, depth=1, width=0, parameterization="standard"),
+     ValueError, "`width` must be a positive int or None, got 0"),
+    (lambda: nt.analytic.mlp_kernel(_X, depth=1.0), TypeError,
+     "`depth` must be an int >= 0, got float 1.0"),
+    (lambda: nt.fit_power_law([], "e", n_boot=0), ValueError,
+     "`n_boot` must be a positive int, got 0"),
+    (lambda: nt.fit_power_law([], "e", confidence=0.0), ValueError,
+     "`confidence` must be a finite number > 0, got 0.0"),
+    (lambda: nt.eigenmodes(_K, k=0), ValueError,
+     r"`k` must be an int in \[1, 4\] or None, got 0"),
+    (lambda: nt.solve(_K, torch.ones(4, dtype=torch.float64), ridge=float("nan")), ValueError,
+     "`ridge` must be a finite number >= 0, got nan"),
+    (lambda: nt.gradient_flow_mse(_K, torch.ones(4), torch.ones(4), t="1"), TypeError,
+     r"`t` must be a number >= 0 \(inf allowed\), got str '1'"),
+    (lambda: nt.nn.Dense(3, 2, weight_std=float("inf")), ValueError,
+     "`weight_std` must be a finite number >= 0, got inf"),
+    (lambda: nt.metrics.spectrum(_K, num=5), ValueError,
+     r"`num` must be an int in \[1, 4\] or None, got 5"),
+])
+def test_numbers_are_checked_alike_everywhere(call, error, message):
+    """Every int and number argument names itself, the range and what arrived."""
+    with pytest.raises(error, match=message):
+        call()

@@ -156,19 +156,22 @@ def test_activation_module_instances_are_copied():
     assert net.act1.negative_slope == 0.3
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"depth": -1}, "`depth` must be an int >= 0"),
-    ({"width": 0}, "`width` must be an int >= 1"),
-    ({"in_features": 2.5}, "`in_features` must be an int"),
-    ({"parameterization": "ntp"}, "`parameterization` must be one of 'ntk', 'standard', 'mup'"),
-    ({"parameterization": "mup", "depth": 0}, "`depth` must be >= 1 with parameterization='mup'"),
-    ({"weight_std": -1.0}, "`weight_std` must be a finite number >= 0"),
-    ({"bias_std": float("nan")}, "`bias_std` must be a finite number >= 0"),
-    ({"activation": "relu6x"}, "`activation` must be one of 'relu'"),
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"depth": -1}, ValueError, "`depth` must be an int >= 0"),
+    ({"width": 0}, ValueError, "`width` must be a positive int, got 0"),
+    ({"in_features": 2.5}, TypeError, "`in_features` must be a positive int, got float 2.5"),
+    ({"parameterization": "ntp"}, ValueError,
+     "`parameterization` must be one of 'ntk', 'standard', 'mup'"),
+    ({"parameterization": "mup", "depth": 0}, ValueError,
+     "`depth` must be >= 1 with parameterization='mup'"),
+    ({"weight_std": -1.0}, ValueError, "`weight_std` must be a finite number >= 0"),
+    ({"bias_std": float("nan")}, ValueError, "`bias_std` must be a finite number >= 0"),
+    ({"bias_std": "0.1"}, TypeError, "`bias_std` must be a finite number >= 0, got str"),
+    ({"activation": "relu6x"}, ValueError, "`activation` must be one of 'relu'"),
 ])
-def test_mlp_bad_arguments(kwargs, match):
+def test_mlp_bad_arguments(kwargs, error, match):
     args = {"in_features": 3, "width": 8, "depth": 2, "out_features": 1, **kwargs}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         MLP(args.pop("in_features"), args.pop("width"), args.pop("depth"), args.pop("out_features"),
             **args)
 
@@ -179,8 +182,13 @@ def test_layer_bad_arguments():
         Dense(3, 2, role="output")
     with pytest.raises(ValueError, match="`padding` must be one of 'same', 'valid'"):
         Conv2d(1, 1, 3, padding="full")
-    with pytest.raises(ValueError, match="`kernel_size` must be a positive int"):
+    with pytest.raises(ValueError, match="`kernel_size` must be a positive int, got 0"):
         Conv2d(1, 1, 0)
+    with pytest.raises(ValueError,
+                       match=r"`kernel_size` must be an int or a pair of ints, got \(1, 2, 3\)"):
+        Conv2d(1, 1, (1, 2, 3))
+    with pytest.raises(ValueError, match="`padding` must be an int >= 0, got -1"):
+        Conv2d(1, 1, 3, padding=(1, -1))
     with pytest.raises(TypeError, match="`activation` must be a name, an nn.Module"):
         activation_module(3)
 

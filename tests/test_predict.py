@@ -417,9 +417,9 @@ def test_errors_name_the_argument():
         nt.eigenmodes(torch.ones(3, 3, 2, dtype=F64))
     with pytest.raises(ValueError, match="`k_test` must be symmetric"):
         nt.gp_posterior(k, ks, kss + torch.tensor([[0.0, 1.0], [0.0, 0.0]], dtype=F64), y)
-    with pytest.raises(ValueError, match="`t` must be non-negative"):
+    with pytest.raises(ValueError, match=r"`t` must be a number >= 0 \(inf allowed\), got -1.0"):
         nt.gradient_flow_mse(k, y, y, -1.0)
-    with pytest.raises(ValueError, match="`lr` must be positive"):
+    with pytest.raises(ValueError, match="`lr` must be a finite number > 0, got 0.0"):
         nt.gradient_flow_mse(k, y, y, 1.0, lr=0.0)
     with pytest.raises(ValueError, match="`f0_train` must have `y_train`'s shape"):
         nt.gradient_flow_mse(k, y, y[:, None], 1.0)
@@ -445,8 +445,16 @@ def test_errors_name_the_argument():
         nt.conditional(k, [7], torch.zeros(1, dtype=F64))
     with pytest.raises(TypeError, match="`observed_idx` must be"):
         nt.conditional(k, [0.5], torch.zeros(1, dtype=F64))
-    with pytest.raises(ValueError, match="`damping` must be non-negative"):
+    with pytest.raises(ValueError, match="`damping` must be a finite number >= 0, got -1.0"):
         nt.natural_ntk(k, damping=-1.0)
+    with pytest.raises(TypeError, match="`jitter` must be a finite number >= 0, got str"):
+        nt.prior_logprob(k, y, jitter="0.1")
+    with pytest.raises(TypeError, match="`steps` must be an int >= 0, got float 2.0"):
+        nt.gradient_descent_mse(k, y, y, 2.0, lr=0.1)
+    with pytest.raises(ValueError, match=r"`k` must be an int in \[1, 4\] or None, got 5"):
+        nt.eigenmodes(k, k=5)
+    with pytest.raises(ValueError, match=r"`kernel` must be a square kernel of shape \(N, N\)"):
+        nt.solve(ks, torch.zeros(2, dtype=F64), ridge=1.0)
     with pytest.raises(TypeError, match="`k` must be a kernel tensor"):
         nt.natural_ntk(k.numpy(), damping=1.0)
 

@@ -44,7 +44,8 @@ def test_sweep_records_are_complete_and_correct():
                 for metric in ("train_loss", "test_loss", "train_accuracy", "test_accuracy"):
                     assert (predictor, None, metric) in names
             for layer in ("hidden0", "readout"):
-                for metric in ("feature_relative_change", "weight_relative_change", "kernel_relative_change"):
+                for metric in ("feature_relative_change", "weight_relative_change",
+                               "kernel_relative_change"):
                     assert (None, layer, metric) in names
             assert (None, "total", "kernel_distance") in names
             # The error is recomputed here from scratch: eNTK of a fresh model vs the analytic NTK.
@@ -62,7 +63,8 @@ def test_error_split_is_consistent():
     probe = data()[0][:6]
     records = width_sweep(build_mlp(), [4, 8, 64], probe, seeds=range(4), progress=False)
     for width in (4, 8, 64):
-        values = {r["metric"]: r["value"] for r in records if r["width"] == width and "seed" not in r}
+        values = {r["metric"]: r["value"] for r in records
+                  if r["width"] == width and "seed" not in r}
         if values["ntk_bias"] > 0:
             assert values["ntk_error_of_mean"] ** 2 == pytest.approx(
                 values["ntk_bias"] ** 2 + values["ntk_fluctuation"] ** 2 / 4, rel=1e-9)
@@ -88,8 +90,10 @@ def test_sweep_with_user_analytic_and_trainer():
 
 
 def test_sweep_without_analytic_support_warns_and_measures_the_rest():
-    build = lambda width, seed: torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.Softplus(beta=2),
-                                                     torch.nn.LayerNorm(width), torch.nn.Linear(width, 1))
+    def build(width, seed):
+        return torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.Softplus(beta=2),
+                                   torch.nn.LayerNorm(width), torch.nn.Linear(width, 1))
+
     with pytest.warns(RuntimeWarning, match="no analytic kernel"):
         records = width_sweep(build, [8], torch.randn(3, 4), seeds=[0], progress=False)
     assert records == []
@@ -97,7 +101,6 @@ def test_sweep_without_analytic_support_warns_and_measures_the_rest():
 
 @pytest.mark.parametrize("bad,match", [
     ({"widths": []}, "`widths` must be a non-empty sequence of ints"),
-    ({"seeds": [1.5]}, "`seeds` must be a non-empty sequence of ints"),
     ({"x": torch.randn(1, 4)}, "`x` must be a tensor of at least 2 probe inputs"),
     ({"analytic": "exact"}, "`analytic` must be 'auto', None or a callable"),
 ])
@@ -107,13 +110,20 @@ def test_sweep_bad_arguments(bad, match):
         width_sweep(build_mlp(), args.pop("widths"), args.pop("x"), progress=False, **args)
 
 
+def test_sweep_seeds_must_be_ints():
+    with pytest.raises(TypeError,
+                       match=r"`seeds` must be a non-empty sequence of ints, got \[1.5\]"):
+        width_sweep(build_mlp(), [8], torch.randn(3, 4), seeds=[1.5], progress=False)
+
+
 def test_sweep_build_must_return_a_module():
     with pytest.raises(TypeError, match=r"`build\(8, 0\)` must return an nn.Module, got str"):
         width_sweep(lambda w, s: "mlp", [8], torch.randn(3, 4), seeds=[0], progress=False)
 
 
 def synthetic(exponent, seeds, rng, noise=0.2, widths=(64, 128, 256, 512, 1024)):
-    return [{"width": w, "seed": s, "metric": "e", "value": 2.0 * w ** exponent * math.exp(noise * rng.standard_normal())}
+    return [{"width": w, "seed": s, "metric": "e",
+             "value": 2.0 * w ** exponent * math.exp(noise * rng.standard_normal())}
             for w in widths for s in range(seeds)]
 
 
@@ -122,7 +132,8 @@ def test_power_law_recovers_noise_free_exponents(exponent):
     fit = fit_power_law(synthetic(exponent, 3, np.random.default_rng(0), noise=0.0), "e")
     assert fit.exponent == pytest.approx(exponent, abs=1e-12)
     assert fit.prefactor == pytest.approx(2.0, rel=1e-12)
-    assert fit.low == pytest.approx(exponent, abs=1e-12) and fit.high == pytest.approx(exponent, abs=1e-12)
+    assert fit.low == pytest.approx(exponent, abs=1e-12)
+    assert fit.high == pytest.approx(exponent, abs=1e-12)
 
 
 def test_power_law_bootstrap_interval_covers_the_truth_at_its_level():
@@ -140,7 +151,8 @@ def test_power_law_without_seeds_uses_the_t_interval():
     rng = np.random.default_rng(2)
     covered = 0
     for i in range(300):
-        rs = [{"width": w, "metric": "e", "value": w ** -1.0 * math.exp(0.1 * rng.standard_normal())}
+        rs = [{"width": w, "metric": "e",
+               "value": w ** -1.0 * math.exp(0.1 * rng.standard_normal())}
               for w in (32, 64, 128, 256, 512)]
         fit = fit_power_law(rs, "e")
         assert fit.method == "least-squares t-interval"
@@ -187,14 +199,16 @@ def test_linearized_descent_equals_training_the_linearized_model():
 def test_gradient_descent_records_match_the_trained_model():
     x_train, y_train, x_test, y_test = data()
     model = build_mlp()(32, 1)
-    trainer = GradientDescent(x_train, y_train, x_test, y_test, steps=7, lr=0.3, kernel_predictor=None)
+    trainer = GradientDescent(x_train, y_train, x_test, y_test, steps=7, lr=0.3,
+                              kernel_predictor=None)
     records = trainer(model)
     assert {r.get("predictor") for r in records} == {None, "network", "linearized"}
     with torch.no_grad():
         f = model(x_test)
-    (test_loss,) = [r["value"] for r in records if r.get("predictor") == "network" and r["metric"] == "test_loss"]
+    network = [r for r in records if r.get("predictor") == "network"]
+    (test_loss,) = [r["value"] for r in network if r["metric"] == "test_loss"]
     assert test_loss == pytest.approx(float((f - y_test).square().sum(1).mean() / 2), rel=1e-12)
-    (accuracy,) = [r["value"] for r in records if r.get("predictor") == "network" and r["metric"] == "test_accuracy"]
+    (accuracy,) = [r["value"] for r in network if r["metric"] == "test_accuracy"]
     assert accuracy == pytest.approx(float((f.argmax(1) == y_test.argmax(1)).double().mean()))
     assert [r["value"] for r in records if r["metric"] == "lr"] == [0.3]
 
@@ -206,9 +220,11 @@ def test_wide_network_trains_like_its_linearization_and_the_kernel():
     x_train, y_train, x_test, y_test = data(n=10, m=5, out=2, seed=4)
     gaps = {}
     for width in (64, 4096):
-        records = GradientDescent(x_train, y_train, x_test, y_test, steps=20)(build_mlp(out=2)(width, 0))
+        model = build_mlp(out=2)(width, 0)
+        records = GradientDescent(x_train, y_train, x_test, y_test, steps=20)(model)
         loss = {r["predictor"]: r["value"] for r in records if r["metric"] == "test_loss"}
-        gaps[width] = (abs(loss["network"] - loss["linearized"]), abs(loss["network"] - loss["kernel"]))
+        gaps[width] = (abs(loss["network"] - loss["linearized"]),
+                       abs(loss["network"] - loss["kernel"]))
     assert gaps[4096][0] < 0.25 * gaps[64][0]
     assert gaps[4096][0] < 1e-2 * loss["network"] + 1e-3
 
@@ -217,7 +233,8 @@ def test_gradient_descent_auto_lr_is_stable_for_the_standard_parameterization():
     # The standard parameterization's NTK grows with width; lr="auto" scales η by 1/λ_max.
     x_train, y_train, _, _ = data()
     model = build_mlp("standard")(1024, 0)
-    records = GradientDescent(x_train, y_train, steps=10, lr_factor=0.5, kernel_predictor=None)(model)
+    trainer = GradientDescent(x_train, y_train, steps=10, lr_factor=0.5, kernel_predictor=None)
+    records = trainer(model)
     x_all = x_train
     theta = nt.empirical_ntk(build_mlp("standard")(1024, 0), x_all, mode="full")
     top = torch.linalg.eigvalsh(theta.permute(0, 2, 1, 3).reshape(36, 36)).max()
@@ -225,16 +242,17 @@ def test_gradient_descent_auto_lr_is_stable_for_the_standard_parameterization():
     assert lr == pytest.approx(0.5 * 12 / float(top), rel=1e-8)
     losses = {r["predictor"]: r["value"] for r in records if r["metric"] == "train_loss"}
     with torch.no_grad():
-        initial = float((build_mlp("standard")(1024, 0)(x_train) - y_train).square().sum(1).mean() / 2)
+        outputs = build_mlp("standard")(1024, 0)(x_train)
+        initial = float((outputs - y_train).square().sum(1).mean() / 2)
     assert losses["network"] < initial and losses["linearized"] < initial
 
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"y_train": torch.zeros(5, 3)}, r"`y_train` must have shape \(N, O\) with N = 12"),
     ({"steps": 0}, "`steps` must be a positive int"),
-    ({"lr": -1.0}, "`lr` must be a positive number or 'auto'"),
+    ({"lr": -1.0}, "`lr` must be a finite number > 0 or 'auto'"),
     ({"x_test": torch.zeros(3, 4)}, "`x_test` and `y_test` must be given together"),
-    ({"kernel_predictor": "empirical"}, "`kernel_predictor` must be 'analytic' or None"),
+    ({"kernel_predictor": "empirical"}, "`kernel_predictor` must be one of 'analytic', None"),
 ])
 def test_gradient_descent_bad_arguments(kwargs, match):
     x_train, y_train, _, _ = data()

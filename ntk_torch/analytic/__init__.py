@@ -7,12 +7,13 @@
 - :class:`Kernel`: ``nngp`` and ``ntk``, each ``(N1, N2)``; the per-output kernels that
   the mean over outputs (``mode="trace"``) of the empirical kernels converges to.
 - ``layers``: the ``Kernel -> Kernel`` maps; ``activations``: dual activations (closed
-  forms and Gauss–Hermite quadrature).
+  forms and Gauss–Hermite quadrature); ``read``: how a module's layers become those maps.
 """
 
 from ntk_torch.analytic import activations, layers
-from ntk_torch.analytic.from_module import kernel, mlp_kernel
-from ntk_torch.analytic.kernel import Kernel
+from ntk_torch.analytic._limit import Kernel
+from ntk_torch.analytic.mlp import mlp_kernel
+from ntk_torch.analytic.read import kernel
 
 __all__ = [
     # kernels of models

@@ -33,8 +33,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ntk_torch.analytic._limit import Kernel
 from ntk_torch.analytic.activations import Dual
-from ntk_torch.analytic.kernel import Kernel
 
 __all__ = ["activation", "conv2d", "dense", "flatten", "global_average_pool", "identity",
            "input_kernel", "output", "serial"]

@@ -39,6 +39,8 @@ class Kernel:
         torch.Size([2, 2])
     """
 
+    __module__ = "ntk_torch.analytic"  # its public home, which pickles record
+
     nngp: torch.Tensor
     ntk: torch.Tensor
     cov1: torch.Tensor | None = None

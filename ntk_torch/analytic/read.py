@@ -1,4 +1,4 @@
-"""Infinite-width kernels of a PyTorch model: read its layers into ``Kernel -> Kernel`` maps.
+"""Infinite-width kernels of a PyTorch model: its layers read into ``Kernel -> Kernel`` maps.
 
 :func:`kernel` reads ``nn.Sequential`` models (nested ones and :class:`ntk_torch.nn.MLP`
 included) made of :class:`ntk_torch.nn.Dense`/:class:`ntk_torch.nn.Conv2d`,
@@ -20,14 +20,13 @@ import torch
 from torch import nn
 
 from ntk_torch import nn as ntk_nn
-from ntk_torch._checks import check_inputs, check_module
-from ntk_torch._tiling import tiled
+from ntk_torch._checks import check_dtype, check_module
 from ntk_torch.analytic import layers as L
+from ntk_torch.analytic._evaluate import evaluate
+from ntk_torch.analytic._limit import Kernel
 from ntk_torch.analytic.activations import ACTIVATION_TYPES, dual
-from ntk_torch.analytic.kernel import Kernel
-from ntk_torch.nn import ActivationSpec
 
-__all__ = ["kernel", "mlp_kernel", "read_layers"]
+__all__ = ["SUPPORTED", "kernel", "read_layers"]
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
             nn.FeatureAlphaDropout)
@@ -36,11 +35,6 @@ SUPPORTED = ("nn.Sequential, ntk_torch.nn.Dense/Conv2d/MLP, nn.Linear, nn.Conv2d
              "groups 1, zero padding), elementwise activations (nn.ReLU, nn.GELU, nn.Tanh, ..., "
              "ntk_torch.nn.Elementwise), nn.Flatten, nn.Identity, dropout, "
              "nn.AdaptiveAvgPool2d(1)")
-
-# Elements of one block's state per array: 2^17 doubles, 1 MB, a 362 x 362 block of a dense
-# kernel. Blocks this small stay in cache through the dozens of elementwise passes of a
-# deep recursion and are reused by the allocator; larger ones are slower (page faults).
-_BLOCK_ELEMENTS = 1 << 17
 
 
 Pads = tuple[int, int, int, int]
@@ -162,45 +156,6 @@ def read_layers(model: nn.Module) -> list[tuple[str, nn.Module, L.Layer]]:
     return out
 
 
-def _check_dtype(dtype: object) -> torch.dtype:
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"`dtype` must be a floating torch.dtype, got {dtype!r}")
-    return dtype
-
-
-def _default_batch(x: torch.Tensor) -> int:
-    pixels = math.prod(x.shape[2:]) if x.dim() == 4 else 1
-    return max(1, math.isqrt(_BLOCK_ELEMENTS // (pixels * pixels)))
-
-
-def _run(layers: list[tuple[str, nn.Module | None, L.Layer]], x1: torch.Tensor,
-         x2: torch.Tensor | None, dtype: torch.dtype, batch_size: int | None) -> Kernel:
-    check_inputs(x1, x2)
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                   or batch_size < 1):
-        raise ValueError(f"`batch_size` must be a positive int or None, got {batch_size!r}")
-    x1 = x1.to(dtype)
-    x2 = None if x2 is None else x2.to(dtype)
-
-    def block(xa: torch.Tensor, xb: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        k = L.input_kernel(xa, xb)
-        for name, module, layer in layers:
-            try:
-                k = layer(k)
-            except ValueError as err:
-                label = name if module is None else f"{name!r} ({type(module).__name__})"
-                raise ValueError(f"layer {label}: {err}") from None
-        k = L.output(k)
-        return {"nngp": k.nngp, "ntk": k.ntk}
-
-    if x1.shape[0] == 0 or (x2 is not None and x2.shape[0] == 0):
-        result = block(x1, x2)
-    else:
-        with torch.no_grad():
-            result = tiled(block, x1, x2, batch_size or _default_batch(x1))
-    return Kernel(result["nngp"], result["ntk"])
-
-
 def kernel(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, *,
            dtype: torch.dtype = torch.float64, batch_size: int | None = None) -> Kernel:
     """Infinite-width NNGP and NTK of ``model``'s architecture on ``x1`` and ``x2``.
@@ -234,83 +189,5 @@ def kernel(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, *
         (True, True)
     """
     check_module("model", model)
-    _check_dtype(dtype)
-    return _run(read_layers(model), x1, x2, dtype, batch_size)
-
-
-def mlp_kernel(x1: torch.Tensor, x2: torch.Tensor | None = None, *, depth: int,
-               activation: ActivationSpec = "relu", weight_std: float = 1.0,
-               bias_std: float = 0.0, parameterization: ntk_nn.Parameterization = "ntk",
-               width: int | None = None, bias: bool = True, dtype: torch.dtype = torch.float64,
-               batch_size: int | None = None) -> Kernel:
-    """Infinite-width NNGP and NTK of ``ntk_torch.nn.MLP(d, width, depth, O, ...)``.
-
-    ``depth`` hidden layers (dense + activation) and a dense readout, each with weight std
-    ``σ_w = weight_std`` and bias std ``β = bias_std`` in the given parameterization
-    (table in :mod:`ntk_torch.nn`). In the NTK parameterization, with ``Σ⁰ = σ_w² x·x'/d
-    + β²`` and ``Θ⁰ = Σ⁰``, each hidden layer applies
-
-        Σˡ⁺¹ = σ_w² T(Σˡ) + β²,     Θˡ⁺¹ = Σˡ⁺¹ + σ_w² T'(Σˡ) Θˡ,
-
-    with ``T, T'`` the activation's dual (``activations.py``), and the result is
-    ``(Σ^depth, Θ^depth)``. The standard and muP parameterizations change the weights'
-    NTK terms by powers of the width, so they need ``width``.
-
-    Args:
-        x1: ``(N1, d)``; x2: ``(N2, d)`` or ``None`` for ``x1``.
-        depth: number of hidden layers, ``>= 0``.
-        activation: name, module or elementwise callable (closed forms for relu,
-            leaky_relu, abs, identity, erf, gelu; quadrature otherwise).
-        weight_std, bias_std: ``σ_w`` and ``β``.
-        parameterization: ``"ntk"``, ``"standard"`` or ``"mup"``.
-        width: hidden width ``n``; required for ``"standard"`` and ``"mup"``, unused by
-            ``"ntk"`` (whose limit does not depend on it).
-        bias: whether the layers have biases (with ``"standard"`` a zero-initialised
-            bias still adds 1 per layer to the NTK).
-        dtype, batch_size: as in :func:`kernel`.
-
-    Returns:
-        :class:`Kernel` with ``nngp`` and ``ntk`` of shape ``(N1, N2)``.
-
-    Example:
-        >>> import torch, ntk_torch as nt
-        >>> x = torch.randn(3, 2, dtype=torch.float64)
-        >>> k = nt.analytic.mlp_kernel(x, depth=1, activation="identity")
-        >>> lin = x @ x.T / 2  # identity: Σ¹ = K, Θ¹ = Σ¹ + Θ⁰ = 2K
-        >>> torch.allclose(k.nngp, lin), torch.allclose(k.ntk, 2 * lin)
-        (True, True)
-    """
-    if not isinstance(x1, torch.Tensor) or x1.dim() != 2:
-        got = tuple(x1.shape) if isinstance(x1, torch.Tensor) else type(x1).__name__
-        raise ValueError(f"`x1` must be a tensor of shape (N1, d), got {got}")
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
-        raise ValueError(f"`depth` must be an int >= 0, got {depth!r}")
-    if parameterization not in ntk_nn.PARAMETERIZATIONS:
-        raise ValueError(f"`parameterization` must be one of "
-                         f"{', '.join(map(repr, ntk_nn.PARAMETERIZATIONS))}, "
-                         f"got {parameterization!r}")
-    if width is None and parameterization != "ntk" and depth > 0:
-        raise ValueError(f"`width` is required with parameterization={parameterization!r}: its "
-                         "NTK grows with the width, so the kernel is taken at that width")
-    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
-        raise ValueError(f"`width` must be a positive int or None, got {width!r}")
-    if parameterization == "mup" and depth == 0:
-        raise ValueError("`depth` must be >= 1 with parameterization='mup': a single dense "
-                         "layer has no width to scale, got depth=0")
-    _check_dtype(dtype)
-    d = x1.shape[1]
-    n = width if width is not None else 1  # "ntk": m²n and m²s²n do not depend on n
-    phi = L.activation(dual(activation))
-    layers: list[tuple[str, nn.Module | None, L.Layer]] = []
-    fan_in = d
-    for i in range(depth):
-        m, s, mb, sb = ntk_nn.scales(parameterization, "input" if i == 0 else "hidden", fan_in, n,
-                                     weight_std, bias_std)
-        layers.append((f"hidden{i}", None, L.dense(fan_in, n, m, s, mb if bias else 0.0,
-                                                   sb if bias else 0.0, bias_trainable=bias)))
-        layers.append((f"act{i}", None, phi))
-        fan_in = n
-    m, s, mb, sb = ntk_nn.scales(parameterization, "readout", fan_in, 1, weight_std, bias_std)
-    layers.append(("readout", None, L.dense(fan_in, 1, m, s, mb if bias else 0.0,
-                                            sb if bias else 0.0, bias_trainable=bias)))
-    return _run(layers, x1, x2, dtype, batch_size)
+    check_dtype(dtype)
+    return evaluate(read_layers(model), x1, x2, dtype, batch_size)
