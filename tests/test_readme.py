@@ -46,3 +46,35 @@ def test_local_links_exist(page):
     missing = [target for target in LOCAL_LINK.findall(text)
                if not (page.parent / target).exists()]
     assert not missing, f"{page.relative_to(ROOT)} links to files that do not exist: {missing}"
+
+
+def test_api_reference_reads_house_docstrings(tmp_path):
+    """The griffe extension of the API reference: doctest sections and shared parameters."""
+    griffe = pytest.importorskip("griffe")
+    extension = griffe.load_extensions(
+        f"{ROOT / 'docs/_griffe/google_sections.py'}:GoogleSections")
+    source = '''
+def f(rows, cols, *, tile):
+    """Sum of a block.
+
+    Args:
+        rows, cols: index ranges,
+            half-open.
+        tile: side of a tile.
+
+    Returns:
+        the sum.
+
+    Example:
+        >>> f(1, 2, tile=3)
+        6
+    """
+'''
+    (tmp_path / "m.py").write_text(source)
+    module = griffe.load("m", search_paths=[tmp_path], extensions=extension)
+    sections = {s.kind.value: s for s in module["f"].docstring.parse("google")}
+    names = [p.name for p in sections["parameters"].value]
+    assert names == ["rows", "cols", "tile"]
+    assert sections["parameters"].value[1].description == "index ranges,\nhalf-open."
+    assert sections["examples"].value == [(sections["examples"].value[0][0],
+                                           ">>> f(1, 2, tile=3)\n6")]
