@@ -187,8 +187,8 @@ def plot_ensembles_vs_gp(x: Any, y: Any, grid: Any, runs: Mapping[str, Mapping[s
         x: ``(N,)`` or ``(N, 1)`` training inputs.
         y: ``(N,)`` targets.
         grid: ``(M,)`` or ``(M, 1)`` inputs the curves are drawn on.
-        runs: ``{name: {"posterior": Gaussian (mean (M,), variance (M,)),
-            "trained": (S, M), "linearized": (S, M)}}``.
+        runs: ``{name: {"posterior": Gaussian (mean (M,), covariance (M, M)),
+            "trained": (S, M), "linearized": (S, M)}}`` (:class:`ntk_torch.Gaussian`).
         path: the PNG to write (parent folders are created).
         title: figure title.
 
@@ -198,7 +198,7 @@ def plot_ensembles_vs_gp(x: Any, y: Any, grid: Any, runs: Mapping[str, Mapping[s
     Example:
         >>> import os, tempfile, torch, ntk_torch as nt
         >>> g = torch.linspace(-1, 1, 7)
-        >>> run = {"posterior": nt.Gaussian(g, torch.full_like(g, 0.1)),
+        >>> run = {"posterior": nt.Gaussian(g, 0.1 * torch.eye(7)),
         ...        "trained": torch.stack([g, g + 0.1]), "linearized": torch.stack([g, g - 0.1])}
         >>> path = plot_ensembles_vs_gp(g[:2], g[:2], g, {"relu": run},
         ...                             os.path.join(tempfile.mkdtemp(), "r.png"))
