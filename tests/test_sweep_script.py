@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_quick_sweep_through_the_console_command(tmp_path):
     out = tmp_path / "sweep"
-    assert cli.main(["sweep", "--quick", "--no-progress", "--out", str(out)]) == 0
+    argv = ["sweep", "--quick", "--no-progress", "--init-widths", "128", "--out", str(out)]
+    assert cli.main(argv) == 0
     for name in ("records.csv", "config.json", "summary.md", "kernel_error.png", "kernel_drift.png",
                  "feature_change.png", "weight_change.png", "accuracy_gap.png"):
         assert (out / name).stat().st_size > 0, name
@@ -33,6 +34,11 @@ def test_quick_sweep_through_the_console_command(tmp_path):
                 metrics = {r["metric"] for r in mine}
                 assert {"ntk_error", "kernel_relative_change", "feature_relative_change",
                         "test_accuracy", "accuracy_gap"} <= metrics, (p, width, seed)
+    # At the --init-widths only the kernel at initialisation is measured.
+    untrained = nt.records.select(records, width=128)
+    assert {r["metric"] for r in untrained} >= {"ntk_error", "ntk_fluctuation"}
+    assert not {"test_accuracy", "kernel_relative_change"} & {r["metric"] for r in untrained}
+    assert {r["seed"] for r in untrained if r["metric"] == "ntk_error"} == {0, 1}
     # The accuracy gap is derived from the recorded accuracies.
     one = nt.records.select(records, parameterization="ntk", width=32, seed=1)
     acc = {r["predictor"]: r["value"] for r in one if r["metric"] == "test_accuracy"}
