@@ -103,3 +103,12 @@ def test_a_missing_extra_is_named(blocked, call, extra):
                   f"except ImportError as error:\n    print(error)")
     assert run.returncode == 0, run.stderr
     assert f"pip install 'ntk_torch[{extra}]'" in run.stdout and repr(blocked) in run.stdout
+
+
+def test_a_program_names_the_missing_extra_in_one_line(tmp_path):
+    run = _python("import sys; sys.modules['sklearn'] = None\n"
+                  "from ntk_torch.cli import main\n"
+                  f"sys.exit(main(['kernel', '--quick', '--out', {str(tmp_path)!r}]))")
+    assert run.returncode == 1
+    assert run.stderr.startswith("ntk-torch kernel: error: the digits data set needs the "
+                                 "optional dependency 'sklearn'") and run.stderr.count("\n") == 1

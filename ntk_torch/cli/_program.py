@@ -3,7 +3,8 @@
 A program is ``main(argv) -> int`` built from ``parse(argv) -> Namespace`` and
 ``body(args) -> int`` by :func:`run_program`. Usage errors and recognised bad input
 (:class:`UsageError`) end the program with one line on stderr,
-``ntk-torch <command>: error: ...``, and exit status 2.
+``ntk-torch <command>: error: ...``, and exit status 2; a missing optional dependency
+with the same one line, naming the extra that installs it, and exit status 1.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, command: str, **kwargs) -> None:
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(prog=f"ntk-torch {command}", **kwargs)
-        self.command = command
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see --help)")
@@ -51,6 +51,11 @@ def run_program(command: str, parse: Callable[[list[str]], argparse.Namespace],
     except UsageError as error:
         print(f"ntk-torch {command}: error: {error}", file=sys.stderr)
         return 2
+    except ImportError as error:
+        if "pip install 'ntk_torch[" not in str(error):  # not a missing extra: a bug
+            raise
+        print(f"ntk-torch {command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 @contextmanager

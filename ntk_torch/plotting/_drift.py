@@ -149,9 +149,9 @@ def plot_width_scaling(summary: Iterable[dict[str, Any]], path: str | os.PathLik
     if missing:
         raise ValueError(f"`summary` rows must have {[key for key, _, _ in panels]}, "
                          f"missing {missing}")
+    fig = new_figure((10, 3.6))
     from matplotlib.ticker import NullFormatter
 
-    fig = new_figure((10, 3.6))
     widths = sorted(_records.unique(rows, "width"))
     for ax, (key, heading, slope) in zip(fig.subplots(1, 3), panels):
         for parameterization in _records.unique(rows, "parameterization"):

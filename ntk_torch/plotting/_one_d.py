@@ -149,13 +149,13 @@ def plot_kernel_evolution(x: Any, kernels: Any, functions: Any, path: str | os.P
         >>> path.stat().st_size > 0
         True
     """
-    from matplotlib import colormaps
-
     xs, ks, fs = array(x), array(kernels), array(functions)
     if ks.ndim != 2 or ks.shape != fs.shape or ks.shape[1] != xs.shape[0]:
         raise ValueError(f"`kernels` and `functions` must both be (T + 1, N) with N = "
                          f"{xs.shape[0]} inputs, got {ks.shape} and {fs.shape}")
     fig, (left, right) = _panels(1, 2, (11, 4.2))
+    from matplotlib import colormaps
+
     cmap = colormaps["plasma"]
     steps = ks.shape[0] - 1
     i0 = _nearest(xs, x0)
