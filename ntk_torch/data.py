@@ -11,6 +11,9 @@ import torch
 
 from ntk_torch._extras import require
 
+DIGITS = 1797
+"""Images in the digits data set."""
+
 
 def load_digits(samples: int | None = None, *, seed: int = 0, sort_by_label: bool = False,
                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -120,3 +120,9 @@ def test_conclusions_state_whether_each_claim_holds():
     assert "slope -0.500" in good[0] and "(NTK parameterization: -1.000)" in good[1]
     bad = conclusions(_synthetic(-1.0, -0.5, {"ntk": (0.04, 0.0), "mup": (0.05, 0.08)}))
     assert len(bad) == 4 and all(line.endswith("**does not hold**") for line in bad), bad
+
+
+def test_the_split_must_fit_in_the_digits():
+    assert nt.data.load_digits()[0].shape[0] == nt.data.DIGITS
+    with pytest.raises(app.UsageError, match=f"at most {nt.data.DIGITS} digits, got 1892"):
+        app.parse_args(["--test", "1700"])

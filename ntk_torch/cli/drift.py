@@ -47,7 +47,6 @@ from ntk_torch.plotting import plot_drift, plot_width_scaling
 from ntk_torch.tracking import TOTAL
 
 COMMAND = "drift"
-DIGITS = 1797
 DEFAULT = {"widths": [32, 128, 512], "steps": 300, "batch": 128, "every": 25, "probe": 64,
            "train": 1200}
 QUICK = {"widths": [16, 64], "steps": 20, "batch": 64, "every": 5, "probe": 16, "train": 200}
@@ -80,8 +79,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     check_at_least(args, 2, "probe")
     if min(args.widths) < 1:
         raise UsageError(f"--widths must be positive, got {args.widths}")
-    if args.train + args.probe > DIGITS:
-        raise UsageError(f"--train + --probe must not exceed the {DIGITS} digits, "
+    if args.train + args.probe > nt.data.DIGITS:
+        raise UsageError(f"--train + --probe must not exceed the {nt.data.DIGITS} digits, "
                          f"got {args.train} + {args.probe}")
     args.device = resolve_device(args.device)
     return args

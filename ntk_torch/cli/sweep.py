@@ -52,7 +52,6 @@ from ntk_torch.sweeps import width_sweep
 from ntk_torch.training import GradientDescent
 
 COMMAND = "sweep"
-DIGITS = 1797
 # Sizes of a run; options given on the command line take precedence.
 FULL = {"widths": [64, 128, 256, 512, 1024, 2048, 4096], "init_widths": [], "seeds": 5,
         "probe": 64, "train": 128, "test": 512, "steps": 100}
@@ -118,8 +117,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if set(args.widths) & set(args.init_widths):
         raise UsageError(f"--init-widths {args.init_widths} must not repeat --widths "
                          f"{args.widths}")
-    if args.probe + args.train + args.test > DIGITS:
-        raise UsageError(f"--probe + --train + --test must be at most {DIGITS} digits, got "
+    if args.probe + args.train + args.test > nt.data.DIGITS:
+        raise UsageError(f"--probe + --train + --test must be at most {nt.data.DIGITS} digits, got "
                          f"{args.probe + args.train + args.test}")
     args.device = resolve_device(args.device)
     return args
