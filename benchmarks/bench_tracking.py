@@ -16,6 +16,8 @@ share of a record spent on the NTK; the rest is the feature forward, the metrics
 the eigenvalues. The tracked and untracked runs must end with bit-identical parameters;
 the table says whether they did.
 
+Needs the ``data`` extra (scikit-learn's digits): ``pip install 'ntk_torch[data]'``.
+
 Usage:
     python benchmarks/bench_tracking.py --out results/bench_tracking [--quick] [--threads 1]
 """
@@ -49,7 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu",
+                        help="the device timed: cpu, cuda, cuda:1, ... (named, never guessed)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
     args = parser.parse_args(argv)
     if args.quick:
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             train(args, width, data, False)  # warm-ups: allocator, kernel selection
             train(args, width, data, True)
         except (ValueError, MemoryError) as error:
-            print(f"error: width {width}: {error}", file=sys.stderr)
+            print(f"bench_tracking: error: width {width}: {error}", file=sys.stderr)
             return 2
         plain, tracked = [], []
         for _ in range(args.repeats):

@@ -1,9 +1,18 @@
-"""The bundled real data set used by the scripts: scikit-learn's 8×8 digits (no download)."""
+"""The real data set of the programs: scikit-learn's bundled 8×8 digits (no download).
+
+scikit-learn comes with the ``data`` extra (``pip install 'ntk_torch[data]'``) and is
+imported when the digits are loaded, not with the package.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from ntk_torch._extras import require
+
+DIGITS = 1797
+"""Images in the digits data set."""
 
 
 def load_digits(samples: int | None = None, *, seed: int = 0, sort_by_label: bool = False,
@@ -25,9 +34,7 @@ def load_digits(samples: int | None = None, *, seed: int = 0, sort_by_label: boo
         >>> x.shape, y.shape, round(float(x[0] @ x[0]), 3)
         (torch.Size([10, 64]), torch.Size([10]), 64.0)
     """
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    data = sklearn_digits()
+    data = require("sklearn.datasets", "data", "the digits data set").load_digits()
     pixels = data.data - data.data.mean(0)
     pixels *= np.sqrt(pixels.shape[1]) / np.linalg.norm(pixels, axis=1, keepdims=True)
     idx = np.arange(len(data.target))

@@ -9,8 +9,9 @@ from types import ModuleType
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
-def load_script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"{name}_script", SCRIPTS / f"{name}.py")
+def load_script(command: str) -> ModuleType:
+    """``scripts/<command>.py``, the shim of ``ntk-torch <command>``."""
+    spec = importlib.util.spec_from_file_location(f"{command}_script", SCRIPTS / f"{command}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -1,4 +1,4 @@
-"""Kernel drift and per-layer feature change of MLPs trained on digits, across widths.
+"""``ntk-torch drift``: kernel drift and per-layer feature change of MLPs trained on digits.
 
 Trains ``ntk_torch.nn.MLP`` (ReLU, ``--depth`` hidden layers) on scikit-learn's bundled
 digits (``ntk_torch.data.load_digits``: centred pixels, each image scaled to norm √64),
@@ -17,67 +17,72 @@ Writes, under ``--out``: ``records.csv`` / ``records.json`` (long format: width,
 parameterization, step, layer, metric, value; training loss and test accuracy appear as
 ``layer="total"`` metrics ``train_loss`` / ``test_accuracy`` at the last step),
 ``summary.csv``, ``drift_<parameterization>.png`` (``ntk_torch.plotting.plot_drift``),
-``width_scaling.png`` (final kernel and hidden-feature change against width) and
-``config.json``.
-
-    python scripts/kernel_drift.py --out results/kernel_drift
+``width_scaling.png`` (``ntk_torch.plotting.plot_width_scaling``: final kernel and
+hidden-feature change against width) and ``config.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 import ntk_torch as nt
-from ntk_torch._apps._args import ArgumentParser, add_common_options, apply_threads
 from ntk_torch import records as rec
-from ntk_torch.plotting import plot_drift
+from ntk_torch.cli._program import (
+    ArgumentParser,
+    UsageError,
+    add_common_options,
+    bad_input,
+    check_at_least,
+    config_of,
+    fill_preset,
+    resolve_device,
+    run_program,
+)
+from ntk_torch.plotting import plot_drift, plot_width_scaling
 from ntk_torch.tracking import TOTAL
 
-PARAMETERIZATIONS = ("ntk", "standard", "mup")
+COMMAND = "drift"
+DEFAULT = {"widths": [32, 128, 512], "steps": 300, "batch": 128, "every": 25, "probe": 64,
+           "train": 1200}
+QUICK = {"widths": [16, 64], "steps": 20, "batch": 64, "every": 5, "probe": 16, "train": 200}
 
 
-def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
-    parser = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("results/kernel_drift"))
-    parser.add_argument("--widths", type=int, nargs="+", default=[32, 128, 512])
-    parser.add_argument("--parameterizations", nargs="+", default=list(PARAMETERIZATIONS),
-                        choices=PARAMETERIZATIONS)
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Options, with the sizes of ``--quick`` or the default run filled in."""
+    parser = ArgumentParser(COMMAND, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("results/drift"))
+    parser.add_argument("--widths", type=int, nargs="+",
+                        help=f"hidden widths ({DEFAULT['widths']})")
+    parser.add_argument("--parameterizations", nargs="+", default=list(nt.nn.PARAMETERIZATIONS),
+                        choices=nt.nn.PARAMETERIZATIONS)
     parser.add_argument("--depth", type=int, default=2, help="hidden layers (>= 1)")
-    parser.add_argument("--steps", type=int, default=300, help="SGD steps")
-    parser.add_argument("--batch", type=int, default=128, help="mini-batch size")
-    parser.add_argument("--every", type=int, default=25,
-                        help="the tracker records every this many steps")
-    parser.add_argument("--probe", type=int, default=64, help="held-out digits in the probe batch")
-    parser.add_argument("--train", type=int, default=1200,
-                        help="training digits (the rest are test)")
+    parser.add_argument("--steps", type=int, help=f"SGD steps ({DEFAULT['steps']})")
+    parser.add_argument("--batch", type=int, help=f"mini-batch size ({DEFAULT['batch']})")
+    parser.add_argument("--every", type=int,
+                        help=f"the tracker records every this many steps ({DEFAULT['every']})")
+    parser.add_argument("--probe", type=int,
+                        help=f"held-out digits in the probe batch ({DEFAULT['probe']})")
+    parser.add_argument("--train", type=int,
+                        help=f"training digits, the rest are test ({DEFAULT['train']})")
     parser.add_argument("--lr-ntk", type=float, default=1.0)
     parser.add_argument("--lr-standard", type=float, default=0.05)
     parser.add_argument("--lr-mup", type=float, default=0.5)
     add_common_options(parser)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.widths = [w for w in args.widths if w <= 64] or [16, 64]
-        if len(args.widths) < 2:
-            args.widths = [16, 64]
-        args.steps, args.every = min(args.steps, 20), min(args.every, 5)
-        args.probe = min(args.probe, 16)
-        args.train, args.batch = min(args.train, 200), min(args.batch, 64)
-    for name in ("depth", "steps", "batch", "every", "train"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.probe < 2:
-        parser.error(f"--probe must be at least 2, got {args.probe}")
+    fill_preset(args, QUICK if args.quick else DEFAULT)
+    check_at_least(args, 1, "depth", "steps", "batch", "every", "train")
+    check_at_least(args, 2, "probe")
     if min(args.widths) < 1:
-        parser.error(f"--widths must be positive, got {args.widths}")
-    if args.train + args.probe > 1797:
-        parser.error(f"--train + --probe must not exceed the 1797 digits, "
-                     f"got {args.train} + {args.probe}")
+        raise UsageError(f"--widths must be positive, got {args.widths}")
+    if args.train + args.probe > nt.data.DIGITS:
+        raise UsageError(f"--train + --probe must not exceed the {nt.data.DIGITS} digits, "
+                         f"got {args.train} + {args.probe}")
+    args.device = resolve_device(args.device)
     return args
 
 
@@ -136,43 +141,8 @@ def summarize(records: list[rec.Record], steps: int) -> list[rec.Record]:
     return rows
 
 
-def plot_width_scaling(path: Path, summary: list[rec.Record]) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import NullFormatter
-
-    fig = Figure(figsize=(10, 3.6), layout="constrained")
-    FigureCanvasAgg(fig)
-    # Lazy-regime slopes (NTK parameterization): first-order changes ∝ width^-1/2; the
-    # distance 1 − cos only sees the change orthogonal to K_0, squared: ∝ width^-1.
-    panels = [("kernel_relative_change", "kernel relative change ‖K_T − K_0‖/‖K_0‖", -0.5),
-              ("hidden_feature_change", "last hidden layer's feature change", -0.5),
-              ("kernel_distance", "kernel distance 1 − cos(K_T, K_0)", -1.0)]
-    widths = sorted(rec.unique(summary, "width"))
-    for ax, (key, heading, slope) in zip(fig.subplots(1, 3), panels):
-        for parameterization in rec.unique(summary, "parameterization"):
-            rows = sorted(rec.select(summary, parameterization=parameterization),
-                          key=lambda r: r["width"])
-            ax.loglog([r["width"] for r in rows], [r[key] for r in rows], "o-",
-                      label=parameterization)
-        ntk = sorted(rec.select(summary, parameterization="ntk"), key=lambda r: r["width"])
-        if ntk:
-            w0, v0 = ntk[0]["width"], ntk[0][key]
-            ax.loglog(widths, [v0 * (w / w0) ** slope for w in widths], ":", color="grey",
-                      label=f"∝ width^{slope:g}")
-        ax.set_xticks(widths, labels=[str(w) for w in widths])
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("width")
-        ax.set_title(heading, fontsize=10)
-        ax.legend(fontsize=8)
-    fig.suptitle("change over training against width; dotted: the lazy-regime slope through "
-                 "the narrowest NTK-parameterized net")
-    fig.savefig(path, dpi=120)
-
-
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    args = parse_args(argv, prog)
-    apply_threads(args.threads)
+def run(args: argparse.Namespace) -> int:
+    """Train every (parameterization, width) with the tracker; write and print the results."""
     x, y = nt.data.load_digits(seed=args.seed)
     x, y = x.to(args.device), y.to(args.device)
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(args.seed))
@@ -190,12 +160,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     for parameterization in args.parameterizations:
         for width in args.widths:
             t0 = time.perf_counter()
-            try:
+            with bad_input(f"{parameterization} width {width}: "):
                 records += run_one(args, parameterization, width, x_train, t_train, x_test, y_test,
                                    probe, probe_y)
-            except (ValueError, MemoryError) as error:
-                print(f"error: {parameterization} width {width}: {error}", file=sys.stderr)
-                return 2
             timings[f"{parameterization}/{width}"] = round(time.perf_counter() - t0, 3)
     seconds = time.perf_counter() - start
 
@@ -209,10 +176,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                    args.out / f"drift_{parameterization}.png",
                    title=f"{parameterization} parameterization, depth {args.depth}, digits, "
                          f"probe of {args.probe} held-out images")
-    plot_width_scaling(args.out / "width_scaling.png", summary)
-    config = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "seconds": round(seconds, 3), "seconds_per_run": timings,
-              "torch": torch.__version__, "ntk_torch": nt.__version__}
+    plot_width_scaling(summary, args.out / "width_scaling.png")
+    config = config_of(args, seconds=round(seconds, 3), seconds_per_run=timings,
+                       torch=torch.__version__, ntk_torch=nt.__version__)
     (args.out / "config.json").write_text(json.dumps(config, indent=2))
 
     print(f"kernel drift of depth-{args.depth} ReLU MLPs on digits: {args.steps} SGD steps, "
@@ -228,3 +194,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     print(f"results in {args.out}/")
     return 0
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``ntk-torch drift`` with ``argv`` (default: the command line); the exit status."""
+    return run_program(COMMAND, parse_args, run, argv)

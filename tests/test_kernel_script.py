@@ -1,15 +1,14 @@
-"""Smoke test of scripts/empirical_ntk.py with identities on what it writes."""
+"""``ntk-torch kernel``: a quick run and the kernel store, with identities on what it writes."""
 
 from __future__ import annotations
 
 import csv
 import json
-from collections import defaultdict
-from pathlib import Path
-
 import os
 import subprocess
 import sys
+from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,8 +31,9 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 def test_quick_run_writes_consistent_results(tmp_path):
     out = tmp_path / "run"
-    assert load_script("empirical_ntk").main(["--quick", "--samples", "12", "--out", str(out)]) == 0
-    for name in ("kernel.csv", "spectrum.csv", "layers.csv", "kernel.png", "spectrum.png", "config.json"):
+    assert load_script("kernel").main(["--quick", "--samples", "12", "--out", str(out)]) == 0
+    for name in ("kernel.csv", "spectrum.csv", "layers.csv", "kernel.png", "spectrum.png",
+                 "config.json"):
         assert (out / name).stat().st_size > 0, name
     config = json.loads((out / "config.json").read_text())
     assert config["samples"] == 12 and config["implementation_used"]
@@ -47,7 +47,8 @@ def test_quick_run_writes_consistent_results(tmp_path):
     labels = [int(r["label_i"]) for r in read_csv(out / "kernel.csv") if r["j"] == "0"][:12]
     assert labels == sorted(labels)
 
-    eigenvalues = [float(r["eigenvalue"]) for r in read_csv(out / "spectrum.csv") if r["layer"] == "total"]
+    eigenvalues = [float(r["eigenvalue"]) for r in read_csv(out / "spectrum.csv")
+                   if r["layer"] == "total"]
     expected = torch.linalg.eigvalsh(kernels["total"]).flip(0).clamp_min(0)
     torch.testing.assert_close(torch.tensor(eigenvalues, dtype=torch.float64), expected,
                                rtol=1e-5, atol=1e-6 * float(expected[0]))
@@ -56,9 +57,10 @@ def test_quick_run_writes_consistent_results(tmp_path):
 
 
 def test_bad_implementation_is_a_one_line_error(tmp_path, capsys):
-    code = load_script("empirical_ntk").main(["--quick", "--implementation", "bogus", "--out", str(tmp_path)])
+    code = load_script("kernel").main(["--quick", "--implementation", "bogus",
+                                       "--out", str(tmp_path)])
     assert code == 2
-    assert "`implementation` must be one of" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("ntk-torch kernel: error: `implementation` must be")
 
 
 def _store_args(tmp_path: Path) -> list[str]:
@@ -80,7 +82,7 @@ def _expected(tmp_path: Path) -> torch.Tensor:
 
 def test_store_mode_computes_resumes_and_refuses_to_overwrite(tmp_path, capsys):
     args = _store_args(tmp_path)
-    script = load_script("empirical_ntk")
+    script = load_script("kernel")
     assert script.main(args) == 0
     assert "shape (30, 20, 3, 3), mode 'full'" in capsys.readouterr().out
     store = nt.KernelStore(tmp_path / "store")
@@ -92,7 +94,7 @@ def test_store_mode_computes_resumes_and_refuses_to_overwrite(tmp_path, capsys):
 
 
 def test_store_mode_one_line_errors(tmp_path, capsys):
-    script = load_script("empirical_ntk")
+    script = load_script("kernel")
     assert script.main(["--store", str(tmp_path / "s"), "--model", "nowhere_pkg.mod:build"]) == 2
     assert "cannot import 'nowhere_pkg.mod'" in capsys.readouterr().err
     torch.save("not a tensor", tmp_path / "bad.pt")
@@ -105,7 +107,8 @@ def test_store_mode_under_torchrun(tmp_path):
     args = _store_args(tmp_path)
     torchrun = Path(sys.executable).with_name("torchrun")
     run = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node=2",
-                          str(ROOT / "scripts" / "empirical_ntk.py"), *args, "--threads", "1"],
+                          "-m", "ntk_torch.cli", "kernel", *args, "--threads", "1",
+                          "--device", "cpu"],
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path,
                          capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""Smoke test of scripts/ntk_intuition.py, checking what it measures against closed forms."""
+"""``ntk-torch intuition``: a quick run, checking what it measures against closed forms."""
 
 from __future__ import annotations
 
@@ -7,19 +7,18 @@ import math
 
 import pytest
 import torch
+
 from tests.scripts import load_script
 
 FIGURES = ("toy_step.png", "toy_kernels.png", "toy_kernel_change.png", "eigenmodes.png",
            "regression.png")
 
 
-
-
 @pytest.mark.slow
 def test_quick_run_writes_figures_and_measures_closed_forms(tmp_path):
     out = tmp_path / "run"
     threads = torch.get_num_threads()
-    assert load_script("ntk_intuition").main(["--quick", "--out", str(out), "--seed", "3"]) == 0
+    assert load_script("intuition").main(["--quick", "--out", str(out), "--seed", "3"]) == 0
     assert torch.get_num_threads() == threads, "the script must restore the thread count"
     for name in FIGURES + ("config.json", "metrics.json"):
         assert (out / name).stat().st_size > 0, name
@@ -68,9 +67,9 @@ def test_quick_run_writes_figures_and_measures_closed_forms(tmp_path):
         assert all(math.isfinite(v) for k, v in regression.items() if k.startswith("rms_"))
 
 
-def test_bad_arguments_are_refused():
-    script = load_script("ntk_intuition")
-    with pytest.raises(SystemExit):
-        script.main(["--seeds", "1"])
-    with pytest.raises(SystemExit):
-        script.main(["--device", "cuda"])
+def test_bad_arguments_are_refused(capsys):
+    script = load_script("intuition")
+    assert script.main(["--seeds", "1"]) == 2
+    assert "--seeds must be at least 2" in capsys.readouterr().err
+    assert script.main(["--device", "gpu"]) == 2
+    assert "--device must be auto, cpu, cuda or cuda:N, got 'gpu'" in capsys.readouterr().err

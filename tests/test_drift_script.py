@@ -1,4 +1,4 @@
-"""Smoke test of scripts/kernel_drift.py with identities on what it writes."""
+"""``ntk-torch drift``: a quick run, with identities on what it writes."""
 
 from __future__ import annotations
 
@@ -12,15 +12,10 @@ from ntk_torch import records as rec
 from tests.scripts import load_script
 
 
-
-
-
-
-
 @pytest.mark.slow
 def test_quick_run_writes_consistent_results(tmp_path, capsys):
     out = tmp_path / "run"
-    assert load_script("kernel_drift").main(["--quick", "--out", str(out), "--seed", "3"]) == 0
+    assert load_script("drift").main(["--quick", "--out", str(out), "--seed", "3"]) == 0
     for name in ("records.csv", "records.json", "summary.csv", "config.json", "width_scaling.png",
                  "drift_ntk.png", "drift_standard.png", "drift_mup.png"):
         assert (out / name).stat().st_size > 0, name
@@ -73,9 +68,9 @@ def test_quick_run_writes_consistent_results(tmp_path, capsys):
 
 
 def test_bad_arguments_are_clear_errors(tmp_path, capsys):
-    script = load_script("kernel_drift")
+    script = load_script("drift")
     assert script.main(["--quick", "--implementation", "bogus", "--out", str(tmp_path)]) == 2
-    assert "`implementation` must be one of" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        script.main(["--quick", "--probe", "1", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert err.startswith("ntk-torch drift: error: ntk width 16: `implementation` must be one of")
+    assert script.main(["--quick", "--probe", "1", "--out", str(tmp_path)]) == 2
     assert "--probe must be at least 2" in capsys.readouterr().err
