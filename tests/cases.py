@@ -125,42 +125,82 @@ CASES: dict[str, Case] = {
     c.name: c
     for c in [
         Case("mlp", lambda: nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)), _normal(4)),
-        Case("mlp_scalar_output",
-             lambda: nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1), nn.Flatten(0)),
-             _normal(4)),
-        Case("mlp_matrix_output",
-             lambda: nn.Sequential(nn.Linear(4, 6), nn.SiLU(), nn.Linear(6, 6), nn.Unflatten(1, (2, 3))),
-             _normal(4)),
-        Case("mlp_no_bias", lambda: nn.Sequential(nn.Linear(4, 5, bias=False), nn.Tanh(),
-                                                  nn.Linear(5, 2, bias=False)), _normal(4)),
-        Case("cnn2d",
-             lambda: nn.Sequential(
-                 nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(),
-                 nn.Conv2d(4, 4, 3, stride=2, padding=2, dilation=2, groups=2), nn.Tanh(),
-                 nn.Conv2d(4, 3, (2, 1), bias=False), nn.Flatten(), nn.Linear(18, 2)),
-             _normal(2, 6, 5)),
-        Case("cnn1d",
-             lambda: nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), nn.Tanh(),
-                                   nn.Conv1d(4, 2, 2, stride=2, dilation=1), nn.Flatten()),
-             _normal(3, 7)),
+        Case(
+            "mlp_scalar_output",
+            lambda: nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1), nn.Flatten(0)),
+            _normal(4),
+        ),
+        Case(
+            "mlp_matrix_output",
+            lambda: nn.Sequential(
+                nn.Linear(4, 6), nn.SiLU(), nn.Linear(6, 6), nn.Unflatten(1, (2, 3))
+            ),
+            _normal(4),
+        ),
+        Case(
+            "mlp_no_bias",
+            lambda: nn.Sequential(
+                nn.Linear(4, 5, bias=False), nn.Tanh(), nn.Linear(5, 2, bias=False)
+            ),
+            _normal(4),
+        ),
+        Case(
+            "cnn2d",
+            lambda: nn.Sequential(
+                nn.Conv2d(2, 4, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(4, 4, 3, stride=2, padding=2, dilation=2, groups=2),
+                nn.Tanh(),
+                nn.Conv2d(4, 3, (2, 1), bias=False),
+                nn.Flatten(),
+                nn.Linear(18, 2),
+            ),
+            _normal(2, 6, 5),
+        ),
+        Case(
+            "cnn1d",
+            lambda: nn.Sequential(
+                nn.Conv1d(3, 4, 3, padding=1),
+                nn.Tanh(),
+                nn.Conv1d(4, 2, 2, stride=2, dilation=1),
+                nn.Flatten(),
+            ),
+            _normal(3, 7),
+        ),
         Case("residual_layernorm", ResidualLayerNorm, _normal(5)),
         Case("sequence_layernorm", ResidualLayerNorm, _normal(3, 5)),
         Case("embedding", TokenModel, lambda n, g: torch.randint(0, 11, (n, 5), generator=g)),
         Case("tied_weights", TiedWeights, lambda n, g: torch.randint(0, 9, (n, 3), generator=g)),
         Case("frozen", _frozen_mlp, _normal(4)),
-        Case("batchnorm_eval",
-             lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
-                                   nn.Linear(12, 5), nn.BatchNorm1d(5), nn.Linear(5, 2)),
-             _normal(2, 4, 4)),
-        Case("groupnorm",
-             lambda: nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.Tanh(),
-                                   nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)),
-             _normal(2, 4, 4)),
+        Case(
+            "batchnorm_eval",
+            lambda: nn.Sequential(
+                nn.Conv2d(2, 3, 3),
+                nn.BatchNorm2d(3),
+                nn.ReLU(),
+                nn.Flatten(),
+                nn.Linear(12, 5),
+                nn.BatchNorm1d(5),
+                nn.Linear(5, 2),
+            ),
+            _normal(2, 4, 4),
+        ),
+        Case(
+            "groupnorm",
+            lambda: nn.Sequential(
+                nn.Conv2d(2, 4, 3, padding=1),
+                nn.GroupNorm(2, 4),
+                nn.Tanh(),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Linear(4, 3),
+            ),
+            _normal(2, 4, 4),
+        ),
         Case("raw_parameter", RawParameter, _normal(3)),
         Case("transformer_eval", TinyTransformer, _normal(4, 8)),
     ]
 }
-
 
 
 # Cases for the structured engine's rules (appended; every engine test covers them too).
@@ -249,22 +289,32 @@ class RawUseOfLayerWeight(nn.Module):
         return self.head(h)
 
 
-CASES.update({
-    c.name: c
-    for c in [
-        Case("conv_paddings", ConvPaddings, _normal(2, 5, 5)),
-        Case("linear_positions", LinearPositions, _normal(2, 3, 4)),
-        Case("embedding_padding_idx", PaddedEmbedding,
-             lambda n, g: torch.randint(0, 7, (n, 4), generator=g) * (torch.rand(n, 4, generator=g) > 0.3)),
-        Case("conv_called_twice", ConvTwice, _normal(2, 6)),
-        Case("batchnorm1d_sequence",
-             lambda: nn.Sequential(nn.Conv1d(2, 3, 2), nn.BatchNorm1d(3), nn.Tanh(), nn.Flatten(),
-                                   nn.Linear(12, 2)),
-             _normal(2, 5)),
-        Case("shared_weight_linears", SharedWeightLinears, _normal(4)),
-        Case("raw_use_of_layer_weight", RawUseOfLayerWeight, _normal(3)),
-    ]
-})
+CASES.update(
+    {
+        c.name: c
+        for c in [
+            Case("conv_paddings", ConvPaddings, _normal(2, 5, 5)),
+            Case("linear_positions", LinearPositions, _normal(2, 3, 4)),
+            Case(
+                "embedding_padding_idx",
+                PaddedEmbedding,
+                lambda n, g: (
+                    torch.randint(0, 7, (n, 4), generator=g) * (torch.rand(n, 4, generator=g) > 0.3)
+                ),
+            ),
+            Case("conv_called_twice", ConvTwice, _normal(2, 6)),
+            Case(
+                "batchnorm1d_sequence",
+                lambda: nn.Sequential(
+                    nn.Conv1d(2, 3, 2), nn.BatchNorm1d(3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 2)
+                ),
+                _normal(2, 5),
+            ),
+            Case("shared_weight_linears", SharedWeightLinears, _normal(4)),
+            Case("raw_use_of_layer_weight", RawUseOfLayerWeight, _normal(3)),
+        ]
+    }
+)
 
 
 def _ntk_torch_layers() -> nn.Module:
@@ -280,12 +330,14 @@ def _ntk_torch_layers() -> nn.Module:
     )
 
 
-CASES.update({
-    c.name: c
-    for c in [
-        Case("ntk_torch_layers", _ntk_torch_layers, _normal(2, 4, 4)),
-    ]
-})
+CASES.update(
+    {
+        c.name: c
+        for c in [
+            Case("ntk_torch_layers", _ntk_torch_layers, _normal(2, 4, 4)),
+        ]
+    }
+)
 
 
 # Cases for separable heads: a layer whose output reaches the readout channel by channel
@@ -296,9 +348,13 @@ def _ntk_torch_pooled_head() -> nn.Module:
     """ntk_torch.nn layers (multipliers on weights and biases) before and after pooling."""
     from ntk_torch import nn as ntk_nn
 
-    return nn.Sequential(ntk_nn.Conv2d(2, 3, 3, parameterization="ntk", bias_std=0.5, padding="valid"),
-                         nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         ntk_nn.Dense(3, 2, parameterization="mup", bias_std=0.7, role="readout"))
+    return nn.Sequential(
+        ntk_nn.Conv2d(2, 3, 3, parameterization="ntk", bias_std=0.5, padding="valid"),
+        nn.Tanh(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        ntk_nn.Dense(3, 2, parameterization="mup", bias_std=0.7, role="readout"),
+    )
 
 
 class ResidualConvHead(nn.Module):
@@ -335,28 +391,56 @@ class HeadBypass(nn.Module):
         return self.head(torch.relu(y).mean((2, 3))) + self.side(y.flatten(1))
 
 
-CASES.update({
-    c.name: c
-    for c in [
-        Case("pooled_cnn_head",
-             lambda: nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(),
-                                   nn.Conv2d(4, 5, 3, stride=2, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
-                                   nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 6), nn.Tanh(),
-                                   nn.Linear(6, 3)),
-             _normal(2, 6, 6)),
-        Case("residual_conv_head", ResidualConvHead, _normal(2, 4, 4)),
-        Case("head_bypass", HeadBypass, _normal(2, 4, 4)),
-        Case("grouped_conv1d_head",
-             lambda: nn.Sequential(nn.Conv1d(4, 6, 3, groups=2, dilation=2, padding=2, padding_mode="reflect",
-                                             stride=2),
-                                   nn.GELU(), nn.AdaptiveMaxPool1d(1), nn.Flatten(), nn.Linear(6, 2)),
-             _normal(4, 9)),
-        Case("ntk_torch_pooled_head", _ntk_torch_pooled_head, _normal(2, 5, 5)),
-        # The in-place activation rewrites the convolution's output tensor after the call.
-        Case("inplace_activation_head",
-             lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 4, 3),
-                                   nn.LeakyReLU(0.3, inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                   nn.Linear(4, 3)),
-             _normal(2, 5, 5)),
-    ]
-})
+CASES.update(
+    {
+        c.name: c
+        for c in [
+            Case(
+                "pooled_cnn_head",
+                lambda: nn.Sequential(
+                    nn.Conv2d(2, 4, 3, padding=1),
+                    nn.ReLU(),
+                    nn.Conv2d(4, 5, 3, stride=2, padding=1),
+                    nn.BatchNorm2d(5),
+                    nn.ReLU(),
+                    nn.AdaptiveAvgPool2d(1),
+                    nn.Flatten(),
+                    nn.Linear(5, 6),
+                    nn.Tanh(),
+                    nn.Linear(6, 3),
+                ),
+                _normal(2, 6, 6),
+            ),
+            Case("residual_conv_head", ResidualConvHead, _normal(2, 4, 4)),
+            Case("head_bypass", HeadBypass, _normal(2, 4, 4)),
+            Case(
+                "grouped_conv1d_head",
+                lambda: nn.Sequential(
+                    nn.Conv1d(
+                        4, 6, 3, groups=2, dilation=2, padding=2, padding_mode="reflect", stride=2
+                    ),
+                    nn.GELU(),
+                    nn.AdaptiveMaxPool1d(1),
+                    nn.Flatten(),
+                    nn.Linear(6, 2),
+                ),
+                _normal(4, 9),
+            ),
+            Case("ntk_torch_pooled_head", _ntk_torch_pooled_head, _normal(2, 5, 5)),
+            # The in-place activation rewrites the convolution's output tensor after the call.
+            Case(
+                "inplace_activation_head",
+                lambda: nn.Sequential(
+                    nn.Conv2d(2, 3, 3, padding=1),
+                    nn.Tanh(),
+                    nn.Conv2d(3, 4, 3),
+                    nn.LeakyReLU(0.3, inplace=True),
+                    nn.AdaptiveAvgPool2d(1),
+                    nn.Flatten(),
+                    nn.Linear(4, 3),
+                ),
+                _normal(2, 5, 5),
+            ),
+        ]
+    }
+)

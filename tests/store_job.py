@@ -20,7 +20,9 @@ def build(x2: bool = False) -> tuple[nn.Module, torch.Tensor, torch.Tensor | Non
     """The model and inputs every process builds alike (float64, seeded)."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 3))
+    model = nn.Sequential(
+        nn.Linear(5, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 3)
+    )
     model = model.double().eval()
     x1 = torch.randn(N, 5, generator=g, dtype=torch.float64)
     second = torch.randn(N2, 5, generator=g, dtype=torch.float64) if x2 else None
@@ -40,11 +42,21 @@ def main(argv: list[str] | None = None) -> int:
 
     model, x1, x2 = build(args.x2)
     if args.delay:  # slow tiles, so that a kill lands mid-run
+
         def slow(module, inputs, output):
             time.sleep(args.delay / 2)
+
         model[0].register_forward_hook(slow)
-    store = nt.compute_kernel(model, x1, x2, store=args.store, mode=args.mode, tile=TILE,
-                              implementation=args.implementation, progress=False)
+    store = nt.compute_kernel(
+        model,
+        x1,
+        x2,
+        store=args.store,
+        mode=args.mode,
+        tile=TILE,
+        implementation=args.implementation,
+        progress=False,
+    )
     rank = os.environ.get("RANK", "-")
     print(f"rank {rank} done {store.progress}", flush=True)
     return 0
