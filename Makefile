@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: run full test install bench docs clean
+.PHONY: run full test install bench docs lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench: $(VENV)/.installed-dev
 # --strict turns every warning, including docstrings griffe cannot read, into a failure.
 docs: $(VENV)/.installed-docs
 	$(BIN)/mkdocs build --strict --site-dir site
+
+# pyflakes, isort, pycodestyle and Google docstrings on public names (pyproject.toml).
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) results build *.egg-info

@@ -337,7 +337,8 @@ def report(results: dict) -> list[str]:
         r = results["large"]
         lines.append(
             f"| large: CNN, N = {r['samples']:,}, trace, tile {r['tile']} | "
-            f"{r['seconds'] / 60:.1f} min, {r['entries_per_s']:,.0f} entries/s, peak RSS **{r['peak_rss_gb']:.2f} GB**, "
+            f"{r['seconds'] / 60:.1f} min, {r['entries_per_s']:,.0f} entries/s, "
+            f"peak RSS **{r['peak_rss_gb']:.2f} GB**, "
             f"{r['disk_gb']:.2f} GB on disk; N = 60,000: about {r['n60000_hours']:.1f} h | "
             "peak RSS ≤ 2 GB |"
         )
