@@ -101,6 +101,33 @@ def test_no_import_cycles():
         assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
 
 
+def _public(module: str) -> bool:
+    return not any(part.startswith("_") for part in module.split("."))
+
+
+def test_no_public_module_imports_another_ones_private_names():
+    root = Path(nt.__file__).parent
+    files = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in root.rglob("*.py")}
+    found = []
+    for module, path in files.items():
+        if not _public(module):
+            continue
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            parts = package.split(".")
+            base = parts[: len(parts) - node.level + 1] if node.level else []
+            source = ".".join([*base, node.module] if node.module else base)
+            if source == module or not source.startswith("ntk_torch") or not _public(source):
+                continue
+            found += [f"{module} imports {source}.{alias.name}" for alias in node.names
+                      if alias.name.startswith("_") and not alias.name.endswith("__")
+                      and f"{source}.{alias.name}" not in files]
+    assert not found, found
+
+
 @pytest.mark.slow
 def test_benchmark_script_runs_and_reports_consistent_kernels(tmp_path, monkeypatch):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_empirical.py"
