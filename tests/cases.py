@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tests import architectures
+
 
 @dataclass(frozen=True)
 class Case:
@@ -441,6 +443,21 @@ CASES.update(
                 ),
                 _normal(2, 5, 5),
             ),
+        ]
+    }
+)
+
+
+# Miniatures of real architectures (tests/architectures.py).
+
+CASES.update(
+    {
+        c.name: c
+        for c in [
+            Case("padded_attention", architectures.PaddedAttentionClassifier,
+                 architectures.padded_token_ids),
+            Case("gpt2_block", architectures.TinyGPT2, architectures.token_ids),
+            Case("resnet_basic_block", architectures.TinyResNet, _normal(2, 6, 6)),
         ]
     }
 )
