@@ -159,9 +159,15 @@ def resolve_engine(implementation: str, job: Job, budget: float | None,
     problem, tile = job.problem, job.settings["tile"]
     total = budget or default_memory_budget(device)
     spare = total - (TILES_IN_FLIGHT - 1) * problem.output_bytes()
-    names = list(_engines.ENGINES) if implementation == "auto" else [implementation]
+    if implementation == "auto":
+        names = _engines.candidates(problem)
+    else:
+        _engines.check_runs(implementation, problem)
+        names = (implementation,)
     fitting = [n for n in names if _engines.estimate(n, problem).bytes <= spare]
     if fitting:
+        if implementation == "auto" and (message := _engines.fallback_warning(problem)):
+            warnings.warn(message, UserWarning, stacklevel=3)
         return min(fitting, key=lambda n: _engines.predicted_seconds(n, problem)), spare
     smaller = largest_tile(problem, total, implementation, max(job.n1, job.n2))
     hint = (f"; tile={smaller} fits" if smaller and smaller < tile else
@@ -178,7 +184,7 @@ def largest_tile(problem: Problem, budget: float, implementation: str, n: int) -
     Its computation and ``TILES_IN_FLIGHT`` output tiles must fit, with the given (or, for
     ``"auto"``, any) engine.
     """
-    names = list(_engines.ENGINES) if implementation == "auto" else [implementation]
+    names = _engines.candidates(problem) if implementation == "auto" else [implementation]
 
     def fits(size: int) -> bool:
         p = replace(problem, n1=size, n2=size, symmetric=False)

@@ -37,7 +37,7 @@ from ntk_torch._store_files import size_text
 from ntk_torch._tiling import default_memory_budget, tiled
 
 Mode = Literal["full", "diagonal", "trace"]
-Implementation = Literal["auto", "jacobian", "ntk_vp", "structured"]
+Implementation = Literal["auto", "jacobian", "ntk_vp", "structured", "autograd"]
 
 
 class EmpiricalNTK:
@@ -62,6 +62,7 @@ class EmpiricalNTK:
         self.functional: FunctionalModel = functionalize(model, params)
         self.last_implementation: str | None = None
         self._profile: tuple[tuple, tuple] | None = None  # (key, profile_forward's result)
+        self._warned_no_vmap = False
 
     def __call__(self, x1: torch.Tensor, x2: torch.Tensor | None = None, *,
                  params: dict[str, torch.Tensor] | None = None,
@@ -147,12 +148,21 @@ class EmpiricalNTK:
         if self.implementation == "auto":
             engine = _engines.choose(problem, budget - tiled_out)
             if engine is not None:
+                self._warn_no_vmap(problem)
                 return engine
         else:
             engine = self.implementation
+            _engines.check_runs(engine, problem)
             if _engines.estimate(engine, problem).bytes + tiled_out <= budget:
                 return engine
         raise MemoryError(_memory_message(self.implementation, problem, budget, n1, n2))
+
+    def _warn_no_vmap(self, problem: Problem) -> None:
+        """Once per object: ``auto`` took ``autograd`` because vmap cannot run the model."""
+        message = None if self._warned_no_vmap else _engines.fallback_warning(problem)
+        if message is not None:
+            self._warned_no_vmap = True
+            warnings.warn(message, UserWarning, stacklevel=5)
 
 
 def _empty(n1: int, n2: int, n_out: int, mode: str, like: torch.Tensor) -> torch.Tensor:
@@ -169,7 +179,7 @@ _SLOWER_THAN_BEST = 10.0
 
 
 def _memory_message(implementation: str, problem: Problem, budget: float, n1: int, n2: int) -> str:
-    engines = list(_engines.ENGINES) if implementation == "auto" else [implementation]
+    engines = _engines.candidates(problem) if implementation == "auto" else [implementation]
     need = min(_engines.estimate(e, problem).bytes for e in engines)
     lines = [
         f"the empirical NTK (implementation={implementation!r}, mode={problem.mode!r}, "
@@ -212,7 +222,10 @@ def _batch_suggestions(problem: Problem, budget: float, n1: int, n2: int,
     out, except the engine asked for.
     """
     options = []
-    for engine in _engines.ENGINES:
+    engines = _engines.candidates(problem)
+    if implementation != "auto" and implementation not in engines:
+        engines = (*engines, implementation)
+    for engine in engines:
         size = _largest_fitting_batch(engine, problem, budget, max(n1, n2))
         if size:
             blocks = math.ceil(n1 / size) * math.ceil(n2 / size)
@@ -234,7 +247,7 @@ def _mode_suggestions(problem: Problem, budget: float, n1: int, n2: int) -> list
             cheaper = replace(problem, mode=mode)
             spare = budget - _result_bytes(cheaper, n1, n2)
             fitting = (_largest_fitting_batch(e, cheaper, spare, max(n1, n2))
-                       for e in _engines.ENGINES)
+                       for e in _engines.candidates(problem))
             if any(fitting):
                 lines.append(f"  mode={mode!r}")
     return lines
@@ -292,10 +305,13 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
             ``"trace"`` -> ``(N1, N2)``, the mean over outputs of the diagonal.
         implementation: ``"jacobian"`` (per-sample Jacobians, fastest when ``N·O·P`` numbers
             fit), ``"ntk_vp"`` (vjp/jvp products, small memory, ``~N1·N2·O`` passes),
-            ``"structured"`` (Gram matrices of layer inputs and cotangents) or ``"auto"``:
-            the shortest predicted time among those whose estimated peak memory fits
-            (FLOPs from one profiled forward pass and each engine's cost formula, over
-            measured throughputs; see ``ntk_torch/_engines/__init__.py``).
+            ``"structured"`` (Gram matrices of layer inputs and cotangents), ``"autograd"``
+            (``"jacobian"``'s Jacobians by plain autograd, one sample at a time, for models
+            ``torch.func.vmap`` cannot run: fused RNNs, data-dependent control flow) or
+            ``"auto"``: the shortest predicted time among those whose estimated peak memory
+            fits (FLOPs from one profiled forward pass and each engine's cost formula, over
+            measured throughputs; see ``ntk_torch/_engines/__init__.py``), ``"autograd"``
+            with a warning where vmap cannot run the model.
         params: ``None`` (every parameter with ``requires_grad``), parameter names, or a
             predicate ``(name, param) -> bool``. Others are held fixed.
         batch_size: compute in blocks of at most this many samples of ``x1`` and ``x2``;

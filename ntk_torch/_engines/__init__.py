@@ -24,6 +24,13 @@ engine module states its ``EFFICIENCY`` (fraction of that rate its work runs at)
 (``benchmarks/bench_empirical.py``: achieved GFLOP/s of each engine relative to the
 structured engine's). An engine may instead price its parts itself with
 ``predicted_seconds(problem, throughput)``. Ties go to the earlier engine in ``ENGINES``.
+
+Every engine but ``autograd`` batches samples with ``torch.func.vmap``. ``auto`` chooses
+among those (:data:`VMAP_ENGINES`) where vmap can run the model, and takes ``autograd``
+(the same per-sample Jacobians, one plain forward and ``O`` backward passes per sample)
+where it cannot: fused RNN modules, data-dependent control flow, ``.item()``
+(``autograd.vmap_failure``, once per probe). Where vmap runs, ``jacobian`` does
+``autograd``'s work batched, so ``auto`` has no reason to compare them.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from ntk_torch._engines import jacobian, ntk_vp, structured
+from ntk_torch._engines import autograd, jacobian, ntk_vp, structured
 from ntk_torch._engines._cost import Cost, Probe, Problem, profile_forward
 
 
@@ -63,7 +70,42 @@ class Engine(Protocol):
                 memory_budget: float | None = None) -> dict[str, torch.Tensor]: ...
 
 
-ENGINES: dict[str, Engine] = {"jacobian": jacobian, "ntk_vp": ntk_vp, "structured": structured}
+ENGINES: dict[str, Engine] = {"jacobian": jacobian, "ntk_vp": ntk_vp, "structured": structured,
+                              "autograd": autograd}
+
+# The engines that batch samples (and outputs) with torch.func.vmap.
+VMAP_ENGINES = ("jacobian", "ntk_vp", "structured")
+
+
+def candidates(problem: Problem) -> tuple[str, ...]:
+    """The engines ``auto`` chooses among: :data:`VMAP_ENGINES`, or ``("autograd",)``.
+
+    The latter where vmap cannot run ``problem``'s model (see the module docstring).
+    """
+    return ("autograd",) if autograd.vmap_failure(problem) else VMAP_ENGINES
+
+
+def fallback_warning(problem: Problem) -> str | None:
+    """The one-line warning for ``auto`` taking ``autograd``; None where vmap runs the model."""
+    reason = autograd.vmap_failure(problem)
+    if reason is None:
+        return None
+    return f"vmap cannot run this model ({reason}); using implementation='autograd'"
+
+
+def check_runs(name: str, problem: Problem) -> None:
+    """Refuse engine ``name`` where it needs vmap and vmap cannot run the model.
+
+    Raises:
+        RuntimeError: naming the reason (and the module, where found) and the engine to use.
+    """
+    reason = autograd.vmap_failure(problem) if name in VMAP_ENGINES else None
+    if reason is not None:
+        raise RuntimeError(
+            f"implementation={name!r} batches samples with torch.func.vmap, which cannot run "
+            f"this model: {reason}. Use implementation='autograd' (plain autograd, one sample "
+            "at a time) or implementation='auto'."
+        )
 
 
 def estimate(name: str, problem: Problem) -> Cost:
@@ -84,8 +126,8 @@ def predicted_seconds(name: str, problem: Problem) -> float:
 
 
 def choose(problem: Problem, memory_budget: float | None) -> str | None:
-    """Fastest predicted engine among those whose memory fits; None if none fits."""
-    fitting = [n for n in ENGINES
+    """Fastest predicted of the :func:`candidates` whose memory fits; None if none fits."""
+    fitting = [n for n in candidates(problem)
                if memory_budget is None or estimate(n, problem).bytes <= memory_budget]
     if not fitting:
         return None
@@ -120,5 +162,6 @@ class Bound:
                                    **self._settings())
 
 
-__all__ = ["ENGINES", "THROUGHPUT", "Bound", "Cost", "Engine", "Probe", "Problem", "choose",
-           "estimate", "predicted_seconds", "profile_forward"]
+__all__ = ["ENGINES", "THROUGHPUT", "VMAP_ENGINES", "Bound", "Cost", "Engine", "Probe", "Problem",
+           "candidates", "check_runs", "choose", "estimate", "fallback_warning",
+           "predicted_seconds", "profile_forward"]

@@ -1,0 +1,141 @@
+"""The engine without vmap against the bare autograd work it does, on an LSTM classifier.
+
+The model: ``nn.LSTM`` (``--input`` 16 features, ``--hidden`` 64, ``--layers`` 2,
+batch-first) over ``--steps`` 20 time steps, its last step read by a Linear head to
+``--outputs`` O = 10; ``--n`` N = 32 float32 samples. Timed:
+
+- ``engine``: ``empirical_ntk_fn(model, mode="full", implementation="autograd")(x)``, the
+  ``(N, N, O, O)`` kernel with everything it does (profiling, checks, the per-sample
+  Jacobians, their contraction);
+- ``bare loop``: for each sample a forward of that sample alone and ``O`` calls of
+  ``torch.autograd.grad(out[i], params, retain_graph=True)``, results dropped: the passes
+  the engine needs, with no bookkeeping.
+
+Method: one untimed warm-up call of each, then ``--rounds`` rounds alternating the two
+(A B A B ...); the table gives the medians and ``ratio = engine / bare loop``. The
+command, date, machine, torch version and thread count are printed with it, and the
+engine's kernel is checked against one contracted from the bare loop's gradients (vmap,
+and with it every other engine, cannot run this model).
+
+Usage:
+    python benchmarks/bench_autograd.py [--rounds 7] [--threads 1] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _timing  # noqa: E402  (sibling helper module of this script)
+
+import ntk_torch as nt  # noqa: E402
+
+
+class LSTMClassifier(nn.Module):
+    """``nn.LSTM`` over ``(N, T, D)``, a Linear head on the last time step."""
+
+    def __init__(self, d: int, hidden: int, layers: int, out: int) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(d, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, out)
+
+    def forward(self, x):
+        h, _ = self.lstm(x)
+        return self.head(h[:, -1])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--outputs", type=int, default=10)
+    parser.add_argument("--n", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.hidden, args.steps, args.n, args.rounds = 8, 4, 4, 1
+    return args
+
+
+def bare_loop(model: nn.Module, x: torch.Tensor) -> None:
+    """The per-sample forwards and ``O`` backward passes, with nothing kept."""
+    params = list(model.parameters())
+    for a in range(x.shape[0]):
+        out = model(x[a:a + 1]).reshape(-1)
+        for i in range(out.shape[0]):
+            torch.autograd.grad(out[i], params, retain_graph=True)
+
+
+def bare_kernel(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``(N, N, O, O)`` from the bare loop's gradients: the reference for the engine's result."""
+    params = list(model.parameters())
+    rows = []
+    for a in range(x.shape[0]):
+        out = model(x[a:a + 1]).reshape(-1)
+        rows.append(torch.stack([
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[i], params,
+                                                                  retain_graph=True)])
+            for i in range(out.shape[0])]))
+    jac = torch.stack(rows)
+    return torch.einsum("aip,bjp->abij", jac, jac)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    threads = torch.get_num_threads()
+    return f"{cpu}, {platform.system()}, torch {torch.__version__}, {threads} threads"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = LSTMClassifier(args.input, args.hidden, args.layers, args.outputs).eval()
+    x = torch.randn(args.n, args.steps, args.input)
+    ntk = nt.empirical_ntk_fn(model, mode="full", implementation="autograd")
+
+    k = ntk(x)
+    reference = bare_kernel(model, x)
+    error = float((k - reference).abs().max() / reference.abs().max())
+
+    methods = {"engine": lambda: ntk(x), "bare loop": lambda: bare_loop(model, x)}
+    samples = _timing.alternate(methods, repeats=args.rounds, budget_s=float("inf"))
+    engine, bare = samples["engine"].median, samples["bare loop"].median
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}")
+    print(f"date:    {datetime.now(timezone.utc).isoformat(timespec='minutes')}")
+    print(f"machine: {machine()}")
+    print(f"model:   LSTM {args.input}->{args.hidden} x{args.layers}, T={args.steps}, "
+          f"O={args.outputs}, N={args.n}, P={n_params:,}, float32, mode='full', x2=None")
+    print(f"kernel vs the bare loop's gradients: relative difference {error:.1e}")
+    print()
+    print("| timed | median s | rounds |")
+    print("|---|---|---|")
+    for name, s in samples.items():
+        print(f"| {name} | {s.median:.3f} | {len(s.seconds)} |")
+    print(f"| ratio engine / bare loop | {engine / bare:.2f} | |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,204 @@
+"""``implementation="autograd"``: per-sample Jacobians by plain autograd, without vmap.
+
+For each sample ``a``, one forward pass of that sample alone (a batch of one), then ``O``
+backward passes ``torch.autograd.grad(f_i(x_a), θ, retain_graph=True)`` give the rows
+``J[a, i] (P,)`` of the per-sample Jacobian ``(N, O, P)``; the kernel is the same
+contraction ``J1 J2ᵀ`` as ``"jacobian"``'s, per group of parameters. No torch.func
+transform is involved, so it runs every model whose forward and backward run in plain
+PyTorch, including what ``torch.func.vmap`` (every other engine) cannot batch: fused
+``nn.LSTM``/``nn.GRU``/``nn.RNN``, control flow that depends on the data, ``.item()``.
+``auto`` takes it exactly there (:func:`vmap_failure`).
+
+Cost: ``N`` one-sample forward passes and ``N·O`` one-sample backward passes (the FLOPs of
+``"jacobian"``'s Jacobians, run one small pass at a time), plus ``2·N1·N2·O²·P`` FLOPs
+(full) or ``2·N1·N2·O·P`` (diagonal, trace) for the contraction; memory ``(N1 + N2)·O·P``
+numbers for the Jacobians (``N1·O·P`` when ``x2 is None``), one sample's autograd graph
+and one pass's gradients.
+
+A forward pass that draws random numbers (Dropout inside a custom module, ``nn.LSTM``'s
+dropout between layers in train mode) would make the kernel random: it is refused.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+from torch.func import jacrev, vmap
+
+from ntk_torch._engines import jacobian
+from ntk_torch._engines._cost import Cost, Problem
+
+# One small pass at a time: per-pass overheads and unbatched kernels, measured at about a
+# quarter of the structured engine's rate (benchmarks/bench_autograd.py).
+EFFICIENCY = 0.25
+OVERHEAD_S = 1e-3
+
+
+def estimate(problem: Problem) -> Cost:
+    """FLOPs and peak bytes of one block (see the module docstring)."""
+    p = problem
+    samples = p.n1 if p.symmetric else p.n1 + p.n2
+    jac_flops = samples * p.forward_flops * (1 + 2 * p.n_out)
+    per_pair = p.n_out**2 if p.mode == "full" else p.n_out
+    contract_flops = 2.0 * p.n1 * p.n2 * per_pair * p.n_params
+    jac_bytes = samples * p.n_out * p.n_params * p.itemsize
+    # One sample's saved activations, and one backward pass's gradients before their copy.
+    work_bytes = (p.activations + p.n_params) * p.itemsize
+    return Cost(jac_flops + contract_flops, jac_bytes + work_bytes + p.output_bytes())
+
+
+def _sample(x: torch.Tensor, a: int) -> torch.Tensor:
+    """Sample ``a`` of the batch ``x``, as a batch of one."""
+    return x[a:a + 1]
+
+
+def _layout(params: dict[str, torch.Tensor],
+            groups: dict[str, tuple[str, ...]]) -> tuple[list[str], dict[str, tuple[int, int]]]:
+    """Parameter names in Jacobian column order, and each group's span of columns.
+
+    Groups are laid out one after the other, so each group's block is one slice.
+    """
+    names, spans, start = [], {}, 0
+    for group, members in groups.items():
+        names += members
+        stop = start + sum(params[n].numel() for n in members)
+        spans[group] = (start, stop)
+        start = stop
+    return names, spans
+
+
+def per_sample_jacobians(fm, params: dict[str, torch.Tensor], x: torch.Tensor,
+                         names: list[str]) -> torch.Tensor:
+    """``(N, O, P)``: Jacobians of each sample's outputs w.r.t. ``params[names]``, flattened.
+
+    Columns follow ``names``; the other entries of ``params`` are held fixed. Row ``a`` is
+    one forward of sample ``a`` alone and ``O`` backward passes through its graph.
+    """
+    leaves = [params[n].detach().requires_grad_() for n in names]
+    values = {**params, **dict(zip(names, leaves))}
+    n = x.shape[0]
+    n_params = sum(t.numel() for t in leaves)
+    jac = None
+    rng = _rng_state(leaves[0].device)
+    with torch.enable_grad(), _rnn_backward(fm.module, leaves[0].device):
+        for a in range(n):
+            out = fm(values, _sample(x, a))[0]  # (O,)
+            if jac is None:
+                jac = leaves[0].new_empty(n, out.shape[0], n_params)
+            if not out.requires_grad:  # no selected parameter reaches this sample's outputs
+                jac[a].zero_()
+                continue
+            last = out.shape[0] - 1
+            for i in range(out.shape[0]):
+                grads = torch.autograd.grad(out[i], leaves, retain_graph=i < last,
+                                            allow_unused=True, materialize_grads=True)
+                torch.cat([g.reshape(-1) for g in grads], out=jac[a, i])
+    if not _same_state(rng, _rng_state(leaves[0].device)):
+        raise RuntimeError(
+            "`model` draws random numbers in its forward pass (Dropout in a custom module, or "
+            "dropout between the layers of an nn.LSTM/nn.GRU/nn.RNN in train mode), so the NTK "
+            "is undefined. Call model.eval() first, or remove the random operation."
+        )
+    return jac
+
+
+def _rng_state(device: torch.device) -> list[torch.Tensor]:
+    """The random generators' states that a forward pass on ``device`` may advance."""
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _same_state(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(s, t) for s, t in zip(a, b))
+
+
+def _rnn_backward(module: nn.Module, device: torch.device):
+    """Turn cuDNN off while running a model that has an RNN module in eval mode on CUDA.
+
+    cuDNN's RNN backward refuses to run in eval mode; PyTorch's own RNN kernels compute
+    the same function and differentiate in any mode.
+    """
+    if device.type == "cuda" and any(isinstance(m, nn.RNNBase) and not m.training
+                                     for m in module.modules()):
+        return torch.backends.cudnn.flags(enabled=False)
+    return nullcontext()
+
+
+def prepare(fm, params, x, mode, groups, *, problem=None, memory_budget=None) -> torch.Tensor:
+    """Per-sample Jacobians ``(N, O, P)`` of the samples ``x``, group by group in columns."""
+    names, _ = _layout(params, groups)
+    return per_sample_jacobians(fm, params, x, names)
+
+
+def contract(ja, jb, fm, params, mode, groups, *, problem=None, memory_budget=None):
+    """``{group: kernel block}`` from two blocks' Jacobians (``jb=None``: ``ja`` with itself)."""
+    jb = ja if jb is None else jb
+    _, spans = _layout(params, groups)
+    return {group: jacobian.contract_pair(ja[:, :, start:stop], jb[:, :, start:stop], mode)
+            for group, (start, stop) in spans.items()}
+
+
+def compute(fm, params, x1, x2, mode, groups, *, problem=None, memory_budget=None):
+    """``{group: kernel block}``; ``x2=None`` reuses ``x1``'s Jacobians."""
+    ja = prepare(fm, params, x1, mode, groups)
+    jb = None if x2 is None else prepare(fm, params, x2, mode, groups)
+    return contract(ja, jb, fm, params, mode, groups)
+
+
+def vmap_failure(problem: Problem | None) -> str | None:
+    """Why ``torch.func.vmap`` cannot run ``problem``'s model, or None if it can.
+
+    Found once per ``problem.probe``: a fused RNN module is known to fail (the batched
+    cotangents of its backward); otherwise per-sample Jacobians of two outputs are taken
+    under ``vmap`` on the profiled sample, as the other engines would. Random draws are not
+    a reason (the other engines refuse them with their own message). Without a probe,
+    None.
+    """
+    if problem is None or problem.probe is None:
+        return None
+    return problem.probe.analysis("vmap", _vmap_trial)
+
+
+def _vmap_trial(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> str | None:
+    for name, m in fm.module.named_modules():
+        if isinstance(m, nn.RNNBase):
+            return f"{_label(name or 'the model', m)} is a fused RNN module"
+    running: list[tuple[str, nn.Module]] = []  # modules entered and not yet left
+
+    def enter(name: str, m: nn.Module):
+        return lambda *_: running.append((name, m))
+
+    def leave(*_):
+        running.pop()
+
+    def two_outputs(p, s):
+        return fm.single(p, s)[:2]
+
+    handles = []
+    for name, m in fm.module.named_modules():
+        handles += [m.register_forward_pre_hook(enter(name, m)), m.register_forward_hook(leave)]
+    try:
+        vmap(jacrev(two_outputs), in_dims=(None, 0), randomness="error")(params, sample)
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as err:  # the same forward ran without vmap: vmap's limit
+        text = (str(err).strip() or type(err).__name__).splitlines()[0]
+        if "random" in text:
+            return None
+        text = text if len(text) <= 100 else text[:97] + "..."
+        return text + (f" in {_label(*running[-1])}" if running and running[-1][0] else "")
+    finally:
+        for h in handles:
+            h.remove()
+    return None
+
+
+def _label(name: str, module: nn.Module) -> str:
+    return f"{name} ({type(module).__name__})"
+
+
+__all__ = ["compute", "contract", "estimate", "per_sample_jacobians", "prepare", "vmap_failure"]
