@@ -140,19 +140,19 @@ def test_random_draws_in_train_mode_are_refused_naming_the_module(make, module, 
 
 
 def test_random_draws_on_a_path_the_check_missed_get_the_same_error():
-    class NoisyForLongInputs(nn.Module):
+    class NoisyInLargeBatches(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.fc = nn.Linear(3, 2)
 
         def forward(self, x):
             out = self.fc(x)
-            return out + torch.randn_like(out) if x.shape[0] == 1 and x[0, 0] > 100 else out
+            if x.shape[0] > 2:  # the check's two samples do not take this path; ntk_vp does
+                out = out + 0.0 * torch.randn_like(out)
+            return out
 
-    x = torch.randn(4, 3)
-    x[3, 0] = 1000.0  # only this sample, seen alone under vmap, takes the random path
     with pytest.raises(ValueError, match="output is random.*model.eval"):
-        nt.empirical_ntk(NoisyForLongInputs(), x, implementation="jacobian")
+        nt.empirical_ntk(NoisyInLargeBatches(), torch.randn(4, 3), implementation="ntk_vp")
 
 
 def _convnet() -> nn.Module:
@@ -200,14 +200,14 @@ def test_no_deprecation_or_future_warnings_reach_the_user():
         import ntk_torch as nt
         from ntk_torch._engines import ENGINES
 
-        warnings.simplefilter("error", DeprecationWarning)
-        warnings.simplefilter("error", FutureWarning)
         models = {
             "mlp": (nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), torch.randn(3, 3)),
             "attention": (nn.Sequential(nn.TransformerEncoderLayer(4, 2, 8, batch_first=True),
                                         nn.Flatten(), nn.Linear(12, 2)).eval(),
                           torch.randn(2, 3, 4)),
         }
+        warnings.simplefilter("error", DeprecationWarning)
+        warnings.simplefilter("error", FutureWarning)
         for model, x in models.values():
             for implementation in [*ENGINES, "auto"]:
                 nt.empirical_ntk(model, x, x[:1], implementation=implementation)
