@@ -17,17 +17,6 @@ from torch import nn
 
 MODES = ("full", "diagonal", "trace")
 
-# Modules whose per-sample output depends on random draws when training.
-_DROPOUT_TYPES = (
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-)
-
-
 def describe(value: Any) -> str:
     """What arrived, for the "got ..." part of a message: a tensor by shape, dtype and device."""
     if isinstance(value, torch.Tensor):
@@ -287,37 +276,6 @@ def check_inputs_match_params(x: torch.Tensor, params: dict[str, torch.Tensor]) 
     if len(dtypes) > 1:
         raise ValueError("the selected parameters must share one dtype, "
                          f"got {sorted(map(str, dtypes))}")
-
-
-def check_model_state(model: nn.Module) -> None:
-    """Refuse modules whose per-sample output is not a function of that sample alone.
-
-    A kernel of such a model is not defined per pair of inputs; computing one anyway
-    would silently mix samples (BatchNorm batch statistics) or random draws (Dropout).
-    """
-    for name, module in model.named_modules():
-        label = f"{name or 'the model'} ({type(module).__name__})"
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            if module.training:
-                raise ValueError(
-                    f"`model` has {label} in train mode: its output depends on the whole batch's "
-                    "statistics, so the per-sample NTK is undefined. Call model.eval() first."
-                )
-            if module.running_mean is None:
-                raise ValueError(
-                    f"`model` has {label} with track_running_stats=False, which normalises with "
-                    "batch statistics even in eval mode; the per-sample NTK is undefined."
-                )
-        if isinstance(module, _DROPOUT_TYPES) and module.training and module.p > 0:
-            raise ValueError(
-                f"`model` has {label} in train mode with p={module.p}: its output is random, "
-                "so the NTK is undefined. Call model.eval() first."
-            )
-        if isinstance(module, nn.MultiheadAttention) and module.training and module.dropout > 0:
-            raise ValueError(
-                f"`model` has {label} in train mode with dropout={module.dropout}: its output is "
-                "random, so the NTK is undefined. Call model.eval() first."
-            )
 
 
 def check_batch_size(batch_size: Any) -> int | None:

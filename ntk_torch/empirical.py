@@ -28,10 +28,11 @@ from ntk_torch._checks import (
     check_inputs,
     check_inputs_match_params,
     check_memory_budget,
-    check_model_state,
 )
 from ntk_torch._engines import Problem
 from ntk_torch._functional import FunctionalModel, ParamSelection, functionalize
+from ntk_torch._model_checks import check_model_state, random_draws_error
+from ntk_torch._profile_cache import profiled
 from ntk_torch._store_compute import largest_tile
 from ntk_torch._store_files import size_text
 from ntk_torch._tiling import default_memory_budget, tiled
@@ -61,7 +62,6 @@ class EmpiricalNTK:
         self.layerwise = layerwise
         self.functional: FunctionalModel = functionalize(model, params)
         self.last_implementation: str | None = None
-        self._profile: tuple[tuple, tuple] | None = None  # (key, profile_forward's result)
         self._warned_no_vmap = False
 
     def __call__(self, x1: torch.Tensor, x2: torch.Tensor | None = None, *,
@@ -104,7 +104,7 @@ class EmpiricalNTK:
         if n1 == 0 or n2 == 0:  # one forward (of one sample, if any) tells O
             n_out = fm(values, (x1 if n1 or x2 is None else x2)[:1]).shape[1]
             return {g: _empty(n1, n2, n_out, self.mode, any_param) for g in groups}
-        flops, activations, n_out, probe = self._profiled(values, x1)
+        flops, activations, n_out, probe = profiled(fm, values, x1, x2)
         n_params = sum(values[n].numel() for n in fm.names)
         b1, b2 = min(self.batch_size or n1, n1), min(self.batch_size or n2, n2)
         problem = Problem(n1=b1, n2=b2, symmetric=x2 is None and b1 >= n1, mode=self.mode,
@@ -116,24 +116,13 @@ class EmpiricalNTK:
         self.last_implementation = engine
         bound = _engines.Bound(_engines.ENGINES[engine], fm, values, self.mode, groups, problem,
                                budget)
-        return tiled(bound, x1, x2, self.batch_size, progress=self.progress)
-
-    def _profiled(self, values: dict[str, torch.Tensor], x1: torch.Tensor) -> tuple:
-        """``profile_forward``: FLOPs, sizes, and the probe that engines analyse the model on.
-
-        Reused while nothing it depends on changed: input shape, dtype and device, parameter
-        shapes, and the module tree (modules, their hooks and modes). Parameter values do
-        not matter to it.
-        """
-        module = self.functional.module
-        key = (tuple(x1.shape[1:]), x1.dtype, x1.device,
-               tuple((n, v.shape, v.dtype, v.device) for n, v in values.items()),
-               tuple((name, id(m), m.training, tuple(m._forward_hooks), tuple(m._forward_pre_hooks),
-                      tuple((k, id(p)) for k, p in m._parameters.items()))
-                     for name, m in module.named_modules()))
-        if self._profile is None or self._profile[0] != key:
-            self._profile = (key, _engines.profile_forward(self.functional, values, x1))
-        return self._profile[1]
+        try:
+            return tiled(bound, x1, x2, self.batch_size, progress=self.progress)
+        except RuntimeError as err:  # random draws on a path the model's check did not take
+            error = random_draws_error(err, fm.module)
+            if error is None:
+                raise
+            raise error from err
 
     def _resolve(self, problem: Problem, budget: float, n1: int, n2: int) -> str:
         """The engine for one block.
@@ -297,7 +286,11 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
 
     Args:
         model: maps ``(N, ...)`` to ``(N, *out)`` (or ``(N,)``); ``O = prod(out)``. Used in
-            its current train/eval mode: BatchNorm or Dropout in train mode is an error.
+            its current train/eval mode. Each sample's outputs must depend on that sample
+            alone, without random draws: BatchNorm or Dropout in train mode, random
+            operations in the forward, and statistics or attention across the batch (found
+            by comparing a sample alone and in a batch of two) raise a ``ValueError`` naming
+            the module.
         x1: inputs ``(N1, ...)``; integer tensors are fine (e.g. token ids).
         x2: inputs ``(N2, ...)`` with ``x1``'s trailing shape; ``None`` means ``x1`` and
             returns an exactly symmetric kernel, computing each block once.

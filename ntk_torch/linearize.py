@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
-from ntk_torch._checks import check_model_state
 from ntk_torch._functional import ParamSelection, _no_fused_attention, functionalize
+from ntk_torch._model_checks import check_model_state
 
 
 class LinearizedModel(nn.Module):

@@ -45,12 +45,12 @@ from ntk_torch._checks import (
     check_inputs_match_params,
     check_int,
     check_memory_budget,
-    check_model_state,
     check_sample_range,
     describe,
 )
 from ntk_torch._functional import ParamSelection, functionalize
 from ntk_torch._kernel_matrix import transpose_pairs
+from ntk_torch._model_checks import check_model_behaviour, check_model_state
 from ntk_torch._store_compute import (
     STORABLE_DTYPES,
     Inputs,
@@ -367,6 +367,8 @@ def compute_kernel(model: nn.Module, x1: torch.Tensor | torch.utils.data.Dataset
         inputs2.check_like(inputs1)
     sample = inputs1.first.to(like.device)
     check_inputs_match_params(sample, values)
+    check_model_behaviour(fm, values, inputs1.load((0, min(2, len(inputs1)))).to(like.device),
+                          None if inputs2 is None else inputs2.first.to(like.device))
 
     job = plan(fm, values, sample, inputs1, inputs2, mode, tile, inputs_id)
 

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import ntk_torch as nt
+from ntk_torch._engines import ENGINES
+from tests.conftest import assert_close
+from tests.oracle import naive_ntk
 
 
 def mlp() -> nn.Module:
@@ -41,6 +50,20 @@ def test_multihead_attention_dropout_in_train_mode_is_refused():
         nt.empirical_ntk(model, torch.randn(2, 3, 4))
 
 
+def test_dropout_between_stacked_rnn_layers_in_train_mode_is_refused():
+    class Last(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(3, 4, num_layers=2, dropout=0.2, batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    with pytest.raises(ValueError, match=r"rnn \(GRU\) in train mode with dropout=0.2.*eval"):
+        nt.empirical_ntk(Last(), torch.randn(2, 5, 3))
+
+
 def test_dropout_with_p_zero_is_allowed_in_train_mode():
     model = nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.0)).train()
     assert nt.empirical_ntk(model, torch.randn(2, 3), mode="trace").shape == (2, 2)
@@ -52,17 +75,151 @@ def test_batchnorm_without_running_stats_is_refused_even_in_eval():
         nt.empirical_ntk(model, torch.randn(4, 3))
 
 
-def test_random_ops_in_forward_are_refused():
-    class Noisy(nn.Module):
-        def __init__(self):
+IMPLEMENTATIONS = sorted(ENGINES) + ["auto"]
+
+
+class FunctionalDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc2(F.dropout(torch.tanh(self.fc1(x)), 0.2, self.training))
+
+
+class DropPath(nn.Module):
+    """Drops whole samples' residual branches, as timm's DropPath does."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = (torch.rand(x.shape[0], 1, dtype=x.dtype, device=x.device) < keep).to(x.dtype)
+        return x * mask / keep
+
+
+class Residual(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc, self.drop_path = nn.Linear(d, d), DropPath(0.3)
+
+    def forward(self, x):
+        return x + self.drop_path(torch.tanh(self.fc(x)))
+
+
+class Noise(nn.Module):
+    def forward(self, x):
+        return x + 0.1 * torch.randn_like(x)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("make, module, random_in_eval", [
+    (FunctionalDropout, r"the model \(FunctionalDropout\)", False),
+    (lambda: nn.Sequential(nn.Linear(3, 6), Residual(6), nn.Linear(6, 2)),
+     r"1\.drop_path \(DropPath\)", False),
+    (lambda: nn.Sequential(nn.Linear(3, 6), Noise(), nn.Linear(6, 2)), r"1 \(Noise\)", True),
+])
+def test_random_draws_in_train_mode_are_refused_naming_the_module(make, module, random_in_eval,
+                                                                  implementation):
+    x = torch.randn(4, 3, dtype=torch.float64)
+    model = make().double().train()
+    with pytest.raises(ValueError, match=rf"output is random: {module} draws random numbers"
+                                         r".*NTK is undefined\. Call model\.eval\(\) first"):
+        nt.empirical_ntk(model, x, mode="trace", implementation=implementation)
+    model.eval()
+    if random_in_eval:
+        with pytest.raises(ValueError, match=f"{module} draws.*in eval mode too"):
+            nt.empirical_ntk(model, x, mode="trace", implementation=implementation)
+    else:  # deterministic in eval mode: the kernel of the model as it is
+        assert_close(nt.empirical_ntk(model, x, implementation=implementation),
+                     naive_ntk(model, x, None, "full"))
+
+
+def test_random_draws_on_a_path_the_check_missed_get_the_same_error():
+    class NoisyInLargeBatches(nn.Module):
+        def __init__(self) -> None:
             super().__init__()
             self.fc = nn.Linear(3, 2)
 
         def forward(self, x):
-            return self.fc(x) + torch.randn_like(x[:, :2])
+            out = self.fc(x)
+            if x.shape[0] > 2:  # the check's two samples do not take this path; ntk_vp does
+                out = out + 0.0 * torch.randn_like(out)
+            return out
 
-    with pytest.raises(RuntimeError, match="random"):
-        nt.empirical_ntk(Noisy(), torch.randn(4, 3), implementation="jacobian")
+    with pytest.raises(ValueError, match="output is random.*model.eval"):
+        nt.empirical_ntk(NoisyInLargeBatches(), torch.randn(4, 3), implementation="ntk_vp")
+
+
+def _convnet() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("make, x, message", [
+    (_convnet, torch.randn(3, 8, 8),
+     r"`x1` of shape \(3, 8, 8\) looks like a single sample without its batch dimension: the "
+     r"model's first layer 0 \(Conv2d\) takes inputs \(N, 3, H, W\)\. Pass x1\.unsqueeze\(0\)"),
+    (_convnet, torch.randn(5, 8, 8),
+     r"`x1` has shape \(5, 8, 8\), but the model's first layer 0 \(Conv2d\) takes inputs "
+     r"\(N, 3, H, W\)"),
+    (mlp, torch.randn(3), r"`x1` of shape \(3,\) looks like a single sample.*x1\.unsqueeze\(0\)"),
+    (lambda: nn.Sequential(nn.Linear(1, 4), nn.Tanh(), nn.Linear(4, 1)), torch.randn(5),
+     r"`x1` of shape \(5,\) has no feature dimension.*x1\.unsqueeze\(1\) for 5 samples"),
+])
+def test_unbatched_inputs_are_refused_with_the_fix(make, x, message, implementation):
+    with pytest.raises(ValueError, match=message):
+        nt.empirical_ntk(make(), x, implementation=implementation)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("make, x, message", [
+    (_convnet, torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8),
+     r"`x1` has dtype torch\.uint8 but the model's first layer 0 \(Conv2d\) computes in "
+     r"torch\.float32: convert the inputs with x1\.float\(\) or x1\.to\(torch\.float32\)"),
+    (mlp, torch.randint(0, 5, (2, 3)), r"`x1` has dtype torch\.int64 but .*torch\.float32"),
+    (lambda: nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Linear(12, 2)), torch.randn(2, 3),
+     r"`x1` has dtype torch\.float32 but the model's first layer 0 \(Embedding\) looks up "
+     r"integer token ids: pass x1\.long\(\)"),
+])
+def test_inputs_of_the_wrong_kind_of_dtype_are_refused(make, x, message, implementation):
+    with pytest.raises(ValueError, match=message):
+        nt.empirical_ntk(make(), x, implementation=implementation)
+
+
+def test_no_deprecation_or_future_warnings_reach_the_user():
+    """Every engine, in a fresh process: torch warns once per process, on first use."""
+    script = textwrap.dedent("""
+        import warnings
+        import torch
+        from torch import nn
+        import ntk_torch as nt
+        from ntk_torch._engines import ENGINES
+
+        models = {
+            "mlp": (nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), torch.randn(3, 3)),
+            "attention": (nn.Sequential(nn.TransformerEncoderLayer(4, 2, 8, batch_first=True),
+                                        nn.Flatten(), nn.Linear(12, 2)).eval(),
+                          torch.randn(2, 3, 4)),
+        }
+        warnings.simplefilter("error", DeprecationWarning)
+        warnings.simplefilter("error", FutureWarning)
+        for model, x in models.values():
+            for implementation in [*ENGINES, "auto"]:
+                nt.empirical_ntk(model, x, x[:1], implementation=implementation)
+                nt.layerwise_ntk(model, x, implementation=implementation, mode="trace")
+        print("ok")
+    """)
+    root = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          cwd=root, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
 def test_mismatched_trailing_shapes():

@@ -32,6 +32,7 @@ from ntk_torch._engines._contractions import Gradients, Streamed
 from ntk_torch._engines._forward import batched_forward, fast_layout, site_hooks
 from ntk_torch._engines._heads import leaves_reached, separable_heads
 from ntk_torch._engines._structure import Structure, Unit
+from ntk_torch._model_checks import difference, rounding_tolerance
 
 
 @dataclass
@@ -177,13 +178,13 @@ def _outputs_buffer(g: torch.Tensor, n_out: int) -> torch.Tensor:
 def _samples_independent(fm, params, x, out) -> bool:
     """Whether the first sample's outputs are the same alone as in the batch (to rounding).
 
-    False for models that mix samples (batch statistics in custom code) or draw random
-    numbers, which the per-sample capture handles or refuses.
+    ``empirical_ntk`` refuses models that mix samples or draw random numbers before any
+    engine runs (``_model_checks``); where the engine is used without that check, such a
+    model takes the per-sample capture, which computes each sample alone.
     """
     if x.shape[0] == 1:
         return True
     with torch.no_grad():
         alone = fm(params, x[:1])
-        first = out[:1].detach()
-    tol = 256 * torch.finfo(first.dtype).eps * max(first.abs().max().item(), 1e-30)
-    return bool(((alone - first).abs() <= tol).all())
+    batch = out.detach()
+    return difference(alone[0], batch[0], rounding_tolerance(batch)) is None

@@ -109,9 +109,12 @@ class Probe:
     block, tile and estimate of that kernel, and only when the engine is considered.
     """
 
-    def __init__(self, fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> None:
+    def __init__(self, fm, params: dict[str, torch.Tensor], sample: torch.Tensor,
+                 found: dict[str, Any] | None = None) -> None:
         self.fm, self.params, self.sample = fm, dict(params), sample
-        self._found: dict[str, Any] = {}
+        # Analyses of the same model and sample shape made by an earlier probe; shared,
+        # so that what this probe adds is kept there too.
+        self._found: dict[str, Any] = {} if found is None else found
 
     def analysis(self, key: str,
                  analyse: Callable[[Any, dict[str, torch.Tensor], torch.Tensor], T]) -> T:

@@ -10,6 +10,9 @@ pass per layer.
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 from torch.func import jvp, vjp, vmap
 
@@ -56,8 +59,24 @@ def contract(xa, xb, fm, params, mode, groups, *, problem=None, memory_budget=No
     return compute(fm, params, xa, xb, mode, groups, problem=problem, memory_budget=memory_budget)
 
 
+@functools.cache
+def _load_forward_mode_rules() -> None:
+    """Have torch load its forward-mode decompositions now, without a deprecation warning.
+
+    torch loads them on the process's first forward-mode pass and compiles them with
+    ``torch.jit.script``, which warns that TorchScript is deprecated: a warning about
+    torch's own internals that users can do nothing about. A tiny ``jvp`` here does that
+    load with exactly that warning silenced.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is (deprecated|not "
+                                "supported)", category=DeprecationWarning)
+        jvp(torch.sin, (torch.zeros(()),), (torch.ones(()),))
+
+
 def compute(fm, params, x1, x2, mode, groups, *, problem=None, memory_budget=None):
     """``{group: kernel block}``, processing ``x2`` in chunks that fit ``memory_budget``."""
+    _load_forward_mode_rules()
     x2_ = x1 if x2 is None else x2
     chunk = None if problem is None else largest_chunk(problem, memory_budget)
     out = {}
