@@ -231,7 +231,11 @@ def check_module(name: str, model: Any) -> nn.Module:
 
 
 def check_inputs(x1: Any, x2: Any | None) -> None:
-    """`x1`/`x2` are tensors with a batch dimension and matching trailing shapes."""
+    """`x1`/`x2` are tensors with a batch dimension and matching trailing shapes.
+
+    For inputs of the analytic kernels; model inputs, which may also be tuples or dicts of
+    tensors, are checked by ``_inputs.check_pair``.
+    """
     for name, x in (("x1", x1), ("x2", x2)):
         if x is None and name == "x2":
             continue
@@ -253,29 +257,6 @@ def check_inputs(x1: Any, x2: Any | None) -> None:
             raise ValueError(f"`x2` must be on `x1`'s device {x1.device}, got {x2.device}")
 
 
-def check_inputs_match_params(x: torch.Tensor, params: dict[str, torch.Tensor]) -> None:
-    """Inputs live on the parameters' device and, if floating, share their dtype."""
-    if not params:
-        return
-    name, p = next(iter(params.items()))
-    if x.device != p.device:
-        raise ValueError(
-            f"`x1` is on {x.device} but the model's parameter {name!r} is on {p.device}; "
-            f"move the inputs with x.to({str(p.device)!r}) or the model with model.to(...)"
-        )
-    if x.is_floating_point() and x.dtype != p.dtype:
-        raise ValueError(
-            f"`x1` has dtype {x.dtype} but the model's parameter {name!r} has dtype {p.dtype}; "
-            f"convert one of them (e.g. x.to({p.dtype}) or model.to({p.dtype}))"
-        )
-    devices = {t.device for t in params.values()}
-    dtypes = {t.dtype for t in params.values()}
-    if len(devices) > 1:
-        raise ValueError("the selected parameters must live on one device, "
-                         f"got {sorted(map(str, devices))}")
-    if len(dtypes) > 1:
-        raise ValueError("the selected parameters must share one dtype, "
-                         f"got {sorted(map(str, dtypes))}")
 
 
 def check_batch_size(batch_size: Any) -> int | None:

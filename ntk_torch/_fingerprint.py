@@ -53,19 +53,18 @@ def model_digests(model: nn.Module) -> dict[str, str]:
     return {"architecture": arch.hexdigest(), "parameters": values.hexdigest()}
 
 
-def inputs_digest(n: int, sample_shape: tuple[int, ...], dtype: torch.dtype,
-                  block: Callable[[int, int], torch.Tensor], size: int,
+def inputs_digest(n: int, layout: dict, block_digest: Callable[[int, int], str], size: int,
                   inputs_id: str | None) -> dict:
-    """Size, sample shape and dtype, plus ``inputs_id`` or one hash per block of samples.
+    """Size and ``layout`` (sample shape and dtype), plus ``inputs_id`` or one hash per block.
 
-    Blocks of ``size`` samples are read through ``block(start, stop)``, so that a
+    Blocks of ``size`` samples are hashed by ``block_digest(start, stop)``, so that a
     difference can be placed.
     """
-    digest: dict = {"n": n, "sample_shape": list(sample_shape), "dtype": str(dtype)}
+    digest: dict = {"n": n, **layout}
     if inputs_id is not None:
         digest["id"] = inputs_id
     else:
-        digest["blocks"] = [tensor_digest(block(s, min(s + size, n))) for s in range(0, n, size)]
+        digest["blocks"] = [block_digest(s, min(s + size, n)) for s in range(0, n, size)]
     return digest
 
 

@@ -1,24 +1,29 @@
 """From an ``nn.Module`` to a pure function ``fn(params, x) -> (N, O)``.
 
-This is the only place that looks at the module's parameters; everything downstream
-works on the returned :class:`FunctionalModel`.
+This is the only place that looks at the module's parameters and calls the module;
+everything downstream works on the returned :class:`FunctionalModel`. The batch ``x`` is a
+tensor, a tuple or a dict of tensors (``_inputs``); ``model_kwargs`` are passed on every
+call and ``output`` picks the tensor from what the module returns (a Hugging Face
+``ModelOutput``, a tuple, a dict).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
-from typing import Union
+from dataclasses import dataclass, field
+from typing import Any, Union
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from ntk_torch._checks import check_module
+from ntk_torch import _inputs
+from ntk_torch._checks import check_module, describe
 
 ParamSelection = Union[None, Iterable[str], Callable[[str, torch.Tensor], bool]]
+OutputSelection = Union[None, Callable[[Any], torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -31,36 +36,30 @@ class FunctionalModel:
             appear once, under the first name PyTorch reports.
         owners: parameter name -> qualified name of the module that owns it (``""`` for
             parameters registered on the root module).
+        output: ``None`` (the module returns the tensor ``(N, ...)``) or a callable taking
+            what the module returns to that tensor.
+        model_kwargs: keyword arguments passed on every call, not batched.
     """
 
     module: nn.Module
     names: tuple[str, ...]
     owners: dict[str, str]
+    output: OutputSelection = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def params(self) -> dict[str, torch.Tensor]:
         """Current values of the selected parameters, detached from the user's graph."""
         named = dict(self.module.named_parameters())
         return {name: named[name].detach() for name in self.names}
 
-    def __call__(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, params: dict[str, torch.Tensor], x: _inputs.Inputs) -> torch.Tensor:
         """Outputs ``(N, O)`` of the module at ``params`` (other parameters as they are)."""
-        with _no_fused_attention():
-            out = functional_call(self.module, params, (x,), tie_weights=True, strict=False)
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(
-                f"`model` must return a Tensor of shape (N, ...), got {type(out).__name__}; "
-                "wrap it so that it returns one tensor"
-            )
-        if out.dim() == 0 or out.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"`model` must return outputs of shape (N, ...) with N = {x.shape[0]} inputs, "
-                f"got {tuple(out.shape)}"
-            )
-        return out.reshape(out.shape[0], math.prod(out.shape[1:]))
+        return forward(self.module, x, params=params, output=self.output,
+                       model_kwargs=self.model_kwargs)
 
-    def single(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def single(self, params: dict[str, torch.Tensor], x: _inputs.Inputs) -> torch.Tensor:
         """Outputs ``(O,)`` for one input ``x`` without its batch dimension (for vmap)."""
-        return self(params, x.unsqueeze(0)).squeeze(0)
+        return self(params, _inputs.with_batch_dim(x)).squeeze(0)
 
     def groups(self, by_layer: bool) -> dict[str, tuple[str, ...]]:
         """Partition of the selected names: one group per owning module, or one in total."""
@@ -70,6 +69,100 @@ class FunctionalModel:
         for name in self.names:
             grouped.setdefault(self.owners[name], []).append(name)
         return {owner: tuple(names) for owner, names in grouped.items()}
+
+
+def forward(module: nn.Module, x: _inputs.Inputs, *, params: dict[str, torch.Tensor] | None = None,
+            output: OutputSelection = None,
+            model_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+    """Outputs ``(N, O)`` of ``module`` on the batch ``x`` (flattened per sample).
+
+    ``params`` replaces some of the module's parameters (``functional_call``; None: the
+    module as it is); ``output`` and ``model_kwargs`` as in :class:`FunctionalModel`.
+    """
+    args, kwargs = _inputs.arguments(x, model_kwargs or {})
+    n = _inputs.batch_size(x)
+    with _no_fused_attention():
+        if params is None:
+            out = module(*args, **kwargs)
+        else:
+            out = functional_call(module, params, args, kwargs, tie_weights=True, strict=False)
+    if output is not None:
+        out = output(out)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"`output` must return a Tensor of shape (N, ...), got "
+                            f"{_returned(out, n)}")
+    elif not isinstance(out, torch.Tensor):
+        raise TypeError(f"`model` must return a Tensor of shape (N, ...), got "
+                        f"{_returned(out, n)}; pass `output=` to select it, e.g. "
+                        f"{_suggestion(out)}")
+    if out.dim() == 0 or out.shape[0] != n:
+        source = "`output`" if output is not None else "`model`"
+        raise ValueError(f"{source} must return outputs of shape (N, ...) with N = {n} inputs, "
+                         f"got {tuple(out.shape)}")
+    return out.reshape(out.shape[0], math.prod(out.shape[1:]))
+
+
+def _returned(value: Any, n: int) -> str:
+    """What a model returned on ``n`` samples: its type and, for containers, the shapes inside.
+
+    A leading dimension of ``n`` is written ``N``: the call may be on part of the batch.
+    """
+    def short(v: Any) -> str:
+        if not isinstance(v, torch.Tensor):
+            return type(v).__name__
+        if v.dim() and v.shape[0] == n:
+            return "Tensor (" + ", ".join(["N", *map(str, v.shape[1:])]) + ")"
+        return f"Tensor {tuple(v.shape)}"
+
+    if isinstance(value, Mapping):  # dicts and Hugging Face ModelOutputs
+        inside = ", ".join(f"{k!r}: {short(v)}" for k, v in list(value.items())[:6])
+        return f"{type(value).__name__} {{{inside}}}"
+    if isinstance(value, (tuple, list)):
+        inside = ", ".join(short(v) for v in value[:6])
+        return f"{type(value).__name__} ({inside})"
+    return describe(value)
+
+
+def _suggestion(value: Any) -> str:
+    """An ``output=`` that picks the first tensor of ``value``."""
+    if isinstance(value, Mapping):
+        key = next((k for k, v in value.items() if isinstance(v, torch.Tensor)), None)
+        if key is not None:
+            attribute = isinstance(key, str) and key.isidentifier() and hasattr(value, key)
+            return f"output=lambda o: o.{key}" if attribute else f"output=lambda o: o[{key!r}]"
+    if isinstance(value, (tuple, list)):
+        index = next((i for i, v in enumerate(value) if isinstance(v, torch.Tensor)), None)
+        if index is not None:
+            return f"output=lambda o: o[{index}]"
+    return "output=lambda o: o.logits"
+
+
+# What torch.func.vmap says when the model converts a batched tensor to a Python value.
+_VMAP_CONTROL_FLOW = "data-dependent control flow"
+
+
+@contextmanager
+def vmap_errors_explained(implementation: str):
+    """Re-raise vmap's refusal of value-dependent control flow with what to do about it.
+
+    The engines run the model one sample at a time under ``torch.func.vmap``; a forward
+    that branches on its inputs' values (``if mask.all():``) cannot be batched that way.
+    """
+    try:
+        yield
+    except RuntimeError as error:
+        if _VMAP_CONTROL_FLOW not in str(error):
+            raise
+        raise RuntimeError(
+            f"implementation={implementation!r} runs the model one sample at a time under "
+            "torch.func.vmap, and the model's forward branches on the values of its inputs "
+            "(Python control flow on a tensor, such as `if mask.all():`), which vmap cannot "
+            "batch. Hugging Face models do this when they prepare a 2-D attention mask with "
+            "padding (transformers' masking_utils skips the mask when it is all ones): pass "
+            "the mask as a 4-D float mask (N, 1, 1, L), 0 where attended and the dtype's "
+            "minimum elsewhere, which they use as it is; causal language models also run with "
+            "attn_implementation='eager'. Otherwise write the branch with torch.where."
+        ) from error
 
 
 @contextmanager
@@ -96,7 +189,9 @@ def _no_fused_attention():
         yield
 
 
-def functionalize(model: nn.Module, params: ParamSelection = None) -> FunctionalModel:
+def functionalize(model: nn.Module, params: ParamSelection = None, *,
+                  output: OutputSelection = None,
+                  model_kwargs: dict[str, Any] | None = None) -> FunctionalModel:
     """Select parameters of ``model`` and wrap it as a :class:`FunctionalModel`.
 
     Args:
@@ -104,8 +199,12 @@ def functionalize(model: nn.Module, params: ParamSelection = None) -> Functional
         params: ``None`` for every parameter with ``requires_grad=True``; an iterable of
             parameter names; or a predicate ``(name, param) -> bool``. Unselected parameters
             and buffers are used as they are.
+        output: ``None`` or a callable from what ``model`` returns to a tensor ``(N, ...)``.
+        model_kwargs: keyword arguments passed on every call (not batched).
     """
     check_module("model", model)
+    output = check_output(output)
+    model_kwargs = _inputs.check_model_kwargs(model_kwargs)
     named = list(model.named_parameters())  # deduplicates tied parameters
     if params is None:
         names = [n for n, p in named if p.requires_grad]
@@ -140,7 +239,16 @@ def functionalize(model: nn.Module, params: ParamSelection = None) -> Functional
             raise ValueError("`params` selected no parameters of `model`")
         names = [n for n, _ in named if n in set(resolved)]
     owners = {n: n.rpartition(".")[0] for n in names}
-    return FunctionalModel(module=model, names=tuple(names), owners=owners)
+    return FunctionalModel(module=model, names=tuple(names), owners=owners, output=output,
+                           model_kwargs=model_kwargs)
+
+
+def check_output(output: Any) -> OutputSelection:
+    """``output`` is None or a callable."""
+    if output is not None and not callable(output):
+        raise TypeError("`output` must be None or a callable from what the model returns to a "
+                        f"Tensor (N, ...), e.g. lambda o: o.logits; got {describe(output)}")
+    return output
 
 
 def _tied_aliases(model: nn.Module) -> dict[str, str]:

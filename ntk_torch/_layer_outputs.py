@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ntk_torch import _inputs
+
 __all__ = ["layer_outputs", "measuring"]
 
 
@@ -46,10 +48,14 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
     return None
 
 
-def layer_outputs(model: nn.Module, x: torch.Tensor,
-                  layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Outputs ``(N, D)`` of the named modules on ``x``, by forward hooks removed afterwards."""
+def layer_outputs(model: nn.Module, x: _inputs.Inputs, layers: tuple[str, ...],
+                  model_kwargs: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """Outputs ``(N, D)`` of the named modules on ``x``, by forward hooks removed afterwards.
+
+    ``x`` is a batch as ``_inputs`` normalises it, passed with ``model_kwargs``.
+    """
     modules = dict(model.named_modules())
+    n = _inputs.batch_size(x)
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     handles = []
 
@@ -59,10 +65,10 @@ def layer_outputs(model: nn.Module, x: torch.Tensor,
             if tensor is None:
                 raise TypeError(
                     f"layer {name!r} ({type(module).__name__}) returned no tensor to track")
-            if tensor.dim() == 0 or tensor.shape[0] != x.shape[0]:
+            if tensor.dim() == 0 or tensor.shape[0] != n:
                 raise ValueError(
                     f"layer {name!r} ({type(module).__name__}) returned shape "
-                    f"{tuple(tensor.shape)}, expected features (N, ...) with N = {x.shape[0]} "
+                    f"{tuple(tensor.shape)}, expected features (N, ...) with N = {n} "
                     "probe samples; leave it out of `layers`"
                 )
             # Clone: a later in-place op (ReLU(inplace=True)) would overwrite the stored output.
@@ -72,7 +78,8 @@ def layer_outputs(model: nn.Module, x: torch.Tensor,
     try:
         for name in layers:
             handles.append(modules[name].register_forward_hook(hook_for(name)))
-        model(x)
+        args, kwargs = _inputs.arguments(x, model_kwargs or {})
+        model(*args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()

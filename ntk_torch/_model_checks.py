@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ntk_torch import _inputs
+
 # Modules whose per-sample output depends on random draws when training.
 _DROPOUT_TYPES = (
     nn.Dropout,
@@ -115,10 +117,10 @@ def check_model_behaviour(fm, params: dict[str, torch.Tensor], x1: torch.Tensor,
     Returns:
         Whether samples' independence was checked (False with one sample in all).
     """
-    pair = x1[:2]
-    if pair.shape[0] < 2 and x2 is not None and x2.shape[0]:
-        pair = torch.cat([pair, x2[:1]])
-    if pair.shape[0] == 0:
+    pair = _inputs.take(x1, 0, 2)
+    if _inputs.batch_size(pair) < 2 and x2 is not None and _inputs.batch_size(x2):
+        pair = _inputs.concat([pair, _inputs.take(x2, 0, 1)])
+    if _inputs.batch_size(pair) == 0:
         return False
     watch = _Watch(fm.module, pair, x1)
     try:
@@ -127,10 +129,10 @@ def check_model_behaviour(fm, params: dict[str, torch.Tensor], x1: torch.Tensor,
         raise ValueError(watch.refusal) from None
     if watch.random is not None:
         raise ValueError(watch.random_message())
-    if pair.shape[0] < 2:
+    if _inputs.batch_size(pair) < 2:
         return False
     with torch.no_grad():
-        alone = fm(params, pair[:1])
+        alone = fm(params, _inputs.take(pair, 0, 1))
     tolerance = rounding_tolerance(out)
     diff = difference(alone[0], out[0], tolerance)
     if diff is not None:
@@ -191,8 +193,12 @@ class _Watch:
     the module drawing it.
     """
 
-    def __init__(self, model: nn.Module, pair: torch.Tensor, x1: torch.Tensor) -> None:
-        self.model, self.pair, self.x1 = model, pair, x1
+    def __init__(self, model: nn.Module, pair: _inputs.Inputs, x1: _inputs.Inputs) -> None:
+        self.model, self.pair = model, pair
+        # (label, the pair's leaf, the whole batch's leaf) of every input tensor.
+        self.leaves = [(label, t, whole) for (label, t), (_, whole)
+                       in zip(_inputs.labelled_leaves("x1", pair),
+                              _inputs.labelled_leaves("x1", x1))]
         self.names = {id(m): name for name, m in model.named_modules()}
         self.stack: list[nn.Module] = []
         self.first_layer_seen = False
@@ -215,8 +221,12 @@ class _Watch:
         self.stack.append(module)
         if not self.first_layer_seen and isinstance(module, _FIRST_LAYERS) and args:
             self.first_layer_seen = True
-            refusal = _misread_inputs(label(self.names[id(module)], module), module, args[0],
-                                      self.pair, self.x1)
+            received = args[0]
+            # The input tensor the layer receives as it is, or the model's one input tensor.
+            given = next(((name, t, whole) for name, t, whole in self.leaves if t is received),
+                         self.leaves[0] if len(self.leaves) == 1 else None)
+            refusal = given and _misread_inputs(label(self.names[id(module)], module), module,
+                                                received, *given)
             if refusal:
                 self.refusal = refusal
                 raise _Refused
@@ -265,46 +275,50 @@ def _layout(layer: nn.Module) -> tuple[int, int, int, str] | None:
     return None
 
 
-def _misread_inputs(what: str, layer: nn.Module, received, pair: torch.Tensor,
-                    x1: torch.Tensor) -> str:
-    """Why the model's first layer ``what`` will misread ``x1``; "" if it reads a batch."""
+def _misread_inputs(what: str, layer: nn.Module, received, name: str, leaf: torch.Tensor,
+                    whole: torch.Tensor) -> str:
+    """Why the model's first layer ``what`` will misread the input ``name``; "" if it reads it.
+
+    ``received`` is what the layer was called with, ``leaf`` the input tensor (two samples)
+    the model was called with, ``whole`` that input's whole batch.
+    """
     dtype = next((p.dtype for p in layer.parameters(recurse=False)), None)
     if not isinstance(received, torch.Tensor) or dtype is None:
         return ""
     embedding = isinstance(layer, (nn.Embedding, nn.EmbeddingBag))
-    if embedding and received.is_floating_point() and received is pair:
-        return (f"`x1` has dtype {x1.dtype} but the model's first layer {what} looks up "
-                "integer token ids: pass x1.long()")
-    integers = not (x1.is_floating_point() or x1.is_complex())
+    if embedding and received.is_floating_point() and received is leaf:
+        return (f"`{name}` has dtype {whole.dtype} but the model's first layer {what} looks up "
+                f"integer token ids: pass {name}.long()")
+    integers = not (whole.is_floating_point() or whole.is_complex())
     if not embedding and dtype.is_floating_point and integers and not (
             received.is_floating_point() or received.is_complex()):
-        return (f"`x1` has dtype {x1.dtype} but the model's first layer {what} computes in "
-                f"{dtype}: convert the inputs with x1.float() or x1.to({dtype}) (and scale "
-                "them if they are 0-255 pixel values)")
+        return (f"`{name}` has dtype {whole.dtype} but the model's first layer {what} computes "
+                f"in {dtype}: convert the inputs with {name}.float() or {name}.to({dtype}) (and "
+                "scale them if they are 0-255 pixel values)")
     layout = _layout(layer)
     # Transformed by the model first, the inputs' layout is the model's own business.
-    if layout is None or received is not pair or pair.dim() != layout[0] - 1:
+    if layout is None or received is not leaf or leaf.dim() != layout[0] - 1:
         return ""
     _, features, axis, expected = layout
-    shape = tuple(x1.shape)
+    shape = tuple(whole.shape)
     takes = f"the model's first layer {what} takes inputs {expected}"
     if axis == -1 and features == 1 and len(shape) == 1 and shape[0] != 1:
-        return (f"`x1` of shape {shape} has no feature dimension: {takes}. Pass x1.unsqueeze(1) "
-                f"for {shape[0]} samples of one feature each.")
+        return (f"`{name}` of shape {shape} has no feature dimension: {takes}. Pass "
+                f"{name}.unsqueeze(1) for {shape[0]} samples of one feature each.")
     if shape[axis] == features:
-        return (f"`x1` of shape {shape} looks like a single sample without its batch "
-                f"dimension: {takes}. Pass x1.unsqueeze(0) for one sample.")
-    return f"`x1` has shape {shape}, but {takes}"
+        return (f"`{name}` of shape {shape} looks like a single sample without its batch "
+                f"dimension: {takes}. Pass {name}.unsqueeze(0) for one sample.")
+    return f"`{name}` has shape {shape}, but {takes}"
 
 
-def _first_mixing_module(fm, params: dict[str, torch.Tensor], pair: torch.Tensor) -> str:
+def _first_mixing_module(fm, params: dict[str, torch.Tensor], pair: _inputs.Inputs) -> str:
     """Where sample 0's values first differ between ``pair[:1]`` alone and ``pair``.
 
     Each module's input and output are compared in call order: the first output that
     differs names that module; an input that differs (its module's output too, then)
     names the code that produced it, the enclosing module's own forward.
     """
-    runs = [_record(fm, params, pair[:1]), _record(fm, params, pair)]
+    runs = [_record(fm, params, _inputs.take(pair, 0, 1)), _record(fm, params, pair)]
     for (kind, module, parent, a), (_, _, _, b) in zip(*runs):
         sample_a, sample_b = _first_sample(a, b)
         if sample_a is None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ntk_torch import _engines
+from ntk_torch import _engines, _inputs
 from ntk_torch._engines import Probe
 from ntk_torch._model_checks import check_model_behaviour
 
@@ -47,8 +47,8 @@ _PROFILES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, ...], _Profile]]
     weakref.WeakKeyDictionary())
 
 
-def profiled(fm, values: dict[str, torch.Tensor], x1: torch.Tensor,
-             x2: torch.Tensor | None) -> tuple[float, float, int, Probe]:
+def profiled(fm, values: dict[str, torch.Tensor], x1: _inputs.Inputs,
+             x2: _inputs.Inputs | None) -> tuple[float, float, int, Probe]:
     """FLOPs, allocated elements and ``O`` of a one-sample forward, and the :class:`Probe`.
 
     On a new key the model is first checked (``check_model_behaviour``: per-sample,
@@ -60,21 +60,22 @@ def profiled(fm, values: dict[str, torch.Tensor], x1: torch.Tensor,
     if found is None or found.key != key:
         checked = check_model_behaviour(fm, values, x1, x2)
         flops, activations, n_out, _ = _engines.profile_forward(fm, values, x1)
-        found = _Profile(key, flops, activations, n_out, x1[:1].clone(), {}, checked)
+        first = _inputs.map_leaves(torch.clone, _inputs.take(x1, 0, 1))
+        found = _Profile(key, flops, activations, n_out, first, {}, checked)
         slots[fm.names] = found
-    elif not found.independence_checked and (x1.shape[0] > 1 or x2 is not None):
+    elif not found.independence_checked and (_inputs.batch_size(x1) > 1 or x2 is not None):
         found.independence_checked = check_model_behaviour(fm, values, x1, x2)
     probe = Probe(fm, values, found.sample, found.analyses)
     return found.flops, found.activations, found.n_out, probe
 
 
-def _key(module: nn.Module, values: dict[str, torch.Tensor], x1: torch.Tensor) -> tuple:
+def _key(module: nn.Module, values: dict[str, torch.Tensor], x1: _inputs.Inputs) -> tuple:
     """What a profile depends on (not the values of inputs and parameters).
 
-    The input's trailing shape, dtype and device, the parameters' shapes, and the module
-    tree: modules, their hooks, modes and parameter tensors.
+    The inputs' structure and per-tensor trailing shape, dtype and device, the parameters'
+    shapes, and the module tree: modules, their hooks, modes and parameter tensors.
     """
-    return (tuple(x1.shape[1:]), x1.dtype, x1.device,
+    return (_inputs.layout(x1),
             tuple((n, v.shape, v.dtype, v.device) for n, v in values.items()),
             tuple((name, id(m), m.training, tuple(m._forward_hooks), tuple(m._forward_pre_hooks),
                    tuple((k, id(p)) for k, p in m._parameters.items()))

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ntk_torch import _engines, _fingerprint, _workers
-from ntk_torch._checks import describe
+from ntk_torch import _engines, _fingerprint, _inputs, _workers
 from ntk_torch._engines import Problem
+from ntk_torch._functional import vmap_errors_explained
 from ntk_torch._store_files import (
     ARRAY,
     CLAIMS,
@@ -46,63 +46,49 @@ TILES_IN_FLIGHT = 3
 STORABLE_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 
-class Inputs:
-    """A tensor or a Dataset of inputs, read one block of samples at a time."""
+class InputSource:
+    """Inputs read one block of samples at a time.
+
+    A batch (a tensor, or a tuple or dict of tensors: ``_inputs``), or a sized Dataset whose
+    items are one sample's inputs (a tensor, a dict of tensors) or ``(inputs, target, ...)``
+    tuples.
+    """
 
     def __init__(self, name: str, x: Any) -> None:
         self.name = name
-        if isinstance(x, torch.Tensor):
-            if x.dim() == 0:
-                raise ValueError(f"`{name}` must have a batch dimension, shape (N, ...), "
-                                 "got a 0-d tensor")
-            self.tensor, self.dataset = x, None
-        elif isinstance(x, torch.utils.data.Dataset) and hasattr(x, "__len__"):
-            self.tensor, self.dataset = None, x
+        if isinstance(x, torch.utils.data.Dataset) and hasattr(x, "__len__"):
+            self.batch, self.dataset = None, x
         else:
-            raise TypeError(f"`{name}` must be a torch.Tensor of shape (N, ...) or a sized "
-                            f"torch.utils.data.Dataset, got {describe(x)}")
+            alternative = ", or a sized torch.utils.data.Dataset of samples"
+            self.batch = _inputs.normalize(name, x, alternative=alternative)
+            self.dataset = None
         if len(self) == 0:
             raise ValueError(f"`{name}` must hold at least one sample for a kernel store, got none")
         self.first = self.load((0, 1))
 
     def __len__(self) -> int:
-        return self.tensor.shape[0] if self.tensor is not None else len(self.dataset)
+        return _inputs.batch_size(self.batch) if self.dataset is None else len(self.dataset)
 
-    def load(self, span: Span) -> torch.Tensor:
+    def load(self, span: Span) -> _inputs.Inputs:
         start, stop = span
-        if self.tensor is not None:
-            return self.tensor[start:stop]
+        if self.dataset is None:
+            return _inputs.take(self.batch, start, stop)
         items = [self._item(i) for i in range(start, stop)]
-        shapes = {tuple(t.shape) for t in items}
-        if len(shapes) > 1:
-            raise ValueError(f"`{self.name}`'s items must share one shape, got {sorted(shapes)} "
-                             f"among samples {start}-{stop - 1}")
-        return torch.stack(items)
+        return _inputs.stack(self.name, items, first_index=start)
 
-    def _item(self, index: int) -> torch.Tensor:
+    def _item(self, index: int) -> Any:
         item = self.dataset[index]
-        if isinstance(item, (tuple, list)):
-            item = item[0]
-        if not isinstance(item, torch.Tensor):
-            try:
-                item = torch.as_tensor(item)
-            except (TypeError, ValueError, RuntimeError):
-                raise TypeError(f"`{self.name}`[{index}] must be a tensor or an (input, target) "
-                                f"pair, got {describe(item)}") from None
-        return item
+        # (inputs, target) pairs; positional inputs come nested: ((x, mask), target).
+        return item[0] if isinstance(item, (tuple, list)) else item
 
-    def check_like(self, other: Inputs) -> None:
-        if self.first.shape[1:] != other.first.shape[1:]:
-            raise ValueError(f"`{self.name}` must share `{other.name}`'s sample shape "
-                             f"{tuple(other.first.shape[1:])}, got {tuple(self.first.shape[1:])}")
-        if self.first.dtype != other.first.dtype:
-            raise ValueError(f"`{self.name}` must have `{other.name}`'s dtype {other.first.dtype}, "
-                             f"got {self.first.dtype}")
+    def check_like(self, other: InputSource) -> None:
+        _inputs.check_same_layout(self.name, self.first, other.name, other.first)
 
     def digest(self, size: int, inputs_id: str | None) -> dict:
         return _fingerprint.inputs_digest(
-            len(self), tuple(self.first.shape[1:]), self.first.dtype,
-            lambda a, b: self.load((a, b)), size, inputs_id if self.dataset is not None else None)
+            len(self), _inputs.describe_layout(self.first),
+            lambda a, b: _inputs.digest(self.load((a, b))), size,
+            inputs_id if self.dataset is not None else None)
 
 
 @dataclass(frozen=True)
@@ -121,8 +107,8 @@ class Job:
     fingerprint: dict
 
 
-def plan(fm, values: dict[str, torch.Tensor], sample: torch.Tensor, inputs1: Inputs,
-         inputs2: Inputs | None, mode: str, tile: int, inputs_id: str | None) -> Job:
+def plan(fm, values: dict[str, torch.Tensor], sample: _inputs.Inputs, inputs1: InputSource,
+         inputs2: InputSource | None, mode: str, tile: int, inputs_id: str | None) -> Job:
     """Profile the model on one sample and fingerprint everything that defines the kernel."""
     like = next(iter(values.values()))
     with torch.no_grad():
@@ -276,9 +262,9 @@ def _key(tile: Tile) -> str:
     return f"{tile[0]}.{tile[1]}"
 
 
-def compute_tiles(store, bound: _engines.Bound, inputs1: Inputs, inputs2: Inputs | None,
-                   device: torch.device, w: _workers.Worker, progress: bool,
-                   shared_rows: bool) -> None:
+def compute_tiles(store, bound: _engines.Bound, inputs1: InputSource,
+                  inputs2: InputSource | None, device: torch.device, w: _workers.Worker,
+                  progress: bool, shared_rows: bool) -> None:
     """Claim and compute the missing tiles, row by row from this worker's starting point."""
     _check_writable(store.path)
     pending = [t for t in store.tiles() if t not in store.done()]
@@ -298,12 +284,14 @@ def compute_tiles(store, bound: _engines.Bound, inputs1: Inputs, inputs2: Inputs
                 continue
             yield store.span(tile[0], store.shape[0]), store.span(tile[1], store.shape[1])
 
-    def loader(inputs: Inputs):
-        return lambda span: inputs.load(span).to(device)
+    def loader(inputs: InputSource):
+        return lambda span: _inputs.to_device(inputs.load(span), device)
 
     writer = _Writer(store, claims, refresh)
+    engine = store.manifest["settings"]["implementation"]
     try:
-        with torch.no_grad():  # unselected parameters must not record a graph
+        # no_grad: unselected parameters must not record a graph.
+        with torch.no_grad(), vmap_errors_explained(engine):
             started = time.perf_counter()
             for (rows, cols), result in blocks(bound, loader(inputs1),
                                                None if inputs2 is None else loader(inputs2),

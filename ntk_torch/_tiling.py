@@ -10,9 +10,10 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from ntk_torch import _inputs
 from ntk_torch._kernel_matrix import symmetrize, transpose_pairs
 
-BlockFn = Callable[[torch.Tensor, "torch.Tensor | None"], dict[str, torch.Tensor]]
+BlockFn = Callable[[Any, Any], dict[str, torch.Tensor]]  # (xa, xb or None) -> {group: block}
 Span = tuple[int, int]
 
 
@@ -24,11 +25,12 @@ class Blockwise(Protocol):
     ``compute(xa, xb)`` is both steps at once, for a pair that shares nothing with others.
     """
 
-    def prepare(self, x: torch.Tensor) -> Any: ...
+    def prepare(self, x: _inputs.Inputs) -> Any: ...
 
     def contract(self, pa: Any, pb: Any | None) -> dict[str, torch.Tensor]: ...
 
-    def compute(self, xa: torch.Tensor, xb: torch.Tensor | None) -> dict[str, torch.Tensor]: ...
+    def compute(self, xa: _inputs.Inputs,
+                xb: _inputs.Inputs | None) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -90,9 +92,11 @@ def blocks(kernel: Blockwise, rows: Callable[[Span], Any], cols: Callable[[Span]
         yield (r, c), result
 
 
-def tiled(kernel: Blockwise | BlockFn, x1: torch.Tensor, x2: torch.Tensor | None,
+def tiled(kernel: Blockwise | BlockFn, x1: _inputs.Inputs, x2: _inputs.Inputs | None,
           batch_size: int | None, progress: bool = False) -> dict[str, torch.Tensor]:
     """Assemble ``{group: (N1, N2, ...)}`` from blocks of at most ``batch_size`` samples.
+
+    ``x1``, ``x2``: batches as ``_inputs`` normalises them (tensors, tuples or dicts).
 
     With ``x2 is None`` only blocks on and above the diagonal are computed; diagonal
     blocks are symmetrised and the others mirrored, so the result is exactly symmetric.
@@ -101,13 +105,19 @@ def tiled(kernel: Blockwise | BlockFn, x1: torch.Tensor, x2: torch.Tensor | None
     if not hasattr(kernel, "prepare"):
         kernel = Pairwise(kernel)
     symmetric = x2 is None
-    n1 = x1.shape[0]
-    n2 = n1 if symmetric else x2.shape[0]
+    n1 = _inputs.batch_size(x1)
+    n2 = n1 if symmetric else _inputs.batch_size(x2)
     size = batch_size or max(n1, n2, 1)
     pairs = block_pairs(n1, None if symmetric else n2, size)
     out: dict[str, torch.Tensor] = {}
-    done = blocks(kernel, lambda s: x1[s[0]:s[1]], None if symmetric else (lambda s: x2[s[0]:s[1]]),
-                  pairs, shared_rows=symmetric or n2 > size)
+    def rows(span: Span) -> _inputs.Inputs:
+        return _inputs.take(x1, *span)
+
+    def cols(span: Span) -> _inputs.Inputs:
+        return _inputs.take(x2, *span)
+
+    done = blocks(kernel, rows, None if symmetric else cols, pairs,
+                  shared_rows=symmetric or n2 > size)
     for ((r0, r1), (c0, c1)), result in tqdm(done, total=len(pairs), desc="kernel blocks",
                                              disable=not progress or len(pairs) < 2):
         for group, block in result.items():

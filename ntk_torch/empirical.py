@@ -15,22 +15,29 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ntk_torch import _engines
+from ntk_torch import _engines, _inputs
 from ntk_torch._checks import (
     MODES,
     check_batch_size,
     check_choice,
-    check_inputs,
-    check_inputs_match_params,
     check_memory_budget,
 )
 from ntk_torch._engines import Problem
-from ntk_torch._functional import FunctionalModel, ParamSelection, functionalize
+from ntk_torch._functional import (
+    FunctionalModel,
+    OutputSelection,
+    ParamSelection,
+    check_output,
+    forward,
+    functionalize,
+    vmap_errors_explained,
+)
+from ntk_torch._inputs import Batch
 from ntk_torch._model_checks import check_model_state, random_draws_error
 from ntk_torch._profile_cache import profiled
 from ntk_torch._store_compute import largest_tile
@@ -52,7 +59,9 @@ class EmpiricalNTK:
     def __init__(self, model: nn.Module, *, mode: Mode = "full",
                  implementation: Implementation = "auto", params: ParamSelection = None,
                  batch_size: int | None = None, memory_budget: float | None = None,
-                 layerwise: bool = False, progress: bool = False) -> None:
+                 layerwise: bool = False, progress: bool = False,
+                 output: OutputSelection = None,
+                 model_kwargs: dict[str, Any] | None = None) -> None:
         self.mode = check_choice("mode", mode, MODES)
         self.implementation = check_choice("implementation", implementation,
                                            ("auto", *_engines.ENGINES))
@@ -60,20 +69,22 @@ class EmpiricalNTK:
         self.memory_budget = check_memory_budget(memory_budget)
         self.progress = progress
         self.layerwise = layerwise
-        self.functional: FunctionalModel = functionalize(model, params)
+        self.functional: FunctionalModel = functionalize(model, params, output=output,
+                                                         model_kwargs=model_kwargs)
         self.last_implementation: str | None = None
         self._warned_no_vmap = False
 
-    def __call__(self, x1: torch.Tensor, x2: torch.Tensor | None = None, *,
+    def __call__(self, x1: Batch, x2: Batch | None = None, *,
                  params: dict[str, torch.Tensor] | None = None,
                  ) -> torch.Tensor | dict[str, torch.Tensor]:
         """The kernel of ``x1 (N1, ...)`` with ``x2 (N2, ...)`` (``None``: with ``x1``).
 
-        Returns :func:`empirical_ntk`'s tensor, or :func:`layerwise_ntk`'s dict with
+        Inputs as in :func:`empirical_ntk` (tensors, tuples or dicts of them). Returns
+        :func:`empirical_ntk`'s tensor, or :func:`layerwise_ntk`'s dict with
         ``layerwise=True``; ``params`` overrides selected parameters for this call.
         """
         fm = self.functional
-        check_inputs(x1, x2)
+        x1, x2 = _inputs.check_pair(x1, x2)
         check_model_state(fm.module)
         values = fm.params()
         if params is not None:
@@ -81,7 +92,7 @@ class EmpiricalNTK:
             if unknown:
                 raise ValueError(f"`params` overrides unknown or unselected parameters {unknown}")
             values.update(params)
-        check_inputs_match_params(x1, values)
+        _inputs.check_against_params("x1", x1, values)
         groups = fm.groups(self.layerwise)
         # Unselected parameters are the model's own tensors; without no_grad the kernel would
         # keep an autograd graph to them. torch.func transforms ignore the outer no_grad.
@@ -98,11 +109,11 @@ class EmpiricalNTK:
 
     def _compute(self, values, x1, x2, groups) -> dict[str, torch.Tensor]:
         fm = self.functional
-        n1 = x1.shape[0]
-        n2 = n1 if x2 is None else x2.shape[0]
+        n1 = _inputs.batch_size(x1)
+        n2 = n1 if x2 is None else _inputs.batch_size(x2)
         any_param = next(iter(values.values()))
         if n1 == 0 or n2 == 0:  # one forward (of one sample, if any) tells O
-            n_out = fm(values, (x1 if n1 or x2 is None else x2)[:1]).shape[1]
+            n_out = fm(values, _inputs.take(x1 if n1 or x2 is None else x2, 0, 1)).shape[1]
             return {g: _empty(n1, n2, n_out, self.mode, any_param) for g in groups}
         flops, activations, n_out, probe = profiled(fm, values, x1, x2)
         n_params = sum(values[n].numel() for n in fm.names)
@@ -117,7 +128,8 @@ class EmpiricalNTK:
         bound = _engines.Bound(_engines.ENGINES[engine], fm, values, self.mode, groups, problem,
                                budget)
         try:
-            return tiled(bound, x1, x2, self.batch_size, progress=self.progress)
+            with vmap_errors_explained(engine):
+                return tiled(bound, x1, x2, self.batch_size, progress=self.progress)
         except RuntimeError as err:  # random draws on a path the model's check did not take
             error = random_draws_error(err, fm.module)
             if error is None:
@@ -260,7 +272,8 @@ def empirical_ntk_fn(model: nn.Module, *, mode: Mode = "full",
                      implementation: Implementation = "auto",
                      params: ParamSelection = None, batch_size: int | None = None,
                      memory_budget: float | None = None, layerwise: bool = False,
-                     progress: bool = False) -> EmpiricalNTK:
+                     progress: bool = False, output: OutputSelection = None,
+                     model_kwargs: dict[str, Any] | None = None) -> EmpiricalNTK:
     """A reusable ``(x1, x2=None) -> kernel`` function for ``model``.
 
     Parameter selection and validation happen once; each call reads the model's current
@@ -275,13 +288,15 @@ def empirical_ntk_fn(model: nn.Module, *, mode: Mode = "full",
     """
     return EmpiricalNTK(model, mode=mode, implementation=implementation, params=params,
                         batch_size=batch_size, memory_budget=memory_budget, layerwise=layerwise,
-                        progress=progress)
+                        progress=progress, output=output, model_kwargs=model_kwargs)
 
 
-def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, *,
+def empirical_ntk(model: nn.Module, x1: Batch, x2: Batch | None = None, *,
                   mode: Mode = "full", implementation: Implementation = "auto",
                   params: ParamSelection = None, batch_size: int | None = None,
-                  memory_budget: float | None = None, progress: bool = False) -> torch.Tensor:
+                  memory_budget: float | None = None, progress: bool = False,
+                  output: OutputSelection = None,
+                  model_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
     """Empirical neural tangent kernel ``Θ(x1, x2) = J(x1) J(x2)ᵀ`` of ``model``.
 
     Args:
@@ -291,9 +306,14 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
             operations in the forward, and statistics or attention across the batch (found
             by comparing a sample alone and in a batch of two) raise a ``ValueError`` naming
             the module.
-        x1: inputs ``(N1, ...)``; integer tensors are fine (e.g. token ids).
-        x2: inputs ``(N2, ...)`` with ``x1``'s trailing shape; ``None`` means ``x1`` and
-            returns an exactly symmetric kernel, computing each block once.
+        x1: inputs ``(N1, ...)``: a tensor (``model(x1)``), a tuple or list of tensors
+            (``model(*x1)``, e.g. ``(features, mask)``) or a dict / tokenizer
+            ``BatchEncoding`` (``model(**x1)``, e.g. ``input_ids`` and ``attention_mask``),
+            every tensor with the batch dimension ``N1`` first. Integer tensors are fine
+            (token ids); floating ones must have the parameters' dtype.
+        x2: inputs ``(N2, ...)`` with ``x1``'s structure and, tensor by tensor, trailing
+            shapes and dtypes; ``None`` means ``x1`` and returns an exactly symmetric
+            kernel, computing each block once.
         mode: ``"full"`` -> ``(N1, N2, O, O)``; ``"diagonal"`` -> ``(N1, N2, O)``;
             ``"trace"`` -> ``(N1, N2)``, the mean over outputs of the diagonal.
         implementation: ``"jacobian"`` (per-sample Jacobians, fastest when ``N·O·P`` numbers
@@ -313,6 +333,12 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
             the parameters' device. A block estimated above it raises ``MemoryError``
             saying what would fit.
         progress: show a progress bar over the blocks (with ``batch_size``).
+        output: ``None`` when ``model`` returns the tensor ``(N, *out)``; otherwise a
+            callable from what it returns (a Hugging Face ``ModelOutput``, a tuple, a dict)
+            to that tensor, e.g. ``lambda o: o.logits[:, -1]``. The kernel is that of
+            ``output(model(x))``.
+        model_kwargs: keyword arguments passed on every call of ``model``, not batched
+            (e.g. ``{"use_cache": False}``).
 
     Returns:
         ``(N1, N2, O, O)``, ``(N1, N2, O)`` or ``(N1, N2)`` by ``mode``, in the parameters'
@@ -326,17 +352,28 @@ def empirical_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
         >>> nt.empirical_ntk(torch.nn.Linear(2, 1), x, mode="trace")
         tensor([[ 6.,  2.],
                 [ 2., 11.]])
+
+        Keyword inputs, integer token ids among them (``Θ = Σ_v w_a(v) w_b(v)``, ``w(v)`` the
+        mask's sum over positions holding token ``v``):
+
+        >>> bag = torch.nn.EmbeddingBag(5, 1, mode="sum")
+        >>> ids, mask = torch.tensor([[1, 2, 0], [1, 1, 3]]), torch.tensor([[1.0, 1, 0], [1, 1, 1]])
+        >>> nt.empirical_ntk(bag, {"input": ids, "per_sample_weights": mask}, mode="trace")
+        tensor([[2., 2.],
+                [2., 5.]])
     """
     ntk = EmpiricalNTK(model, mode=mode, implementation=implementation, params=params,
-                       batch_size=batch_size, memory_budget=memory_budget, progress=progress)
+                       batch_size=batch_size, memory_budget=memory_budget, progress=progress,
+                       output=output, model_kwargs=model_kwargs)
     return ntk(x1, x2)
 
 
-def layerwise_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, *,
+def layerwise_ntk(model: nn.Module, x1: Batch, x2: Batch | None = None, *,
                   mode: Mode = "full", implementation: Implementation = "auto",
                   params: ParamSelection = None, batch_size: int | None = None,
-                  memory_budget: float | None = None,
-                  progress: bool = False) -> dict[str, torch.Tensor]:
+                  memory_budget: float | None = None, progress: bool = False,
+                  output: OutputSelection = None,
+                  model_kwargs: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """Per-layer empirical NTKs, keyed by the qualified name of the owning module.
 
     ``Θ_l`` sums over the parameters registered directly on module ``l`` (``""`` for the
@@ -351,15 +388,18 @@ def layerwise_ntk(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = 
     """
     return EmpiricalNTK(model, mode=mode, implementation=implementation, params=params,
                         batch_size=batch_size, memory_budget=memory_budget, layerwise=True,
-                        progress=progress)(x1, x2)
+                        progress=progress, output=output, model_kwargs=model_kwargs)(x1, x2)
 
 
-def empirical_nngp(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, *,
-                   mode: Mode = "trace", batch_size: int | None = None) -> torch.Tensor:
+def empirical_nngp(model: nn.Module, x1: Batch, x2: Batch | None = None, *,
+                   mode: Mode = "trace", batch_size: int | None = None,
+                   output: OutputSelection = None,
+                   model_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
     """Inner products of the model's outputs, the empirical NNGP kernel.
 
     ``K[a, b, i, j] = f_i(x1_a) · f_j(x2_b)``; modes and shapes as in :func:`empirical_ntk`
-    (``"trace"`` is the mean over outputs, ``(N1, N2)``). Averaged over random
+    (``"trace"`` is the mean over outputs, ``(N1, N2)``), and so are the inputs (tensors,
+    tuples or dicts of them), ``output`` and ``model_kwargs``. Averaged over random
     initialisations it estimates the analytic NNGP kernel.
 
     Example:
@@ -372,21 +412,23 @@ def empirical_nngp(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None =
     """
     check_choice("mode", mode, MODES)
     check_batch_size(batch_size)
-    check_inputs(x1, x2)
+    x1, x2 = _inputs.check_pair(x1, x2)
     check_model_state(model)
-
-    return tiled(_OutputProducts(model, mode), x1, x2, batch_size)[""]
+    products = _OutputProducts(model, mode, check_output(output),
+                               _inputs.check_model_kwargs(model_kwargs))
+    return tiled(products, x1, x2, batch_size)[""]
 
 
 class _OutputProducts:
     """The empirical NNGP as a ``_tiling.Blockwise`` kernel: outputs per block, then products."""
 
-    def __init__(self, model: nn.Module, mode: str) -> None:
-        self.model, self.mode = model, mode
+    def __init__(self, model: nn.Module, mode: str, output: OutputSelection,
+                 model_kwargs: dict[str, Any]) -> None:
+        self.model, self.mode, self.output, self.model_kwargs = model, mode, output, model_kwargs
 
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare(self, x: _inputs.Inputs) -> torch.Tensor:
         with torch.no_grad():
-            return _outputs(self.model, x)
+            return forward(self.model, x, output=self.output, model_kwargs=self.model_kwargs)
 
     def contract(self, fa: torch.Tensor, fb: torch.Tensor | None) -> dict[str, torch.Tensor]:
         fb = fa if fb is None else fb
@@ -396,12 +438,6 @@ class _OutputProducts:
             return {"": fa[:, None, :] * fb[None, :, :]}
         return {"": fa @ fb.T / fa.shape[1]}
 
-    def compute(self, xa: torch.Tensor, xb: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def compute(self, xa: _inputs.Inputs,
+                xb: _inputs.Inputs | None) -> dict[str, torch.Tensor]:
         return self.contract(self.prepare(xa), None if xb is None else self.prepare(xb))
-
-
-def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != x.shape[0]:
-        raise ValueError(f"`model` must return a Tensor of shape (N, ...) with N = {x.shape[0]}")
-    return out.reshape(out.shape[0], math.prod(out.shape[1:]))

@@ -12,6 +12,10 @@ feature learning adds.
 
 The product ``J (θ − θ0)`` is one forward-mode pass (``torch.func.jvp``): it never builds
 ``J``, and costs about two to three forward passes.
+
+Inputs are whatever the model takes (positional and keyword tensors, token ids); only the
+parameters are expanded, never the inputs, so ``f_lin`` is exact in ``x``. Every tensor the
+model returns is expanded; ``output=`` expands only the tensor it selects.
 """
 
 from __future__ import annotations
@@ -23,8 +27,15 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call, jvp
+from torch.utils._pytree import tree_flatten, tree_map
 
-from ntk_torch._functional import ParamSelection, _no_fused_attention, functionalize
+from ntk_torch._checks import describe
+from ntk_torch._functional import (
+    OutputSelection,
+    ParamSelection,
+    _no_fused_attention,
+    functionalize,
+)
 from ntk_torch._model_checks import check_model_state
 
 
@@ -36,11 +47,16 @@ class LinearizedModel(nn.Module):
             at ``θ0``); the others are frozen (``requires_grad=False``) and, with its buffers,
             enter as the constants they were at :func:`linearize` time.
         names: the linearized parameter names, in ``named_parameters()`` order.
+        output: None, or what selects the tensor to expand from the model's return value.
+        model_kwargs: keyword arguments added to every call (the call's own win).
     """
 
-    def __init__(self, model: nn.Module, params: ParamSelection = None) -> None:
+    def __init__(self, model: nn.Module, params: ParamSelection = None, *,
+                 output: OutputSelection = None,
+                 model_kwargs: dict[str, Any] | None = None) -> None:
         super().__init__()
-        selected = functionalize(model, params).names
+        fm = functionalize(model, params, output=output, model_kwargs=model_kwargs)
+        selected, self.output, self.model_kwargs = fm.names, fm.output, fm.model_kwargs
         try:
             clone = copy.deepcopy(model)
         except Exception as error:  # noqa: BLE001 - re-raised with the user's context
@@ -75,8 +91,10 @@ class LinearizedModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The model's call signature, each output ``f(x; θ0) + J(x; θ0)(θ − θ0)``.
 
-        Returns what the model returns: tensors, or tuples, lists and dicts of them.
+        Returns what the model returns (tensors, or tuples, lists, dicts and other
+        containers of them), or the tensor ``output`` selects from it.
         """
+        kwargs = {**self.model_kwargs, **kwargs}  # a call's own keywords take precedence
         check_model_state(self.model)
         theta0 = self.initial_params()
         current = dict(self.model.named_parameters())
@@ -90,11 +108,20 @@ class LinearizedModel(nn.Module):
             tangent[name] = tangent[name].index_fill(0, index, 0.0)
 
         def at(params: dict[str, torch.Tensor]) -> Any:
-            return functional_call(self.model, params, args, kwargs, tie_weights=True, strict=False)
+            out = functional_call(self.model, params, args, kwargs, tie_weights=True, strict=False)
+            out = out if self.output is None else self.output(out)
+            leaves = tree_flatten(out)[0]
+            if not all(isinstance(t, torch.Tensor) for t in leaves):
+                other = next(t for t in leaves if not isinstance(t, torch.Tensor))
+                raise TypeError(
+                    f"`model` returned {describe(other)} among its outputs; linearize expands "
+                    "tensors only: pass `output=` to select the tensor to expand, e.g. "
+                    "output=lambda o: o.logits")
+            return out
 
         with _no_fused_attention():
             value, derivative = jvp(at, (theta0,), (tangent,))
-        return _add(value, derivative)
+        return tree_map(torch.add, value, derivative)
 
     def extra_repr(self) -> str:
         """How many parameters the expansion is in."""
@@ -127,19 +154,8 @@ def _padding_rows(model: nn.Module, selected: tuple[str, ...]) -> tuple[tuple[st
     return tuple(rows)
 
 
-def _add(a: Any, b: Any) -> Any:
-    if isinstance(a, torch.Tensor):
-        return a + b
-    if isinstance(a, (tuple, list)):
-        items = [_add(x, y) for x, y in zip(a, b)]
-        return type(a)(*items) if hasattr(a, "_fields") else type(a)(items)
-    if isinstance(a, dict):
-        return type(a)((key, _add(a[key], b[key])) for key in a)
-    raise TypeError(f"`model` returned {type(a).__name__}; linearize supports tensors and "
-                    "tuples, lists and dicts of tensors")
-
-
-def linearize(model: nn.Module, *, params: ParamSelection = None) -> LinearizedModel:
+def linearize(model: nn.Module, *, params: ParamSelection = None, output: OutputSelection = None,
+              model_kwargs: dict[str, Any] | None = None) -> LinearizedModel:
     """A trainable module computing the model's first-order Taylor expansion.
 
     The expansion is taken at the model's current parameters.
@@ -160,10 +176,16 @@ def linearize(model: nn.Module, *, params: ParamSelection = None) -> LinearizedM
         params: which parameters to linearize: ``None`` (every parameter with
             ``requires_grad``), parameter names, or a predicate ``(name, param) -> bool``.
             The others, and all buffers, are constants: frozen in the copy.
+        output: None to expand every tensor the model returns, or a callable selecting the
+            one to expand (e.g. ``lambda o: o.logits``), which the result then returns; needed
+            when the model also returns non-tensors (a Hugging Face cache).
+        model_kwargs: keyword arguments added to every call (e.g. ``{"use_cache": False}``).
 
     Returns:
         A :class:`LinearizedModel` called exactly like ``model`` (positional and keyword
-        arguments), returning outputs of the model's shapes.
+        arguments, so ``lin(*x)`` or ``lin(**x)`` for a tuple or dict batch ``x``),
+        returning outputs of the model's shapes. Its empirical NTK on ``x`` (with the same
+        ``output=``) is the model's at ``θ0``.
 
     Example:
         A network and its linearization agree at ``θ0``; after a step only ``f_lin`` stays
@@ -180,4 +202,4 @@ def linearize(model: nn.Module, *, params: ParamSelection = None) -> LinearizedM
         >>> sorted(lin.state_dict())[:2]
         ['model.0.bias', 'model.0.weight']
     """
-    return LinearizedModel(model, params)
+    return LinearizedModel(model, params, output=output, model_kwargs=model_kwargs)

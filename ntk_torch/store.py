@@ -33,27 +33,27 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ntk_torch import _engines, _workers
+from ntk_torch import _engines, _inputs, _workers
 from ntk_torch._checks import (
     MODES,
     check_choice,
-    check_inputs_match_params,
     check_int,
     check_memory_budget,
     check_sample_range,
     describe,
 )
-from ntk_torch._functional import ParamSelection, functionalize
+from ntk_torch._functional import OutputSelection, ParamSelection, functionalize
 from ntk_torch._kernel_matrix import transpose_pairs
 from ntk_torch._model_checks import check_model_behaviour, check_model_state
 from ntk_torch._store_compute import (
     STORABLE_DTYPES,
-    Inputs,
+    InputSource,
     compute_tiles,
     plan,
     resolve_engine,
@@ -280,12 +280,13 @@ class KernelStore:
 # Computing.
 
 
-def compute_kernel(model: nn.Module, x1: torch.Tensor | torch.utils.data.Dataset,
-                   x2: torch.Tensor | torch.utils.data.Dataset | None = None, *,
+def compute_kernel(model: nn.Module, x1: _inputs.Batch | torch.utils.data.Dataset,
+                   x2: _inputs.Batch | torch.utils.data.Dataset | None = None, *,
                    store: str | os.PathLike, mode: str = "trace", tile: int = 1024,
                    implementation: str = "auto", params: ParamSelection = None,
                    progress: bool = True, inputs_id: str | None = None,
-                   memory_budget: float | None = None) -> KernelStore:
+                   memory_budget: float | None = None, output: OutputSelection = None,
+                   model_kwargs: dict[str, Any] | None = None) -> KernelStore:
     """Compute the empirical NTK tile by tile into the directory ``store``.
 
     ``K[a, b, i, j] = Σ_p ∂f_i(x1_a)/∂θ_p ∂f_j(x2_b)/∂θ_p`` as in
@@ -315,8 +316,10 @@ def compute_kernel(model: nn.Module, x1: torch.Tensor | torch.utils.data.Dataset
 
     Args:
         model: as in :func:`ntk_torch.empirical_ntk`.
-        x1: inputs ``(N1, ...)``, or a ``torch.utils.data.Dataset`` whose items are inputs
-            or ``(input, target)`` pairs (read one tile block at a time).
+        x1: inputs ``(N1, ...)`` as in :func:`ntk_torch.empirical_ntk` (a tensor, a tuple or
+            a dict of tensors), or a ``torch.utils.data.Dataset`` whose items are one
+            sample's inputs (a tensor, a dict of tensors) or ``(inputs, target)`` pairs
+            (read one tile block at a time). The fingerprint hashes every tensor.
         x2: inputs ``(N2, ...)`` likewise; ``None`` for the kernel of ``x1`` with itself
             (only tiles on and above the diagonal are computed and stored).
         store: directory of the store; created (with its parents) if missing.
@@ -331,6 +334,9 @@ def compute_kernel(model: nn.Module, x1: torch.Tensor | torch.utils.data.Dataset
             (with their length) instead of hashing every sample.
         memory_budget: bytes one tile's computation may use; default half the available
             memory of the parameters' device.
+        output: as in :func:`ntk_torch.empirical_ntk`. A resumed store checks it, and
+            ``model_kwargs``, through the model's outputs on the first input.
+        model_kwargs: as in :func:`ntk_torch.empirical_ntk`.
 
     Returns:
         The :class:`KernelStore`, complete unless other independent workers are still
@@ -354,21 +360,22 @@ def compute_kernel(model: nn.Module, x1: torch.Tensor | torch.utils.data.Dataset
         raise TypeError(f"`inputs_id` must be a str or None, got {describe(inputs_id)}")
     budget_arg = check_memory_budget(memory_budget)
     path = Path(store)
-    fm = functionalize(model, params)
+    fm = functionalize(model, params, output=output, model_kwargs=model_kwargs)
     check_model_state(fm.module)
     values = fm.params()
     like = next(iter(values.values()))
     if like.dtype not in STORABLE_DTYPES:
         raise ValueError(f"the model's parameters have dtype {like.dtype}, which a kernel store "
                          f"cannot hold; use one of {', '.join(map(str, STORABLE_DTYPES))}")
-    inputs1 = Inputs("x1", x1)
-    inputs2 = None if x2 is None else Inputs("x2", x2)
+    inputs1 = InputSource("x1", x1)
+    inputs2 = None if x2 is None else InputSource("x2", x2)
     if inputs2 is not None:
         inputs2.check_like(inputs1)
-    sample = inputs1.first.to(like.device)
-    check_inputs_match_params(sample, values)
-    check_model_behaviour(fm, values, inputs1.load((0, min(2, len(inputs1)))).to(like.device),
-                          None if inputs2 is None else inputs2.first.to(like.device))
+    sample = _inputs.to_device(inputs1.first, like.device)
+    _inputs.check_against_params("x1", sample, values)
+    check_model_behaviour(
+        fm, values, _inputs.to_device(inputs1.load((0, min(2, len(inputs1)))), like.device),
+        None if inputs2 is None else _inputs.to_device(inputs2.first, like.device))
 
     job = plan(fm, values, sample, inputs1, inputs2, mode, tile, inputs_id)
 

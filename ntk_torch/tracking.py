@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ntk_torch import metrics
+from ntk_torch import _inputs, metrics
 from ntk_torch import records as _records
 from ntk_torch._checks import MODES, check_choice, check_int, check_module, describe
-from ntk_torch._functional import ParamSelection
+from ntk_torch._functional import OutputSelection, ParamSelection
 from ntk_torch._layer_outputs import layer_outputs, measuring
 from ntk_torch.empirical import Implementation, Mode, empirical_ntk_fn
 
@@ -75,7 +75,8 @@ class KernelTracker:
 
     Args:
         model: the ``nn.Module`` being trained (read, never modified).
-        probe_x: probe inputs ``(N, ...)``, ``N >= 2``, on the model's device, kept fixed.
+        probe_x: probe inputs ``(N, ...)``, ``N >= 2``, on the model's device, kept fixed: a
+            tensor, or a tuple or dict of tensors as in :func:`ntk_torch.empirical_ntk`.
         probe_y: optional targets for alignment: real ``(N,)``/``(N, C)`` or integer class
             labels ``(N,)`` (see :func:`ntk_torch.metrics.kernel_alignment`).
         every: record when ``step % every == 0``.
@@ -90,6 +91,9 @@ class KernelTracker:
         top_k: how many leading eigenvalues of the total kernel to record (0 for none).
         batch_size: block size for the kernel computation (memory), as in
             :func:`ntk_torch.empirical_ntk`.
+        output: as in :func:`ntk_torch.empirical_ntk`.
+        model_kwargs: as in :func:`ntk_torch.empirical_ntk`; the tracked features are those
+            of the model's call with them.
 
     Example:
         >>> import torch, ntk_torch as nt
@@ -110,20 +114,22 @@ class KernelTracker:
         0.0
     """
 
-    def __init__(self, model: nn.Module, probe_x: torch.Tensor,
+    def __init__(self, model: nn.Module, probe_x: _inputs.Batch,
                  probe_y: torch.Tensor | None = None, *, every: int = 1, mode: Mode = "trace",
                  implementation: Implementation = "auto", layers: Iterable[str] | None = None,
                  params: ParamSelection = None, top_k: int = 5,
-                 batch_size: int | None = None) -> None:
+                 batch_size: int | None = None, output: OutputSelection = None,
+                 model_kwargs: dict[str, Any] | None = None) -> None:
         check_module("model", model)
         self.model = model
         self.probe_x = _check_probe_x(probe_x)
-        self.probe_y = _check_probe_y(probe_y, probe_x.shape[0])
+        self.probe_y = _check_probe_y(probe_y, _inputs.batch_size(self.probe_x))
         self.every = check_int("every", every, low=1)
         self.mode = check_choice("mode", mode, MODES)
         self.top_k = check_int("top_k", top_k, low=0)
         self._ntk = empirical_ntk_fn(model, mode=mode, implementation=implementation, params=params,
-                                     batch_size=batch_size, layerwise=True)
+                                     batch_size=batch_size, layerwise=True, output=output,
+                                     model_kwargs=model_kwargs)
         fm = self._ntk.functional
         self._param_names: tuple[str, ...] = fm.names
         self._owned: dict[str, tuple[str, ...]] = fm.groups(True)
@@ -200,7 +206,7 @@ class KernelTracker:
             "version": _STATE_VERSION,
             "config": {"mode": self.mode, "layers": list(self.layers), "top_k": self.top_k,
                        "params": list(self._param_names)},
-            "probe_x": self.probe_x.detach().clone(),
+            "probe_x": _inputs.map_leaves(lambda t: t.detach().clone(), self.probe_x),
             "probe_y": None if self.probe_y is None else self.probe_y.detach().clone(),
             "records": [dict(r) for r in self.records],
             "reference": _clone_tree(self._reference),
@@ -231,25 +237,26 @@ class KernelTracker:
         for name, saved, current in (("probe_x", state["probe_x"], self.probe_x),
                                      ("probe_y", state["probe_y"], self.probe_y)):
             same = (saved is None and current is None) or (
-                saved is not None and current is not None and saved.shape == current.shape
-                and saved.dtype == current.dtype and torch.equal(saved.to(current.device), current))
+                saved is not None and current is not None and _inputs.equal(saved, current))
             if not same:
                 raise ValueError(
                     f"`state` was recorded on a different `{name}` than this tracker's")
-        device = self.probe_x.device
+        device = _inputs.leaves(self.probe_x)[0].device
         self.records = [dict(r) for r in state["records"]]
         self._reference = _clone_tree(state["reference"], device)
         self._previous = _clone_tree(state["previous"], device)
 
     def __repr__(self) -> str:
-        return (f"KernelTracker(N={self.probe_x.shape[0]}, every={self.every}, mode={self.mode!r}, "
+        return (f"KernelTracker(N={_inputs.batch_size(self.probe_x)}, every={self.every}, "
+                f"mode={self.mode!r}, "
                 f"layers={list(self.layers)}, records={len(self.records)})")
 
     # -- measurement ------------------------------------------------------------------
 
     def _measure(self) -> tuple[_Tensors, _Tensors, _Tensors]:
         with measuring(self.model):
-            features = layer_outputs(self.model, self.probe_x, self.layers)
+            features = layer_outputs(self.model, self.probe_x, self.layers,
+                                     self._ntk.functional.model_kwargs)
             kernels = dict(self._ntk(self.probe_x))
             kernels[TOTAL] = sum(kernels.values())
             named = dict(self.model.named_parameters())
@@ -303,13 +310,13 @@ def _clone_tree(tree: Any, device: torch.device | None = None) -> Any:
     return tree
 
 
-def _check_probe_x(x: Any) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"`probe_x` must be a torch.Tensor of shape (N, ...), got {describe(x)}")
-    if x.dim() == 0 or x.shape[0] < 2:
-        raise ValueError(
-            f"`probe_x` must hold N >= 2 samples, shape (N, ...), got shape {tuple(x.shape)}")
-    return x.detach()
+def _check_probe_x(x: Any) -> _inputs.Inputs:
+    x = _inputs.normalize("probe_x", x)
+    if _inputs.batch_size(x) < 2:
+        shapes = "; ".join(f"{label} has shape {tuple(t.shape)}"
+                           for label, t in _inputs.labelled_leaves("probe_x", x))
+        raise ValueError(f"`probe_x` must hold N >= 2 samples, shape (N, ...): {shapes}")
+    return _inputs.map_leaves(torch.Tensor.detach, x)
 
 
 def _check_probe_y(y: Any, n: int) -> torch.Tensor | None:

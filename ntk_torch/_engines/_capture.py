@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.func import vjp, vmap
 
+from ntk_torch import _inputs
 from ntk_torch._engines._contractions import Gradients, Streamed
 from ntk_torch._engines._forward import batched_forward, fast_layout, site_hooks
 from ntk_torch._engines._heads import leaves_reached, separable_heads
@@ -110,7 +111,7 @@ def capture_batched(fm, params, x, structure: Structure, factor: Collection[int]
     run = batched_forward(fm, fixed, x, structure)
     if run is None or not _samples_independent(fm, fixed, x, run.out):
         return None
-    out, n, n_out = run.out, x.shape[0], run.out.shape[1]
+    out, n, n_out = run.out, _inputs.batch_size(x), run.out.shape[1]
     # The per-sample layouts: the layer's batch dimension of one after (N,) / (N, O).
     feats = {k: f.unsqueeze(1) for k, f in enumerate(run.feats)}
     modules = run.modules
@@ -182,9 +183,9 @@ def _samples_independent(fm, params, x, out) -> bool:
     engine runs (``_model_checks``); where the engine is used without that check, such a
     model takes the per-sample capture, which computes each sample alone.
     """
-    if x.shape[0] == 1:
+    if _inputs.batch_size(x) == 1:
         return True
     with torch.no_grad():
-        alone = fm(params, x[:1])
+        alone = fm(params, _inputs.take(x, 0, 1))
     batch = out.detach()
     return difference(alone[0], batch[0], rounding_tolerance(batch)) is None

@@ -19,6 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
+from ntk_torch import _inputs
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -127,7 +129,7 @@ class Probe:
 def profile_forward(fm, params: dict[str, torch.Tensor],
                     x: torch.Tensor) -> tuple[float, float, int, Probe]:
     """FLOPs, allocated elements, output size ``O`` and :class:`Probe` of ``x[:1]``."""
-    sample = x[:1]
+    sample = _inputs.take(x, 0, 1)
     with torch.no_grad():
         counter = _ForwardCounter()
         with counter:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ntk_torch import _inputs
 from ntk_torch._engines._structure import Structure
 
 
@@ -96,7 +97,7 @@ def batched_forward(fm, params, x, structure: Structure) -> Run | None:
     if structure.fallback or any(s.out_shape[:1] != (1,) or s.in_shape[:1] != (1,) for s in sites):
         return None
     modules = dict(fm.module.named_modules())
-    n = x.shape[0]
+    n = _inputs.batch_size(x)
     eps: list = [None] * len(sites)
     feats: list = [None] * len(sites)
     inputs: list = [None] * len(sites)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.func import jacrev, vmap
 
+from ntk_torch import _inputs
 from ntk_torch._engines import jacobian
 from ntk_torch._engines._cost import Cost, Problem
 
@@ -49,11 +50,6 @@ def estimate(problem: Problem) -> Cost:
     return Cost(jac_flops + contract_flops, jac_bytes + work_bytes + p.output_bytes())
 
 
-def _sample(x: torch.Tensor, a: int) -> torch.Tensor:
-    """Sample ``a`` of the batch ``x``, as a batch of one."""
-    return x[a:a + 1]
-
-
 def _layout(params: dict[str, torch.Tensor],
             groups: dict[str, tuple[str, ...]]) -> tuple[list[str], dict[str, tuple[int, int]]]:
     """Parameter names in Jacobian column order, and each group's span of columns.
@@ -69,7 +65,7 @@ def _layout(params: dict[str, torch.Tensor],
     return names, spans
 
 
-def per_sample_jacobians(fm, params: dict[str, torch.Tensor], x: torch.Tensor,
+def per_sample_jacobians(fm, params: dict[str, torch.Tensor], x: _inputs.Inputs,
                          names: list[str]) -> torch.Tensor:
     """``(N, O, P)``: Jacobians of each sample's outputs w.r.t. ``params[names]``, flattened.
 
@@ -78,13 +74,13 @@ def per_sample_jacobians(fm, params: dict[str, torch.Tensor], x: torch.Tensor,
     """
     leaves = [params[n].detach().requires_grad_() for n in names]
     values = {**params, **dict(zip(names, leaves))}
-    n = x.shape[0]
+    n = _inputs.batch_size(x)
     n_params = sum(t.numel() for t in leaves)
     jac = None
     rng = _rng_state(leaves[0].device)
     with torch.enable_grad(), _rnn_backward(fm.module, leaves[0].device):
         for a in range(n):
-            out = fm(values, _sample(x, a))[0]  # (O,)
+            out = fm(values, _inputs.take(x, a, a + 1))[0]  # (O,)
             if jac is None:
                 jac = leaves[0].new_empty(n, out.shape[0], n_params)
             if not out.requires_grad:  # no selected parameter reaches this sample's outputs

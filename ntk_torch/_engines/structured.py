@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ntk_torch import _inputs
 from ntk_torch._engines import jacobian
 from ntk_torch._engines._capture import Captured, capture_batched, capture_per_sample
 from ntk_torch._engines._contractions import (
@@ -135,18 +136,19 @@ class Prepared:
 
     Attributes:
         ctx: the shared context.
-        x: the samples ``(N, ...)`` (to recompute a pair whose captures came out differently).
+        x: the samples ``(N, ...)``, a tensor or a tuple or dict of them (to recompute a pair
+            whose captures came out differently).
         cap: captured layer inputs, cotangents, fallback Jacobians, separable heads and
             streamed per-sample gradients.
     """
 
     ctx: _Context
-    x: torch.Tensor
+    x: _inputs.Inputs
     cap: Captured
 
     @property
     def n(self) -> int:
-        return self.x.shape[0]
+        return _inputs.batch_size(self.x)
 
     def representation(self) -> tuple:
         """Which layers were factored or streamed: blocks contract directly when equal."""
@@ -155,7 +157,7 @@ class Prepared:
 
     def rows(self, start: int, stop: int | None) -> Prepared:
         """The same for samples ``start:stop`` (views, no copy)."""
-        return Prepared(self.ctx, self.x[start:stop], self.cap.rows(start, stop))
+        return Prepared(self.ctx, _inputs.take(self.x, start, stop), self.cap.rows(start, stop))
 
 
 def prepare(fm, params, x, mode, groups, *, problem=None, memory_budget=None) -> Prepared:
@@ -168,11 +170,12 @@ def prepare(fm, params, x, mode, groups, *, problem=None, memory_budget=None) ->
     ``problem.n2`` samples (without a problem: ``x`` with itself), so the features of any
     two blocks prepared with the same ``problem`` contract directly (:func:`contract`).
     """
-    structure = _structure(problem) or probe(fm, params, x[:1])
+    structure = _structure(problem) or probe(fm, params, _inputs.take(x, 0, 1))
     if problem is not None:
         n1, n2, symmetric, n_out = problem.n1, problem.n2, problem.symmetric, problem.n_out
     else:
-        n1, n2, symmetric, n_out = x.shape[0], x.shape[0], True, structure.n_out
+        n = _inputs.batch_size(x)
+        n1, n2, symmetric, n_out = n, n, True, structure.n_out
     dtype = next(iter(params.values())).dtype
     work = WORK_BYTES
     if memory_budget is not None:
@@ -247,7 +250,8 @@ def contract(fa: Prepared, fb: Prepared | None, fm, params, mode, groups, *, pro
         if group not in out:  # parameters that do not affect the outputs here
             shape = {"full": (n1, n2, n_out, n_out), "diagonal": (n1, n2, n_out),
                      "trace": (n1, n2)}[mode]
-            out[group] = torch.zeros(shape, dtype=ctx.dtype, device=fa.x.device)
+            out[group] = torch.zeros(shape, dtype=ctx.dtype,
+                                     device=next(iter(params.values())).device)
     return {g: k.contiguous() for g, k in out.items()}
 
 
@@ -256,12 +260,12 @@ def compute(fm, params, x1, x2, mode, groups, *, problem=None, memory_budget=Non
 
     The features of ``x1`` and ``x2`` come from one capture of both batches together.
     """
-    xs = x1 if x2 is None else torch.cat([x1, x2])
+    xs = x1 if x2 is None else _inputs.concat([x1, x2])
     f = prepare(fm, params, xs, mode, groups, problem=problem, memory_budget=memory_budget)
     kw = {"problem": problem, "memory_budget": memory_budget}
     if x2 is None:
         return contract(f, None, fm, params, mode, groups, **kw)
-    n1 = x1.shape[0]
+    n1 = _inputs.batch_size(x1)
     return contract(f.rows(0, n1), f.rows(n1, None), fm, params, mode, groups, **kw)
 
 
