@@ -21,7 +21,10 @@ skipped. Achieved GFLOP/s divides each method's estimated FLOPs (the cost
 model of ``implementation="auto"``, or the recipe's count) by its median time, beside the
 measured float32 matmul throughput. For the wide MLP the reference is ``O`` backward
 passes of the whole batch through the same network (one forward, ``O`` calls of
-``autograd.grad``): the least work any exact method needs.
+``autograd.grad``): the least work any exact method needs. The transformer and recurrent
+rows (``_models``: ViT-style encoder, GPT-2-style blocks, tiny BERT-like, ``nn.LSTMCell``)
+also report the share of parameters the structured engine handles by a layer rule; the
+rest take its per-sample fallback.
 
 Usage:
     python benchmarks/bench_empirical.py --out results/benchmarks [--quick] [--threads 2]
@@ -46,7 +49,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _timing  # noqa: E402  (sibling helper modules of this script)
+import _models  # noqa: E402  (sibling helper modules of this script)
+import _timing  # noqa: E402
 from _tutorial import tutorial_jacrev, tutorial_ntk_vp  # noqa: E402
 
 import ntk_torch as nt  # noqa: E402
@@ -72,12 +76,18 @@ class Config:
     symmetric: bool  # x2=None (ntk_torch) / x2=x1 (recipes); else a second batch of n
     modes: tuple[str, ...]
     reference: bool = False  # also time O full-batch backward passes
+    vocab: int = 0  # inputs are token ids below this, not normal floats
 
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         g = torch.Generator().manual_seed(1)
-        x1 = torch.randn(self.n, *self.input_shape, generator=g)
-        x2 = None if self.symmetric else torch.randn(self.n, *self.input_shape, generator=g)
-        return x1, x2
+
+        def draw() -> torch.Tensor:
+            shape = (self.n, *self.input_shape)
+            if self.vocab:
+                return torch.randint(0, self.vocab, shape, generator=g)
+            return torch.randn(*shape, generator=g)
+        x1 = draw()
+        return x1, None if self.symmetric else draw()
 
 
 def _mlp(sizes: list[int], act: type[nn.Module]) -> Callable[[], nn.Module]:
@@ -105,6 +115,11 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
     Config("cnn_3x32x32", _cnn, (3, 32, 32), 32, False, ("full", "trace")),
     Config("tanh_mlp_64-1024-1024-1", _mlp([64, 1024, 1024, 1], nn.Tanh), (64,), 128, False,
            ("full",)),
+    # The layers real models are made of (``_models``): attention, GPT-2's Conv1D, LSTMCell.
+    Config("vit_3x16x16", _models.ViT, (3, 16, 16), 16, False, ("full", "trace")),
+    Config("gpt2_t16", _models.GPT2, (16,), 16, False, ("full", "trace"), vocab=128),
+    Config("bert_t16", _models.BERT, (16,), 16, False, ("full",), vocab=128),
+    Config("lstm_cell_t8", _models.UnrolledLSTMCell, (8, 16), 32, False, ("full",)),
     # Seconds-long smoke configuration for tests; not in the default set.
     Config("tiny", _mlp([6, 8, 3], nn.Tanh), (6,), 4, False, ("full", "trace")),
 ]}
@@ -202,6 +217,7 @@ def run_config(config: Config, mode: str, args, gflops: float) -> list[dict]:
     if args.methods:
         methods = [m for m in methods if m in args.methods]
     memory = available_memory(torch.device("cpu"))
+    share = _models.structured_share(net, x1)[0]
     rows: dict[str, dict] = {}
     runnable: dict[str, Callable[[], torch.Tensor]] = {}
     for method in methods:
@@ -209,6 +225,7 @@ def run_config(config: Config, mode: str, args, gflops: float) -> list[dict]:
         row = {"config": config.name, "mode": mode, "method": method, "n": config.n,
                "x2": "None" if config.symmetric else f"{config.n} samples",
                "est_gflop": flops / 1e9, "est_gib": nbytes / 2**30, "status": "ok",
+               "structured_share": share,
                "picked": _engines.choose(problem, None) if method == "auto" else ""}
         rows[method] = row
         if nbytes > 0.7 * memory:
@@ -285,7 +302,8 @@ def _ratios(rows: dict[str, dict]) -> None:
             r["time_vs_best_engine"] = r["median_s"] / best_engine
 
 
-COLUMNS = ["config", "mode", "method", "status", "picked", "n", "x2", "median_s", "min_s", "runs",
+COLUMNS = ["config", "mode", "method", "status", "picked", "structured_share", "n", "x2",
+           "median_s", "min_s", "runs",
            "peak_mib", "est_gflop", "est_gib", "achieved_gflops", "matmul_gflops",
            "speedup_vs_tutorial_jacrev", "speedup_vs_best_recipe", "memory_vs_tutorial_jacrev",
            "time_vs_backward_x_O", "time_vs_best_engine", "max_rel_diff", "note"]
@@ -302,10 +320,12 @@ def _fmt(value) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    shown = ["config", "mode", "method", "median_s", "peak_mib", "achieved_gflops",
+    shown = ["config", "mode", "method", "structured_share", "median_s", "peak_mib",
+             "achieved_gflops",
              "speedup_vs_tutorial_jacrev", "speedup_vs_best_recipe", "memory_vs_tutorial_jacrev",
              "time_vs_backward_x_O", "time_vs_best_engine", "status"]
-    header = ["config", "mode", "method", "median s", "peak MiB", "GFLOP/s", "x vs jacrev",
+    header = ["config", "mode", "method", "structured share", "median s", "peak MiB", "GFLOP/s",
+              "x vs jacrev",
               "x vs best recipe", "mem/jacrev", "t/backward", "t/best engine", "status"]
     table = [header] + [[_fmt(r.get(c)) for c in shown] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]

@@ -147,8 +147,9 @@ def test_standard_layers_are_structured_and_the_rest_falls_back():
     case = CASES["transformer_eval"]
     structured_names, fallback = _split(case.build(), case.inputs(2))
     assert {"encoder.linear1.weight", "encoder.norm2.bias", "head.weight"} <= structured_names
-    # nn.MultiheadAttention uses its packed projections (and out_proj.weight) directly.
-    assert {"encoder.self_attn.in_proj_weight", "encoder.self_attn.out_proj.weight"} <= fallback
+    # nn.MultiheadAttention's packed projections, in self-attention, by their own rule.
+    assert {"encoder.self_attn.in_proj_weight", "encoder.self_attn.out_proj.weight"} <= (
+        structured_names) and not fallback
 
     case = CASES["tied_weights"]
     structured_names, fallback = _split(case.build(), case.inputs(2))

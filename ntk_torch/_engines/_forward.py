@@ -9,12 +9,13 @@ whole batch this way (:class:`Run`); the per-sample capture uses :func:`site_hoo
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from ntk_torch import _inputs
+from ntk_torch._engines._layers import layer_calls
 from ntk_torch._engines._structure import Structure
 
 
@@ -48,9 +49,12 @@ def site_hooks(modules, sites, perturb, feats, inputs=None, outputs=None):
             inputs[k], outputs[k] = (args[0], args[0]._version), (result, result._version)
         return result
 
-    with ExitStack() as stack:
-        for m in {id(modules[s.module]): modules[s.module] for s in sites}.values():
-            stack.callback(m.register_forward_hook(hook).remove)
+    by_rule: dict = {}
+    for s in sites:
+        layers = by_rule.setdefault(s.rule, [])
+        if all(m is not modules[s.module] for m in layers):
+            layers.append(modules[s.module])
+    with layer_calls(by_rule, hook):
         yield
 
 

@@ -1,7 +1,8 @@
 """Which parameters the structured engine can handle, found by one probed forward pass.
 
 A parameter is *structured* when every use of it is the standard forward of a layer with
-a rule (``_layers``: ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, and the
+a rule (``_layers``: ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, GPT-2's
+``Conv1D``, the packed projections of ``nn.MultiheadAttention`` in self-attention, and the
 affine parameters of ``nn.LayerNorm``/``nn.GroupNorm``/``nn.BatchNorm*`` in eval mode). Its
 per-sample gradient is then ``Σ_t δ_t ⊗ a_t`` over the layer's positions ``t`` (and over
 all calls of the layer), with ``a_t`` the layer's input feature and ``δ_t`` the cotangent
@@ -11,8 +12,10 @@ exact per-sample Jacobian.
 The probe runs the model on one sample inside ``functional_call`` with forward hooks on
 the candidate layers and a ``TorchFunctionMode`` that sees every operation touching a
 parameter tensor: a use outside the owning layer's own call (a raw ``x @ lin.weight``,
-``nn.MultiheadAttention``'s packed projections, a weight tied to a layer of another kind)
-sends the parameter to the fallback, so the kernel stays exact for any model.
+``nn.MultiheadAttention``'s projections in cross-attention, a weight tied to a layer of
+another kind) sends the parameter to the fallback, so the kernel stays exact for any model.
+A rule whose layers are recognised by class name also checks, on the probe, that the call
+computed what it assumes (``LayerRule.verify``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from ntk_torch._engines._layers import LayerRule, Site, rule_for
+from ntk_torch._engines._layers import LayerRule, Site, layer_calls, rule_for
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,8 @@ class Structure:
         heads: ``(site, readout site)`` pairs where the site's output reaches the readout's
             input channel by channel on the probe (``_heads``): the site's unit may take the
             factored rule.
+        extra_flops: per sample, FLOPs that the rules' interceptions add to a forward pass
+            (``LayerRule.extra_flops``).
     """
 
     sites: tuple[Site, ...]
@@ -95,6 +100,7 @@ class Structure:
     cotangent_elements: int
     n_out: int
     heads: tuple[tuple[int, int], ...] = ()
+    extra_flops: float = 0.0
 
 
 class _ParameterUses(TorchFunctionMode):
@@ -120,12 +126,18 @@ class _ParameterUses(TorchFunctionMode):
 
 
 @contextmanager
-def _hooks(modules: list[nn.Module], pre, post) -> Iterator[None]:
-    with ExitStack() as stack:
+def _call_stack(modules: list[nn.Module], stack: list[nn.Module]) -> Iterator[None]:
+    """Keeps ``stack`` holding the modules whose forward is running, innermost last."""
+    def enter(module, args) -> None:
+        stack.append(module)
+
+    def leave(module, args, output) -> None:  # returns None: the output stays as it is
+        stack.pop()
+
+    with ExitStack() as hooks:
         for m in modules:
-            if pre is not None:
-                stack.callback(m.register_forward_pre_hook(pre).remove)
-            stack.callback(m.register_forward_hook(post).remove)
+            hooks.callback(m.register_forward_pre_hook(enter).remove)
+            hooks.callback(m.register_forward_hook(leave).remove)
         yield
 
 
@@ -144,8 +156,8 @@ def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Struc
     # (layer, role) pairs holding each selected parameter, by canonical name.
     holders: dict[str, list[tuple[str, str]]] = {}
     for lname, m in candidates.items():
-        for role in ("weight", "bias"):
-            p = m._parameters.get(role)
+        for role, attribute in zip(("weight", "bias"), rules[lname].parameters):
+            p = m._parameters.get(attribute)
             if p is not None and aliases[id(p)] in params:
                 holders.setdefault(aliases[id(p)], []).append((lname, role))
 
@@ -155,21 +167,26 @@ def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Struc
     calls: list[tuple[str, tuple[int, ...], tuple[int, ...], torch.dtype]] = []
     unusable: set[str] = set()
 
-    def pre(module, args):
-        stack.append(module)
-
-    def post(module, args, output):
-        stack.pop()
+    def record(module, args, output):
+        name = names_of[id(module)]
         inp = args[0] if args else None
-        if isinstance(inp, torch.Tensor) and isinstance(output, torch.Tensor):
-            calls.append((names_of[id(module)], tuple(inp.shape), tuple(output.shape),
-                          output.dtype))
+        if (isinstance(inp, torch.Tensor) and isinstance(output, torch.Tensor)
+                and rules[name].verify(module, inp, output)):
+            calls.append((name, tuple(inp.shape), tuple(output.shape), output.dtype))
         else:  # called in a way the rules do not cover: keyword input, tuple output
-            calls.append((names_of[id(module)], (), (), torch.float32))
-            unusable.add(names_of[id(module)])
+            calls.append((name, (), (), torch.float32))
+            unusable.add(name)
+        return output
 
+    by_rule: dict[LayerRule, list[nn.Module]] = {}
+    for name, m in candidates.items():
+        by_rule.setdefault(rules[name], []).append(m)
     uses = _ParameterUses(owners, stack)
-    with torch.no_grad(), _hooks(list(candidates.values()), pre, post), uses:
+    # Entered in this order: a rule's own interception runs above the use check, whose
+    # operations it may perform (in the layer's name), and ``record`` runs before the call
+    # stack pops the layer, so that what ``verify`` computes is the layer's own use.
+    with (torch.no_grad(), uses, layer_calls(by_rule, record),
+          _call_stack(list(candidates.values()), stack)):
         out = fm(params, sample)
 
     structured: dict[str, list[tuple[str, str]]] = {}
@@ -202,10 +219,11 @@ def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Struc
     fallback = tuple(n for n in params if n not in done)
     features = sum(s.rule.feature_elements(candidates[s.module], s) for s in sites)
     cotangents = sum(math.prod(s.out_shape) for s in sites)
+    extra = sum(s.rule.extra_flops(candidates[s.module], s) for s in sites)
     return Structure(sites=sites, units=tuple(units), fallback=fallback,
                      fallback_params=sum(params[n].numel() for n in fallback),
                      feature_elements=features, cotangent_elements=cotangents,
-                     n_out=int(out[0].numel()))
+                     n_out=int(out[0].numel()), extra_flops=extra)
 
 
 def _unit(layers: dict[str, nn.Module], sites: tuple[Site, ...], idx: tuple[int, ...],

@@ -1,7 +1,8 @@
 """``implementation="structured"``: Gram matrices of layer inputs and output cotangents.
 
 For the layers that hold almost all parameters (``nn.Linear``, ``nn.Conv1d/2d``,
-``nn.Embedding``, affine parameters of norm layers, their biases), the per-sample
+``nn.Embedding``, GPT-2's ``Conv1D``, ``nn.MultiheadAttention``'s projections, affine
+parameters of norm layers, their biases), the per-sample
 gradient of output ``i`` is ``Σ_t δ_{i,t} ⊗ a_t`` (cotangent at the layer's output times
 the layer's input, over positions ``t``), so their kernel block is
 
@@ -105,7 +106,7 @@ def _cost_parts(problem: Problem) -> tuple[float, float, float]:
     # each), plus the fallback parameters' weight gradients (another forward each, in
     # proportion to their share of the parameters).
     fb_share = s.fallback_params / max(p.n_params, 1)
-    flops = samples * p.forward_flops * (1 + o)
+    flops = samples * (p.forward_flops + s.extra_flops) * (1 + o)
     fallback = samples * p.forward_flops * o * fb_share
     kept = samples * (s.feature_elements + o * s.cotangent_elements + o * s.fallback_params)
     work = samples * (1 + o) * p.activations

@@ -9,10 +9,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from ntk_torch._engines._layers._base import LayerRule, Site, register, rule_for
+from ntk_torch._engines._layers._base import LayerRule, Site, layer_calls, register, rule_for
 
 for _info in pkgutil.iter_modules(__path__):
     if not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")
 
-__all__ = ["LayerRule", "Site", "register", "rule_for"]
+__all__ = ["LayerRule", "Site", "layer_calls", "register", "rule_for"]

@@ -6,12 +6,19 @@ input feature) and ``D_t`` of ``groups x k_out`` (the cotangent at its output). 
 gives the sizes of one call, what a hook keeps of the layer's input, the layouts of the
 captured inputs and cotangents as ``A (N, T, G, k_in)`` and ``D (N, O, T, G, k_out)``, the
 axis of its output channels, and what the cost model needs (elements kept per sample, the
-size of a one-hot input). Rules register themselves with the module classes they read.
+size of a one-hot input). Rules register themselves with the module classes they read
+(or, for classes of libraries that need not be installed, with a class name).
+
+A layer's *call* is where its weight meets its input: by default the module's own forward
+(a forward hook sees it), but a rule may find it inside another computation
+(:meth:`LayerRule.calls`, e.g. the packed projection inside ``nn.MultiheadAttention``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -45,12 +52,18 @@ class LayerRule:
         modules: ``(class, methods)`` pairs: the module classes the rule reads and the
             methods their standard forward consists of. A subclass overriding any of them
             may compute something else with the same parameters, so it gets no rule.
+        class_names: names of classes (``type(module).__name__``, subclasses excluded) the
+            rule reads where the class cannot be imported; :meth:`accepts` and
+            :meth:`verify` then check the instance.
+        parameters: attribute names of the weight and the bias on the module.
         factorable: its block may take the factored rule behind a separable head (the
             output has channels ``G·k_out`` on :meth:`channel_axis` and positions).
     """
 
     name: str = ""
     modules: tuple[tuple[type, tuple[str, ...]], ...] = ()
+    class_names: tuple[str, ...] = ()
+    parameters: tuple[str, str] = ("weight", "bias")
     factorable: bool = False
 
     def __repr__(self) -> str:
@@ -59,6 +72,23 @@ class LayerRule:
     def accepts(self, module: nn.Module) -> bool:
         """Whether this instance's settings keep the rule exact (beyond its class)."""
         return True
+
+    def verify(self, module: nn.Module, inp: torch.Tensor, output: torch.Tensor) -> bool:
+        """Whether the probed call computed what the rule assumes (checked once, on the probe)."""
+        return True
+
+    @contextmanager
+    def calls(self, modules: list[nn.Module], on_call: Callable) -> Iterator[None]:
+        """Run ``on_call(module, args, output) -> output`` at every call of ``modules``.
+
+        ``args[0]`` is the input the weight multiplies and ``output`` what the weight and
+        bias produce from it; what ``on_call`` returns replaces it. By default a forward
+        hook on each module.
+        """
+        with ExitStack() as stack:
+            for m in modules:
+                stack.callback(m.register_forward_hook(on_call).remove)
+            yield
 
     def scales(self, module: nn.Module) -> tuple[float, float]:
         """``(m, m_b)``: the weight's and the bias's multipliers in the layer's output."""
@@ -98,6 +128,10 @@ class LayerRule:
         positions, groups, k_in, _ = self.sizes(module, site)
         return positions * groups * k_in
 
+    def extra_flops(self, module: nn.Module, site: Site) -> float:
+        """FLOPs per sample that :meth:`calls` adds to one forward call (and to each backward)."""
+        return 0.0
+
     def vocab(self, module: nn.Module) -> int:
         """Size of a one-hot input feature (the rows of an embedding); 0 for dense ones."""
         return 0
@@ -119,23 +153,39 @@ class ChannelsFirstRule(LayerRule):
 
 
 _REGISTRY: list[tuple[type, tuple[str, ...], LayerRule]] = []
+_BY_CLASS_NAME: dict[str, LayerRule] = {}
 
 
 def register(rule: LayerRule) -> LayerRule:
-    """Make ``rule`` apply to its :attr:`LayerRule.modules`; returns it."""
+    """Make ``rule`` apply to its :attr:`LayerRule.modules` and class names; returns it."""
     for cls, methods in rule.modules:
         _REGISTRY.append((cls, methods, rule))
+    for name in rule.class_names:
+        _BY_CLASS_NAME[name] = rule
     return rule
+
+
+@contextmanager
+def layer_calls(rules: dict[LayerRule, list[nn.Module]], on_call: Callable) -> Iterator[None]:
+    """:meth:`LayerRule.calls` of every rule over its modules, all at once."""
+    with ExitStack() as stack:
+        for rule, modules in rules.items():
+            stack.enter_context(rule.calls(modules, on_call))
+        yield
 
 
 def rule_for(module: nn.Module) -> LayerRule | None:
     """The rule that applies to ``module``, or None (its parameters take the fallback)."""
+    found = _BY_CLASS_NAME.get(type(module).__name__)
     for cls, methods, rule in _REGISTRY:
         if not isinstance(module, cls):
             continue
         if any(getattr(type(module), m) is not getattr(cls, m) for m in methods):
             return None
-        if module._forward_hooks or getattr(module, "_forward_hooks_with_kwargs", None):
-            return None  # a user hook may change the output the cotangent is taken at
-        return rule if rule.accepts(module) else None
-    return None
+        found = rule
+        break
+    if found is None:
+        return None
+    if module._forward_hooks or getattr(module, "_forward_hooks_with_kwargs", None):
+        return None  # a user hook may change the output the cotangent is taken at
+    return found if found.accepts(module) else None

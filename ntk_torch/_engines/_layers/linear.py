@@ -25,16 +25,20 @@ class LinearRule(LayerRule):
             return float(module.multiplier), float(module.bias_multiplier)
         return 1.0, 1.0
 
+    def widths(self, module: nn.Module) -> tuple[int, int]:
+        """``(k_in, k_out)``: input and output features."""
+        return module.in_features, module.out_features
+
     def sizes(self, module: nn.Module, site: Site) -> tuple[int, int, int, int]:
-        k_in = module.in_features
-        return math.prod(site.in_shape) // k_in, 1, k_in, module.out_features
+        k_in, k_out = self.widths(module)
+        return math.prod(site.in_shape) // k_in, 1, k_in, k_out
 
     def input_feature(self, module: nn.Module, inp: torch.Tensor) -> torch.Tensor:
         multiplier = self.scales(module)[0]
         return inp if multiplier == 1.0 else multiplier * inp
 
     def readout_width(self, module: nn.Module, site: Site) -> int | None:
-        return module.in_features if self.sizes(module, site)[0] == 1 else None
+        return self.widths(module)[0] if self.sizes(module, site)[0] == 1 else None
 
 
 LINEAR = register(LinearRule())

@@ -1,0 +1,242 @@
+"""The structured engine's rules for the layers transformers are made of.
+
+GPT-2's ``Conv1D`` (a look-alike of the ``transformers`` class, recognised by its name)
+and the packed projections of ``nn.MultiheadAttention`` in self-attention. Oracle: the
+naive per-sample ``torch.autograd.grad`` Jacobian in float64, in every mode, with ``x2``
+given and ``None``, tiled, layer by layer, with frozen parts and with each contraction
+strategy forced; what the probe sends to the fallback is inspected directly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import ntk_torch as nt
+from ntk_torch._engines import _plan, structured
+from ntk_torch._functional import functionalize
+from tests.cases import Case
+from tests.conftest import RTOL, assert_close
+from tests.oracle import naive_ntk, owner_names
+
+MODES = ("full", "diagonal", "trace")
+
+
+class Conv1D(nn.Module):
+    """``transformers``' ``Conv1D``: ``y = x @ W + b`` with ``W (nx, nf)``."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) / nx**0.5)
+        self.bias = nn.Parameter(torch.randn(nf))
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class GPT2Like(nn.Module):
+    """Token and position embeddings, one GPT-2 block (causal attention), a score head."""
+
+    def __init__(self, vocab: int = 11, context: int = 5, d: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(context, d)
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.c_attn, self.c_proj = Conv1D(3 * d, d), Conv1D(d, d)
+        self.c_fc, self.mlp_proj = Conv1D(2 * d, d), Conv1D(d, 2 * d)
+        self.score = nn.Linear(d, 3)
+
+    def forward(self, ids):
+        n, t = ids.shape
+        x = self.wte(ids) + self.wpe(torch.arange(t).unsqueeze(0))
+        q, k, v = self.c_attn(self.ln_1(x)).split(x.shape[-1], dim=2)
+        q, k, v = (z.view(n, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+        x = x + self.c_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(n, t, -1))
+        x = x + self.mlp_proj(torch.tanh(self.c_fc(self.ln_2(x))))
+        return self.score(x[:, -1])
+
+
+class SequenceFirstAttention(nn.Module):
+    """Self-attention, sequence first, causal mask, the averaged weights also read out."""
+
+    def __init__(self, d: int = 6, tokens: int = 4) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, 2)
+        self.head = nn.Linear(d + tokens, 3)
+
+    def forward(self, x):
+        h = x.transpose(0, 1)
+        mask = torch.ones(h.shape[0], h.shape[0], dtype=torch.bool).triu(1)
+        attended, weights = self.attn(h, h, h, attn_mask=mask, need_weights=True)
+        return self.head(torch.cat([attended.mean(0), weights[:, -1]], dim=-1))
+
+
+class BiasKVAttention(nn.Module):
+    """Batch first, no projection biases, learned key/value biases (those fall back)."""
+
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, 3, bias=False, add_bias_kv=True, batch_first=True)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.attn(x, x, x, need_weights=False)[0]).mean(1))
+
+
+class CrossAttention(nn.Module):
+    """Keys and values from another tensor: the packed projection is split, no rule applies."""
+
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        return self.head(self.attn(x, torch.tanh(x), torch.tanh(x))[0].mean(1))
+
+
+def _normal(*shape: int):
+    return lambda n, g: torch.randn(n, *shape, generator=g, dtype=torch.float64)
+
+
+RULE_CASES = {c.name: c for c in [
+    Case("gpt2_like", GPT2Like, lambda n, g: torch.randint(0, 11, (n, 5), generator=g)),
+    Case("attention_sequence_first", SequenceFirstAttention, _normal(4, 6)),
+    Case("attention_bias_kv", BiasKVAttention, _normal(3, 6)),
+    Case("cross_attention", CrossAttention, _normal(3, 6)),
+]}
+_ORACLE: dict[tuple, torch.Tensor] = {}
+
+
+def _oracle(case: Case, mode: str, symmetric: bool, frozen: bool = False) -> torch.Tensor:
+    """Float64 naive kernel on x1 of 4 samples and x2 of 3 (or None), cached."""
+    key = (case.name, symmetric, frozen)
+    if key not in _ORACLE:
+        model = _build(case, frozen)
+        x2 = None if symmetric else case.inputs(3, seed=7)
+        _ORACLE[key] = naive_ntk(model, case.inputs(4), x2, "full")
+    full = _ORACLE[key]
+    diagonal = full.diagonal(dim1=2, dim2=3)
+    return {"full": full, "diagonal": diagonal, "trace": diagonal.mean(-1)}[mode]
+
+
+def _build(case: Case, frozen: bool = False) -> nn.Module:
+    """The case's model; ``frozen``: every other parameter tensor fixed."""
+    model = case.build()
+    if frozen:
+        for p in list(model.parameters())[::2]:
+            p.requires_grad_(False)
+    return model
+
+
+def _ntk(case: Case, mode: str, symmetric: bool, frozen: bool = False, **kwargs):
+    x2 = None if symmetric else case.inputs(3, seed=7)
+    return nt.empirical_ntk(_build(case, frozen), case.inputs(4), x2, mode=mode,
+                            implementation="structured", **kwargs)
+
+
+@pytest.fixture(params=sorted(RULE_CASES), ids=sorted(RULE_CASES))
+def rule_case(request):
+    return RULE_CASES[request.param]
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["x2", "x2=None"])
+@pytest.mark.parametrize("frozen", [False, True], ids=["all", "frozen"])
+def test_matches_oracle_in_every_mode(rule_case, symmetric, frozen):
+    for mode in MODES:
+        for batch_size in (None, 2):
+            k = _ntk(rule_case, mode, symmetric, frozen, batch_size=batch_size)
+            assert_close(k, _oracle(rule_case, mode, symmetric, frozen))
+
+
+@pytest.mark.parametrize("strategy", ["gram", "explicit"])
+def test_each_strategy_is_exact(rule_case, strategy, monkeypatch):
+    # "explicit" also makes the capture batched (plain autograd, no vmap) where it can be.
+    monkeypatch.setattr(_plan, "choose_strategy", lambda *args, **kwargs: strategy)
+    for mode in MODES:
+        for symmetric in (False, True):
+            assert_close(_ntk(rule_case, mode, symmetric), _oracle(rule_case, mode, symmetric))
+
+
+def test_layerwise_matches_oracle_per_owner(rule_case):
+    model = rule_case.build()
+    x1, x2 = rule_case.inputs(4), rule_case.inputs(3, seed=7)
+    layers = nt.layerwise_ntk(model, x1, x2, mode="full", implementation="structured")
+    groups = owner_names(model)
+    assert sorted(layers) == sorted(groups)
+    for owner, names in groups.items():
+        assert_close(layers[owner], naive_ntk(model, x1, x2, "full", names))
+
+
+def test_float32_agrees_with_jacobian_engine(rule_case):
+    model = rule_case.build(torch.float32)
+    x1, x2 = rule_case.inputs(4, torch.float32), rule_case.inputs(3, torch.float32, seed=7)
+    expected = nt.empirical_ntk(model, x1, x2, implementation="jacobian")
+    assert_close(nt.empirical_ntk(model, x1, x2, implementation="structured"), expected,
+                 RTOL[torch.float32])
+
+
+def _split(model: nn.Module, x: torch.Tensor) -> tuple[set[str], set[str]]:
+    fm = functionalize(model)
+    s = structured.probe(fm, fm.params(), x[:1])
+    return {n for u in s.units for n in u.names}, set(s.fallback)
+
+
+@pytest.mark.parametrize("name,fallback", [
+    ("gpt2_like", set()),
+    ("attention_sequence_first", set()),
+    ("attention_bias_kv", {"attn.bias_k", "attn.bias_v"}),
+    ("cross_attention", {"attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
+                         "attn.out_proj.bias"}),
+])
+def test_what_falls_back(name, fallback):
+    case = RULE_CASES[name]
+    assert _split(case.build(), case.inputs(2))[1] == fallback
+
+
+# Named like the layer it imitates (so the rule recognises it) but computing 2·(x @ W + b).
+DoubledConv1D = type("Conv1D", (Conv1D,),
+                     {"forward": lambda self, x: 2.0 * Conv1D.forward(self, x)})
+
+
+def test_a_conv1d_that_computes_something_else_falls_back_exactly():
+    # Recognised by its class name, a Conv1D must still compute x @ W + b on the probe.
+    torch.manual_seed(0)
+    doubled = DoubledConv1D(4, 3)
+    model = nn.Sequential(doubled, nn.Tanh(), Conv1D(2, 4)).double().eval()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    structured_names, fallback = _split(model, x)
+    assert fallback == {"0.weight", "0.bias"} and structured_names == {"2.weight", "2.bias"}
+    assert_close(nt.empirical_ntk(model, x, implementation="structured"),
+                 naive_ntk(model, x, None, "full"))
+
+
+def test_lstm_cell_falls_back_exactly():
+    # nn.LSTMCell is one fused operation: its gate pre-activations are never a tensor.
+    torch.manual_seed(0)
+
+    class Unrolled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell, self.head = nn.LSTMCell(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = c = x.new_zeros(x.shape[0], 4)
+            for t in range(x.shape[1]):
+                h, c = self.cell(x[:, t], (h, c))
+            return self.head(h)
+
+    model = Unrolled().double().eval()
+    x = torch.randn(4, 3, 3, dtype=torch.float64)
+    structured_names, fallback = _split(model, x)
+    assert fallback == {"cell.weight_ih", "cell.weight_hh", "cell.bias_ih", "cell.bias_hh"}
+    assert_close(nt.empirical_ntk(model, x, implementation="structured"),
+                 naive_ntk(model, x, None, "full"))
