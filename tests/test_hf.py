@@ -63,10 +63,25 @@ def test_bert_with_a_4d_attention_mask(bert, implementation):
     assert_close(bert(**x1).pooler_output.detach(), bert(**plain).pooler_output.detach())
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_bert_2d_mask_under_vmap_is_a_clear_error(bert, implementation):
-    # transformers checks `padding_mask.all()` to skip the mask: control flow on the values.
-    with pytest.raises(RuntimeError, match=r"branches on the values of its inputs.*4-D float mask"):
+def test_bert_with_its_usual_2d_mask_takes_the_autograd_engine(bert):
+    # transformers checks `padding_mask.all()` to skip the mask: control flow on the values,
+    # which vmap cannot batch. auto takes the engine without vmap, with one warning.
+    x1, x2 = _tokenized(3, 1), _tokenized(2, 2)
+
+    def first_token(o):
+        return o.last_hidden_state[:, 0, :4]
+
+    fn = nt.empirical_ntk_fn(bert, mode="full", output=first_token)
+    with pytest.warns(UserWarning, match="vmap cannot run this model.*'autograd'"):
+        k = fn(x1, x2)
+    assert fn.last_implementation == "autograd"
+    assert_close(k, oracle(bert, x1, x2, "full", first_token))
+
+
+@pytest.mark.parametrize("implementation", ["jacobian", "ntk_vp", "structured"])
+def test_bert_2d_mask_on_a_vmap_engine_is_a_clear_error(bert, implementation):
+    with pytest.raises(RuntimeError, match=r"torch.func.vmap, which cannot run this model.*"
+                                           r"implementation='autograd'"):
         nt.empirical_ntk(bert, _tokenized(3, 1), mode="trace", implementation=implementation,
                          output=lambda o: o.last_hidden_state[:, 0])
 

@@ -281,16 +281,16 @@ class _BatchCentred(nn.Module):
         return self.head(torch.tanh(h - h.mean(0, keepdim=True) + h))
 
 
-def test_samples_that_interact_in_the_batch_get_per_sample_kernels():
+def test_samples_that_interact_in_the_batch_are_never_captured_batched():
     torch.manual_seed(0)
     model = _BatchCentred().double().eval()
     x = torch.randn(5, 3, dtype=torch.float64)
     fm = functionalize(model)
     structure = structured.probe(fm, fm.params(), x[:1])
     assert _capture.capture_batched(fm, fm.params(), x, structure) is None
-    # Like every engine and the oracle: the kernel of the model applied to one sample at a time.
-    assert_close(nt.empirical_ntk(model, x, implementation="structured"),
-                 naive_ntk(model, x, None, "full"))
+    # The kernel functions refuse such a model before any engine runs (tests/test_coupling.py).
+    with pytest.raises(ValueError, match="depend on the rest of the batch"):
+        nt.empirical_ntk(model, x, implementation="structured")
 
 
 # ---------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def capture_per_sample(fm, params, x, structure: Structure) -> Captured:
 
         def f(eps, fb):
             feats = [None] * len(sites)
-            with site_hooks(modules, sites, lambda k, _: eps[k], feats):
+            with site_hooks(modules, structure, lambda k, _: eps[k], feats):
                 out = fm.single({**fixed, **fb}, xs)
             return out, tuple(feats)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ntk_torch import _inputs
-from ntk_torch._engines._layers import layer_calls
+from ntk_torch._engines._layers import layer_calls, rule_for
 from ntk_torch._engines._structure import Structure
 
 
@@ -24,14 +24,20 @@ class _NotBatched(Exception):
 
 
 @contextmanager
-def site_hooks(modules, sites, perturb, feats, inputs=None, outputs=None):
+def site_hooks(modules, structure: Structure, perturb, feats, inputs=None, outputs=None):
     """Hooks that keep the k-th call's input feature and return ``output + perturb(k, output)``.
 
     ``inputs``/``outputs`` get that input and returned tensor with their version counters.
+    The ``structure.routed`` layers without sites are intercepted as in the probe, their
+    outputs left as they are.
     """
+    sites = structure.sites
     calls = iter(range(len(sites)))
+    site_layers = {id(modules[s.module]) for s in sites}
 
     def hook(module, args, output):
+        if id(module) not in site_layers:
+            return output
         k = next(calls)
         site = sites[k]
         if modules[site.module] is not module:
@@ -54,6 +60,9 @@ def site_hooks(modules, sites, perturb, feats, inputs=None, outputs=None):
         layers = by_rule.setdefault(s.rule, [])
         if all(m is not modules[s.module] for m in layers):
             layers.append(modules[s.module])
+    for name in structure.routed:
+        if id(modules[name]) not in site_layers:
+            by_rule.setdefault(rule_for(modules[name]), []).append(modules[name])
     with layer_calls(by_rule, hook):
         yield
 
@@ -114,7 +123,7 @@ def batched_forward(fm, params, x, structure: Structure) -> Run | None:
         return eps[k]
 
     try:
-        with torch.enable_grad(), site_hooks(modules, sites, leaf, feats, inputs, outputs):
+        with torch.enable_grad(), site_hooks(modules, structure, leaf, feats, inputs, outputs):
             out = fm(params, x)
     except _NotBatched:
         return None

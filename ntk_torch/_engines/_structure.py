@@ -90,6 +90,8 @@ class Structure:
             factored rule.
         extra_flops: per sample, FLOPs that the rules' interceptions add to a forward pass
             (``LayerRule.extra_flops``).
+        routed: layers whose rule intercepts their calls (not a plain forward hook) and that
+            ran intercepted in the probe, sites or not: every pass intercepts them alike.
     """
 
     sites: tuple[Site, ...]
@@ -101,6 +103,7 @@ class Structure:
     n_out: int
     heads: tuple[tuple[int, int], ...] = ()
     extra_flops: float = 0.0
+    routed: tuple[str, ...] = ()
 
 
 class _ParameterUses(TorchFunctionMode):
@@ -178,9 +181,16 @@ def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Struc
             unusable.add(name)
         return output
 
+    # Only layers that hold selected parameters are run through their rules. A rule's own
+    # interception (attention's projections as layer calls) changes which calls other
+    # layers see: the engine's passes intercept the same layers (``routed``).
+    holding = {layer for hs in holders.values() for layer, _ in hs}
     by_rule: dict[LayerRule, list[nn.Module]] = {}
     for name, m in candidates.items():
-        by_rule.setdefault(rules[name], []).append(m)
+        if name in holding:
+            by_rule.setdefault(rules[name], []).append(m)
+    routed = tuple(name for name in candidates
+                   if name in holding and type(rules[name]).calls is not LayerRule.calls)
     uses = _ParameterUses(owners, stack)
     # Entered in this order: a rule's own interception runs above the use check, whose
     # operations it may perform (in the layer's name), and ``record`` runs before the call
@@ -223,7 +233,7 @@ def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Struc
     return Structure(sites=sites, units=tuple(units), fallback=fallback,
                      fallback_params=sum(params[n].numel() for n in fallback),
                      feature_elements=features, cotangent_elements=cotangents,
-                     n_out=int(out[0].numel()), extra_flops=extra)
+                     n_out=int(out[0].numel()), extra_flops=extra, routed=routed)
 
 
 def _unit(layers: dict[str, nn.Module], sites: tuple[Site, ...], idx: tuple[int, ...],
