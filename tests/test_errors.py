@@ -19,6 +19,7 @@ import ntk_torch as nt
 from ntk_torch._engines import ENGINES
 from tests.conftest import assert_close
 from tests.oracle import naive_ntk
+from tests.test_inputs import oracle
 
 
 def mlp() -> nn.Module:
@@ -422,3 +423,17 @@ def test_numbers_are_checked_alike_everywhere(call, error, message):
     """Every int and number argument names itself, the range and what arrived."""
     with pytest.raises(error, match=message):
         call()
+
+
+def test_a_model_without_forward_mode_derivatives_never_runs_ntk_vp():
+    # torch has no forward-mode derivative of nn.EmbeddingBag: jvp, and so ntk_vp, fail.
+    bag = nn.EmbeddingBag(5, 2, mode="sum").double()
+    x = {"input": torch.tensor([[1, 2, 0], [1, 1, 3], [4, 0, 2]]),
+         "per_sample_weights": torch.rand(3, 3, dtype=torch.float64)}
+    with pytest.raises(RuntimeError, match=r"'ntk_vp' needs forward-mode derivatives \(jvp\).*"
+                                           r"_embedding_bag.*implementation='jacobian'"):
+        nt.empirical_ntk(bag, x, implementation="ntk_vp")
+    ntk = nt.empirical_ntk_fn(bag, memory_budget=1e12)
+    for _ in range(2):  # whatever auto would rank first, ntk_vp is not among its candidates
+        assert_close(ntk(x), oracle(bag, x, None, "full"))
+        assert ntk.last_implementation != "ntk_vp"

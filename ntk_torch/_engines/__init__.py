@@ -80,9 +80,12 @@ VMAP_ENGINES = ("jacobian", "ntk_vp", "structured")
 def candidates(problem: Problem) -> tuple[str, ...]:
     """The engines ``auto`` chooses among: :data:`VMAP_ENGINES`, or ``("autograd",)``.
 
-    The latter where vmap cannot run ``problem``'s model (see the module docstring).
+    The latter where vmap cannot run ``problem``'s model (see the module docstring);
+    ``ntk_vp`` only where the model has forward-mode derivatives.
     """
-    return ("autograd",) if autograd.vmap_failure(problem) else VMAP_ENGINES
+    if autograd.vmap_failure(problem):
+        return ("autograd",)
+    return tuple(n for n in VMAP_ENGINES if n != "ntk_vp" or not ntk_vp.forward_ad_failure(problem))
 
 
 def fallback_warning(problem: Problem) -> str | None:
@@ -94,7 +97,7 @@ def fallback_warning(problem: Problem) -> str | None:
 
 
 def check_runs(name: str, problem: Problem) -> None:
-    """Refuse engine ``name`` where it needs vmap and vmap cannot run the model.
+    """Refuse engine ``name`` where it needs vmap (or ``jvp``) and the model does not allow it.
 
     Raises:
         RuntimeError: naming the reason (and the module, where found) and the engine to use.
@@ -105,6 +108,12 @@ def check_runs(name: str, problem: Problem) -> None:
             f"implementation={name!r} batches samples with torch.func.vmap, which cannot run "
             f"this model: {reason}. Use implementation='autograd' (plain autograd, one sample "
             "at a time) or implementation='auto'."
+        )
+    reason = ntk_vp.forward_ad_failure(problem) if name == "ntk_vp" else None
+    if reason is not None:
+        raise RuntimeError(
+            f"implementation='ntk_vp' needs forward-mode derivatives (jvp), which this model "
+            f"does not have: {reason}. Use implementation='jacobian' or implementation='auto'."
         )
 
 

@@ -21,6 +21,7 @@ dropout between layers in train mode) would make the kernel random: it is refuse
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -178,7 +179,9 @@ def _vmap_trial(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> st
     for name, m in fm.module.named_modules():
         handles += [m.register_forward_pre_hook(enter(name, m)), m.register_forward_hook(leave)]
     try:
-        vmap(jacrev(two_outputs), in_dims=(None, 0), randomness="error")(params, sample)
+        with warnings.catch_warnings():  # torch's note on ops it batches slowly: not ours
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            vmap(jacrev(two_outputs), in_dims=(None, 0), randomness="error")(params, sample)
     except (MemoryError, torch.cuda.OutOfMemoryError):
         raise
     except Exception as err:  # the same forward ran without vmap: vmap's limit

@@ -74,6 +74,32 @@ def _load_forward_mode_rules() -> None:
         jvp(torch.sin, (torch.zeros(()),), (torch.ones(()),))
 
 
+def forward_ad_failure(problem: Problem | None) -> str | None:
+    """Why forward-mode AD (``jvp``) cannot run ``problem``'s model, or None if it can.
+
+    Some operators have no forward-mode derivative in torch (``nn.EmbeddingBag``, a few
+    fused kernels); one ``jvp`` of the probe's sample finds out, once per probe. Without a
+    probe, None.
+    """
+    if problem is None or problem.probe is None:
+        return None
+    return problem.probe.analysis("forward_ad", _jvp_trial)
+
+
+def _jvp_trial(fm, params: dict[str, torch.Tensor], sample) -> str | None:
+    _load_forward_mode_rules()
+    tangents = {k: torch.zeros_like(v) for k, v in params.items()}
+    try:
+        jvp(lambda p: fm(p, sample), (params,), (tangents,))
+    except (NotImplementedError, RuntimeError) as err:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, RuntimeError) and "forward" not in text.lower():
+            return None  # not forward mode's limit: the engine's own error is clearer
+        text = text.rstrip(".")
+        return text if len(text) <= 120 else text[:117] + "..."
+    return None
+
+
 def compute(fm, params, x1, x2, mode, groups, *, problem=None, memory_budget=None):
     """``{group: kernel block}``, processing ``x2`` in chunks that fit ``memory_budget``."""
     _load_forward_mode_rules()
