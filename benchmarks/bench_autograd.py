@@ -4,18 +4,22 @@ The model: ``nn.LSTM`` (``--input`` 16 features, ``--hidden`` 64, ``--layers`` 2
 batch-first) over ``--steps`` 20 time steps, its last step read by a Linear head to
 ``--outputs`` O = 10; ``--n`` N = 32 float32 samples. Timed:
 
-- ``engine``: ``empirical_ntk_fn(model, mode="full", implementation="autograd")(x)``, the
-  ``(N, N, O, O)`` kernel with everything it does (profiling, checks, the per-sample
-  Jacobians, their contraction);
+- ``engine full`` / ``engine trace``: ``empirical_ntk_fn(model, mode=...,
+  implementation="autograd")(x)``, the ``(N, N, O, O)`` or ``(N, N)`` kernel with everything
+  it does (profiling, checks, the per-sample Jacobians, their contraction);
 - ``bare loop``: for each sample a forward of that sample alone and ``O`` calls of
   ``torch.autograd.grad(out[i], params, retain_graph=True)``, results dropped: the passes
-  the engine needs, with no bookkeeping.
+  the engine needs, with no bookkeeping;
+- ``bare loop + J Jᵀ``: the same passes keeping the gradients as rows of one ``(N·O, P)``
+  matrix ``J``, then the one product ``J Jᵀ``: the least work any kernel from per-sample
+  Jacobians does in full mode (its ``2·N²·O²·P`` FLOPs grow with ``O`` faster than the
+  passes' ``N·O``).
 
-Method: one untimed warm-up call of each, then ``--rounds`` rounds alternating the two
-(A B A B ...); the table gives the medians and ``ratio = engine / bare loop``. The
-command, date, machine, torch version and thread count are printed with it, and the
-engine's kernel is checked against one contracted from the bare loop's gradients (vmap,
-and with it every other engine, cannot run this model).
+Method: one untimed warm-up call of each, then ``--rounds`` rounds alternating them
+(A B C D A B C D ...); the table gives the medians and the ratios. The command, date,
+machine, torch version and thread count are printed with it, and the engine's kernel is
+checked against the bare loop's (vmap, and with it every other engine, cannot run this
+model).
 
 Usage:
     python benchmarks/bench_autograd.py [--rounds 7] [--threads 1] [--quick]
@@ -81,17 +85,16 @@ def bare_loop(model: nn.Module, x: torch.Tensor) -> None:
 
 
 def bare_kernel(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``(N, N, O, O)`` from the bare loop's gradients: the reference for the engine's result."""
+    """``(N·O, N·O)``: ``J Jᵀ`` of the bare loop's gradients, rows ``(a, i)``."""
     params = list(model.parameters())
     rows = []
     for a in range(x.shape[0]):
         out = model(x[a:a + 1]).reshape(-1)
-        rows.append(torch.stack([
-            torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[i], params,
-                                                                  retain_graph=True)])
-            for i in range(out.shape[0])]))
+        rows += [torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[i], params,
+                                                                       retain_graph=True)])
+                 for i in range(out.shape[0])]
     jac = torch.stack(rows)
-    return torch.einsum("aip,bjp->abij", jac, jac)
+    return jac @ jac.T
 
 
 def machine() -> str:
@@ -112,28 +115,33 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model = LSTMClassifier(args.input, args.hidden, args.layers, args.outputs).eval()
     x = torch.randn(args.n, args.steps, args.input)
-    ntk = nt.empirical_ntk_fn(model, mode="full", implementation="autograd")
+    full = nt.empirical_ntk_fn(model, mode="full", implementation="autograd")
+    trace = nt.empirical_ntk_fn(model, mode="trace", implementation="autograd")
 
-    k = ntk(x)
-    reference = bare_kernel(model, x)
-    error = float((k - reference).abs().max() / reference.abs().max())
+    n, o = args.n, args.outputs
+    reference = bare_kernel(model, x).view(n, o, n, o).permute(0, 2, 1, 3)
+    error = float((full(x) - reference).abs().max() / reference.abs().max())
 
-    methods = {"engine": lambda: ntk(x), "bare loop": lambda: bare_loop(model, x)}
+    methods = {"engine full": lambda: full(x), "engine trace": lambda: trace(x),
+               "bare loop": lambda: bare_loop(model, x),
+               "bare loop + J Jᵀ": lambda: bare_kernel(model, x)}
     samples = _timing.alternate(methods, repeats=args.rounds, budget_s=float("inf"))
-    engine, bare = samples["engine"].median, samples["bare loop"].median
+    median = {name: s.median for name, s in samples.items()}
     n_params = sum(p.numel() for p in model.parameters())
     print(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}")
     print(f"date:    {datetime.now(timezone.utc).isoformat(timespec='minutes')}")
     print(f"machine: {machine()}")
     print(f"model:   LSTM {args.input}->{args.hidden} x{args.layers}, T={args.steps}, "
-          f"O={args.outputs}, N={args.n}, P={n_params:,}, float32, mode='full', x2=None")
-    print(f"kernel vs the bare loop's gradients: relative difference {error:.1e}")
+          f"O={o}, N={n}, P={n_params:,}, float32, x2=None")
+    print(f"full kernel vs the bare loop's gradients: relative difference {error:.1e}")
     print()
     print("| timed | median s | rounds |")
     print("|---|---|---|")
     for name, s in samples.items():
         print(f"| {name} | {s.median:.3f} | {len(s.seconds)} |")
-    print(f"| ratio engine / bare loop | {engine / bare:.2f} | |")
+    for engine, baseline in (("engine full", "bare loop + J Jᵀ"), ("engine full", "bare loop"),
+                             ("engine trace", "bare loop")):
+        print(f"| ratio {engine} / {baseline} | {median[engine] / median[baseline]:.2f} | |")
     return 0
 
 

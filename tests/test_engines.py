@@ -11,11 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
 import ntk_torch as nt
 from ntk_torch import _engines
 from ntk_torch._engines._layers import rule_for
+from tests.conftest import assert_close
 
 
 class _OverriddenForward(nn.Linear):
@@ -163,3 +165,13 @@ def test_revision_comparison_script_times_both_trees(tmp_path, monkeypatch):
     # One process per tree, two timed calls each.
     assert all(float(r["old_s"]) > 0 and float(r["new_s"]) > 0 and r["samples"] == "2"
                for r in rows)
+
+
+@pytest.mark.parametrize("rows", [5, 64, 203])
+def test_gram_of_upper_blocks_is_the_product_and_exactly_symmetric(rows):
+    from ntk_torch._engines.jacobian import gram
+
+    m = torch.randn(rows, 37, generator=torch.Generator().manual_seed(rows), dtype=torch.float64)
+    g = gram(m)
+    assert torch.equal(g, g.T)
+    assert_close(g, m @ m.T)

@@ -133,9 +133,9 @@ def prepare(fm, params, x, mode, groups, *, problem=None, memory_budget=None) ->
 
 def contract(ja, jb, fm, params, mode, groups, *, problem=None, memory_budget=None):
     """``{group: kernel block}`` from two blocks' Jacobians (``jb=None``: ``ja`` with itself)."""
-    jb = ja if jb is None else jb
     _, spans = _layout(params, groups)
-    return {group: jacobian.contract_pair(ja[:, :, start:stop], jb[:, :, start:stop], mode)
+    return {group: jacobian.contract_pair(ja[:, :, start:stop],
+                                          None if jb is None else jb[:, :, start:stop], mode)
             for group, (start, stop) in spans.items()}
 
 

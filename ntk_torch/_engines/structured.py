@@ -243,7 +243,7 @@ def contract(fa: Prepared, fb: Prepared | None, fm, params, mode, groups, *, pro
         if name not in group_of:
             continue
         j1 = _flat(fa.cap.fallback[name])
-        j2 = j1 if symmetric else _flat(fb.cap.fallback[name])
+        j2 = None if symmetric else _flat(fb.cap.fallback[name])
         add(group_of[name], jacobian.contract_pair(j1, j2, mode))
 
     n1, n2, n_out = fa.n, fb.n, fa.cap.n_out
