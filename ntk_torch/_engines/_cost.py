@@ -10,7 +10,7 @@ per :class:`Probe`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -118,7 +118,7 @@ class Probe:
         # so that what this probe adds is kept there too.
         self._found: dict[str, Any] = {} if found is None else found
 
-    def analysis(self, key: str,
+    def analysis(self, key: Hashable,
                  analyse: Callable[[Any, dict[str, torch.Tensor], torch.Tensor], T]) -> T:
         """``analyse(fm, params, sample)``, computed on the first call for ``key``."""
         if key not in self._found:

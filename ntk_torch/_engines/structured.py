@@ -94,7 +94,17 @@ def predicted_seconds(problem: Problem, throughput: float) -> float:
 
 
 def _cost_parts(problem: Problem) -> tuple[float, float, float]:
-    """FLOPs of the structured part, FLOPs of the fallback part, peak bytes."""
+    """FLOPs of the structured part, FLOPs of the fallback part, peak bytes.
+
+    Kept with the probe per block size: ``auto`` asks for them on every call.
+    """
+    if problem.probe is None:
+        return _priced_parts(problem)
+    key = ("structured cost", replace(problem, probe=None))
+    return problem.probe.analysis(key, lambda *_: _priced_parts(problem))
+
+
+def _priced_parts(problem: Problem) -> tuple[float, float, float]:
     p = problem
     s = _structure(p)
     if s is None:  # no probe: every parameter would go through the fallback
