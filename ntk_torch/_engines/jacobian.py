@@ -15,22 +15,36 @@ from ntk_torch import _inputs
 from ntk_torch._engines._cost import Cost, Problem
 
 # Per-sample weight gradients under vmap (grouped convolutions, batched outer products)
-# run at about half the structured engine's rate on the benchmark set.
+# run at about half the structured engine's rate on the benchmark set; the contraction,
+# one large matrix product, at about twice it (3.6x the Jacobians' rate measured on the
+# transformer rows of benchmarks/bench_empirical.py).
 EFFICIENCY = 0.5
+CONTRACT_EFFICIENCY = 2.0
 OVERHEAD_S = 1e-3
+
+
+def _flops(p: Problem) -> tuple[float, float]:
+    """FLOPs of the per-sample Jacobians and of their contraction."""
+    samples = p.n1 if p.symmetric else p.n1 + p.n2
+    # Forward once per sample, then O vectorised backward passes (about 2x a forward each).
+    jac_flops = samples * p.forward_flops * (1 + 2 * p.n_out)
+    per_pair = p.n_out**2 if p.mode == "full" else p.n_out
+    return jac_flops, 2.0 * p.n1 * p.n2 * per_pair * p.n_params
 
 
 def estimate(problem: Problem) -> Cost:
     p = problem
     samples = p.n1 if p.symmetric else p.n1 + p.n2
-    # Forward once per sample, then O vectorised backward passes (about 2x a forward each).
-    jac_flops = samples * p.forward_flops * (1 + 2 * p.n_out)
-    per_pair = p.n_out**2 if p.mode == "full" else p.n_out
-    contract_flops = 2.0 * p.n1 * p.n2 * per_pair * p.n_params
     jac_bytes = samples * p.n_out * p.n_params * p.itemsize
     # Saved activations plus the O-fold batched cotangents of the backward pass.
     work_bytes = samples * (1 + p.n_out) * p.activations * p.itemsize
-    return Cost(jac_flops + contract_flops, jac_bytes + work_bytes + p.output_bytes())
+    return Cost(sum(_flops(p)), jac_bytes + work_bytes + p.output_bytes())
+
+
+def predicted_seconds(problem: Problem, throughput: float) -> float:
+    """The Jacobians at ``EFFICIENCY``, their contraction at ``CONTRACT_EFFICIENCY``."""
+    jac_flops, contract_flops = _flops(problem)
+    return (jac_flops / EFFICIENCY + contract_flops / CONTRACT_EFFICIENCY) / throughput + OVERHEAD_S
 
 
 def per_sample_jacobians(fm, params: dict[str, torch.Tensor],

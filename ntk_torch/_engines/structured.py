@@ -90,7 +90,26 @@ def predicted_seconds(problem: Problem, throughput: float) -> float:
     """
     structured_flops, fallback_flops, _ = _cost_parts(problem)
     flops_at_reference_rate = structured_flops / EFFICIENCY + fallback_flops / jacobian.EFFICIENCY
-    return flops_at_reference_rate / throughput + OVERHEAD_S
+    work = problem.probe.analysis(("structured work", replace(problem, probe=None)),
+                                  lambda *_: _plan_work(problem)) if problem.probe else 0.0
+    return flops_at_reference_rate / throughput + work * WORK_SECONDS + OVERHEAD_S
+
+
+# Seconds per working element of the contractions (written and read a few times, with
+# little arithmetic each): what makes the Gram route of token layers in full mode
+# (``N1·N2·T·(T + O·k_out)`` elements) slower than its FLOPs say (transformer rows of
+# benchmarks/bench_empirical.py).
+WORK_SECONDS = 5e-9
+
+
+def _plan_work(problem: Problem) -> float:
+    """Working elements of the plan's contractions, summed over its units."""
+    s = _structure(problem)
+    if s is None:
+        return 0.0
+    p = problem
+    plan = make_plan(s, p.n1, p.n2, p.symmetric, p.n_out, p.mode, None, WORK_BYTES / p.itemsize)
+    return float(sum(route.work for route in plan.routes))
 
 
 def _cost_parts(problem: Problem) -> tuple[float, float, float]:
