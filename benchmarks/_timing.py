@@ -1,8 +1,9 @@
-"""Timing and memory helpers for the benchmarks: medians, peak RSS of a fresh process."""
+"""Timing and memory helpers for the benchmarks: medians, peak RSS of a fresh process, the CPU."""
 
 from __future__ import annotations
 
 import json
+import platform
 import resource
 import statistics
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -115,3 +117,14 @@ def run_worker(argv: list[str], timeout_s: float) -> dict:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"error": " | ".join(tail) or f"exit code {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -98,14 +98,9 @@ def bare_kernel(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     threads = torch.get_num_threads()
-    return f"{cpu}, {platform.system()}, torch {torch.__version__}, {threads} threads"
+    return (f"{_timing.cpu_name()}, {platform.system()}, torch {torch.__version__}, "
+            f"{threads} threads")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import platform
 import pstats
 import sys
 from collections.abc import Callable
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"command: python benchmarks/bench_overhead.py {' '.join(argv or sys.argv[1:])}")
-    print(f"date: {stamp}; machine: {platform.processor() or platform.machine()}, "
+    print(f"date: {stamp}; machine: {_timing.cpu_name()}, "
           f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}")
     print(f"{'row':6} {'method':14} {'median ms':>10} {'tutorial/method':>16}")
     for row in args.rows:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -353,16 +352,6 @@ def report(results: dict) -> list[str]:
     return lines
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="results/benchmarks/store")
@@ -405,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     header = [
         f"Command: `{command.strip()}`; {date.today().isoformat()}; "
-        f"{_cpu_name()}, {os.cpu_count()} cores, "
+        f"{_timing.cpu_name()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads in this process.",
         "",
     ]
