@@ -12,9 +12,7 @@ The torch.func NTK tutorial's "trace" is the sum, ``O`` times larger.
 
 from __future__ import annotations
 
-import math
 import warnings
-from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -38,10 +36,9 @@ from ntk_torch._functional import (
     vmap_errors_explained,
 )
 from ntk_torch._inputs import Batch
+from ntk_torch._memory_advice import memory_message, result_bytes, result_message
 from ntk_torch._model_checks import check_model_state, random_draws_error
 from ntk_torch._profile_cache import profiled
-from ntk_torch._store_compute import largest_tile
-from ntk_torch._store_files import size_text
 from ntk_torch._tiling import default_memory_budget, tiled
 
 Mode = Literal["full", "diagonal", "trace"]
@@ -142,9 +139,9 @@ class EmpiricalNTK:
         What the whole result needs is counted too: blocks are written into an output of
         all ``N1 x N2`` pairs that lives throughout.
         """
-        result = _result_bytes(problem, n1, n2)
+        result = result_bytes(problem, n1, n2)
         if result > budget:
-            raise MemoryError(_result_message(self.implementation, problem, budget, n1, n2))
+            raise MemoryError(result_message(self.implementation, problem, budget, n1, n2))
         tiled_out = result if (problem.n1, problem.n2) != (n1, n2) else 0.0
         if self.implementation == "auto":
             engine = _engines.choose(problem, budget - tiled_out)
@@ -156,7 +153,7 @@ class EmpiricalNTK:
             _engines.check_runs(engine, problem)
             if _engines.estimate(engine, problem).bytes + tiled_out <= budget:
                 return engine
-        raise MemoryError(_memory_message(self.implementation, problem, budget, n1, n2))
+        raise MemoryError(memory_message(self.implementation, problem, budget, n1, n2))
 
     def _warn_no_vmap(self, problem: Problem) -> None:
         """Once per object: ``auto`` took ``autograd`` because vmap cannot run the model."""
@@ -169,103 +166,6 @@ class EmpiricalNTK:
 def _empty(n1: int, n2: int, n_out: int, mode: str, like: torch.Tensor) -> torch.Tensor:
     shape = {"full": (n1, n2, n_out, n_out), "diagonal": (n1, n2, n_out), "trace": (n1, n2)}[mode]
     return like.new_zeros(shape)
-
-
-def _result_bytes(problem: Problem, n1: int, n2: int) -> float:
-    return replace(problem, n1=n1, n2=n2).output_bytes()
-
-
-# Suggestions predicted to take more than this many times the fastest one are left out.
-_SLOWER_THAN_BEST = 10.0
-
-
-def _memory_message(implementation: str, problem: Problem, budget: float, n1: int, n2: int) -> str:
-    engines = _engines.candidates(problem) if implementation == "auto" else [implementation]
-    need = min(_engines.estimate(e, problem).bytes for e in engines)
-    lines = [
-        f"the empirical NTK (implementation={implementation!r}, mode={problem.mode!r}, "
-        f"blocks of {problem.n1}x{problem.n2} samples, O={problem.n_out}, P={problem.n_params}) "
-        f"needs about {size_text(need)} but the memory budget is {size_text(budget)} "
-        f"(pass memory_budget=<bytes> to change it). What would fit:"
-    ]
-    spare = budget - _result_bytes(problem, n1, n2)
-    lines += _batch_suggestions(problem, spare, n1, n2, implementation)
-    lines += _mode_suggestions(problem, budget, n1, n2)
-    if len(lines) == 1:
-        lines.append("  nothing: even one sample per block exceeds the budget; select fewer "
-                     "parameters with `params=` or raise `memory_budget`")
-    return "\n".join(lines)
-
-
-def _result_message(implementation: str, problem: Problem, budget: float, n1: int, n2: int) -> str:
-    """The result itself exceeds the budget: on disk with compute_kernel, or a cheaper mode."""
-    shape = {"full": (n1, n2, problem.n_out, problem.n_out), "diagonal": (n1, n2, problem.n_out),
-             "trace": (n1, n2)}[problem.mode]
-    what = "per-layer results" if problem.n_groups > 1 else "result"
-    lines = [f"the empirical NTK's {what}, {shape} x {problem.itemsize} bytes, needs about "
-             f"{size_text(_result_bytes(problem, n1, n2))} but the memory budget is "
-             f"{size_text(budget)} (pass memory_budget=<bytes> to change it). What would fit:"]
-    tile = min(largest_tile(replace(problem, n_groups=1), budget, implementation, max(n1, n2)),
-               1024)
-    if tile:
-        lines.append("  on disk, tile by tile: nt.compute_kernel(model, x1, x2, store=<directory>, "
-                     f"mode={problem.mode!r}, tile={tile}), then store.matvec / nt.solve / "
-                     "nt.eigenmodes on it")
-    lines += _mode_suggestions(problem, budget, n1, n2)
-    return "\n".join(lines)
-
-
-def _batch_suggestions(problem: Problem, budget: float, n1: int, n2: int,
-                       implementation: str) -> list[str]:
-    """``batch_size`` per engine that fits ``budget``, fastest predicted first.
-
-    Those far slower than the fastest (tiny blocks of a memory-hungry engine) are left
-    out, except the engine asked for.
-    """
-    options = []
-    engines = _engines.candidates(problem)
-    if implementation != "auto" and implementation not in engines:
-        engines = (*engines, implementation)
-    for engine in engines:
-        size = _largest_fitting_batch(engine, problem, budget, max(n1, n2))
-        if size:
-            blocks = math.ceil(n1 / size) * math.ceil(n2 / size)
-            block = replace(problem, n1=min(size, n1), n2=min(size, n2), symmetric=False)
-            seconds = blocks * _engines.predicted_seconds(engine, block)
-            options.append((seconds, engine, size, blocks))
-    if not options:
-        return []
-    best = min(seconds for seconds, *_ in options)
-    return [f"  implementation={engine!r} with batch_size={size} ({blocks:,} blocks)"
-            for seconds, engine, size, blocks in sorted(options)
-            if seconds <= _SLOWER_THAN_BEST * best or engine == implementation]
-
-
-def _mode_suggestions(problem: Problem, budget: float, n1: int, n2: int) -> list[str]:
-    lines = []
-    for mode in MODES:
-        if mode != problem.mode:
-            cheaper = replace(problem, mode=mode)
-            spare = budget - _result_bytes(cheaper, n1, n2)
-            fitting = (_largest_fitting_batch(e, cheaper, spare, max(n1, n2))
-                       for e in _engines.candidates(problem))
-            if any(fitting):
-                lines.append(f"  mode={mode!r}")
-    return lines
-
-
-def _largest_fitting_batch(engine: str, problem: Problem, budget: float, n: int) -> int:
-    def fits(size: int) -> bool:
-        sub = replace(problem, n1=size, n2=size, symmetric=False)
-        return _engines.estimate(engine, sub).bytes <= budget
-
-    if budget <= 0 or not fits(1):
-        return 0
-    lo, hi = 1, max(n, 1)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    return lo
 
 
 def empirical_ntk_fn(model: nn.Module, *, mode: Mode = "full",
