@@ -175,3 +175,16 @@ def test_gram_of_upper_blocks_is_the_product_and_exactly_symmetric(rows):
     g = gram(m)
     assert torch.equal(g, g.T)
     assert_close(g, m @ m.T)
+
+
+def test_structured_share_script_reports_every_model(monkeypatch, capsys):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_structured_share.py"
+    spec = importlib.util.spec_from_file_location("bench_structured_share", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script adds its folder
+    spec.loader.exec_module(bench)
+    assert bench.main([]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == list(bench.MODELS)
+    # GPT-2's Conv1D and the packed attention projections have rules: nothing falls back.
+    assert rows[1].endswith("| 100.0% | nothing |")
