@@ -9,7 +9,9 @@ call and ``output`` picks the tensor from what the module returns (a Hugging Fac
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from typing import Any, Union
 
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, jvp
 
 from ntk_torch import _inputs
 from ntk_torch._checks import check_module, describe
@@ -163,6 +165,21 @@ def vmap_errors_explained(implementation: str):
             "minimum elsewhere, which they use as it is; causal language models also run with "
             "attn_implementation='eager'. Otherwise write the branch with torch.where."
         ) from error
+
+
+@functools.cache
+def load_forward_mode_rules() -> None:
+    """Have torch load its forward-mode decompositions now, without a deprecation warning.
+
+    torch loads them on the process's first forward-mode pass and compiles them with
+    ``torch.jit.script``, which warns that TorchScript is deprecated: a warning about
+    torch's own internals that users can do nothing about. A tiny ``jvp`` here does that
+    load with exactly that warning silenced.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is (deprecated|not "
+                                "supported)", category=DeprecationWarning)
+        jvp(torch.sin, (torch.zeros(()),), (torch.ones(()),))
 
 
 @contextmanager

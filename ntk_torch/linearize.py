@@ -35,6 +35,7 @@ from ntk_torch._functional import (
     ParamSelection,
     _no_fused_attention,
     functionalize,
+    load_forward_mode_rules,
 )
 from ntk_torch._model_checks import check_model_state
 
@@ -120,6 +121,7 @@ class LinearizedModel(nn.Module):
             return out
 
         with _no_fused_attention():
+            load_forward_mode_rules()
             value, derivative = jvp(at, (theta0,), (tangent,))
         return tree_map(torch.add, value, derivative)
 

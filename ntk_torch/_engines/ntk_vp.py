@@ -10,13 +10,11 @@ pass per layer.
 
 from __future__ import annotations
 
-import functools
-import warnings
-
 import torch
 from torch.func import jvp, vjp, vmap
 
 from ntk_torch._engines._cost import Cost, Problem
+from ntk_torch._functional import load_forward_mode_rules
 
 # Batched vjp/jvp passes: about 0.7 of the structured engine's rate on the benchmark set.
 # Its fixed cost per block (vjp and jvp transforms, chunking) measured about 1 ms above
@@ -61,21 +59,6 @@ def contract(xa, xb, fm, params, mode, groups, *, problem=None, memory_budget=No
     return compute(fm, params, xa, xb, mode, groups, problem=problem, memory_budget=memory_budget)
 
 
-@functools.cache
-def _load_forward_mode_rules() -> None:
-    """Have torch load its forward-mode decompositions now, without a deprecation warning.
-
-    torch loads them on the process's first forward-mode pass and compiles them with
-    ``torch.jit.script``, which warns that TorchScript is deprecated: a warning about
-    torch's own internals that users can do nothing about. A tiny ``jvp`` here does that
-    load with exactly that warning silenced.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is (deprecated|not "
-                                "supported)", category=DeprecationWarning)
-        jvp(torch.sin, (torch.zeros(()),), (torch.ones(()),))
-
-
 def forward_ad_failure(problem: Problem | None) -> str | None:
     """Why forward-mode AD (``jvp``) cannot run ``problem``'s model, or None if it can.
 
@@ -89,7 +72,7 @@ def forward_ad_failure(problem: Problem | None) -> str | None:
 
 
 def _jvp_trial(fm, params: dict[str, torch.Tensor], sample) -> str | None:
-    _load_forward_mode_rules()
+    load_forward_mode_rules()
     tangents = {k: torch.zeros_like(v) for k, v in params.items()}
     try:
         jvp(lambda p: fm(p, sample), (params,), (tangents,))
@@ -104,7 +87,7 @@ def _jvp_trial(fm, params: dict[str, torch.Tensor], sample) -> str | None:
 
 def compute(fm, params, x1, x2, mode, groups, *, problem=None, memory_budget=None):
     """``{group: kernel block}``, processing ``x2`` in chunks that fit ``memory_budget``."""
-    _load_forward_mode_rules()
+    load_forward_mode_rules()
     x2_ = x1 if x2 is None else x2
     chunk = None if problem is None else largest_chunk(problem, memory_budget)
     out = {}
