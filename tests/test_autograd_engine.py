@@ -220,8 +220,9 @@ class Last(nn.Module):
 def test_memory_budget_suggests_autograd_blocks():
     model = build("LSTM-1layer-timefirst-mean")
     x = inputs("LSTM", 5, seed=1)
-    n_params = sum(p.numel() for p in model.parameters())
-    budget = 2 * 2 * n_params * 8 * 2  # the Jacobians of two samples, not of five
+    # 20 kB: a block of two samples (their Jacobians, 2·O·P·8 = 4.9 kB, beside one sample's
+    # O-fold backward) fits, five do not.
+    budget = 20_000
     with pytest.raises(MemoryError, match=r"implementation='autograd' with batch_size=\d") as err:
         nt.empirical_ntk(model, x, memory_budget=budget)
     assert "jacobian" not in str(err.value)
@@ -241,3 +242,14 @@ def test_kernel_store_takes_autograd_and_refuses_a_named_vmap_engine(tmp_path):
     with pytest.raises(RuntimeError, match="implementation='autograd'"):
         nt.compute_kernel(model, x, store=tmp_path / "j", implementation="jacobian",
                           progress=False)
+
+
+@pytest.mark.parametrize("name", ["LSTM-2layers-bidirectional-batchfirst-last", "branch"])
+def test_backward_one_output_at_a_time_where_it_cannot_be_batched(name, monkeypatch):
+    from ntk_torch._engines import autograd
+
+    monkeypatch.setattr(autograd, "_batched_rows", lambda *args: False)
+    model = build(name)
+    x = inputs(name, 4, seed=3)
+    assert_close(nt.empirical_ntk(model, x, implementation="autograd"),
+                 naive_ntk(model, x, None, "full"))

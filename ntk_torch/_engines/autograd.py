@@ -1,10 +1,11 @@
 """``implementation="autograd"``: per-sample Jacobians by plain autograd, without vmap.
 
-For each sample ``a``, one forward pass of that sample alone (a batch of one), then ``O``
-backward passes ``torch.autograd.grad(f_i(x_a), θ, retain_graph=True)`` give the rows
+For each sample ``a``, one forward pass of that sample alone (a batch of one), then the
+``O`` backward passes ``torch.autograd.grad(f_i(x_a), θ)`` (vectorised over ``i`` with
+``is_grads_batched`` where the backward allows it, else one by one) give the rows
 ``J[a, i] (P,)`` of the per-sample Jacobian ``(N, O, P)``; the kernel is the same
-contraction ``J1 J2ᵀ`` as ``"jacobian"``'s, per group of parameters. No torch.func
-transform is involved, so it runs every model whose forward and backward run in plain
+contraction ``J1 J2ᵀ`` as ``"jacobian"``'s, per group of parameters. The forward pass is
+never vectorised, so it runs every model whose forward and backward run in plain
 PyTorch, including what ``torch.func.vmap`` (every other engine) cannot batch: fused
 ``nn.LSTM``/``nn.GRU``/``nn.RNN``, control flow that depends on the data, ``.item()``.
 ``auto`` takes it exactly there (:func:`vmap_failure`).
@@ -13,7 +14,7 @@ Cost: ``N`` one-sample forward passes and ``N·O`` one-sample backward passes (t
 ``"jacobian"``'s Jacobians, run one small pass at a time), plus ``2·N1·N2·O²·P`` FLOPs
 (full) or ``2·N1·N2·O·P`` (diagonal, trace) for the contraction; memory ``(N1 + N2)·O·P``
 numbers for the Jacobians (``N1·O·P`` when ``x2 is None``), one sample's autograd graph
-and one pass's gradients.
+and its ``O``-fold batched backward.
 
 A forward pass that draws random numbers (Dropout inside a custom module, ``nn.LSTM``'s
 dropout between layers in train mode) would make the kernel random: it is refused.
@@ -46,8 +47,9 @@ def estimate(problem: Problem) -> Cost:
     per_pair = p.n_out**2 if p.mode == "full" else p.n_out
     contract_flops = 2.0 * p.n1 * p.n2 * per_pair * p.n_params
     jac_bytes = samples * p.n_out * p.n_params * p.itemsize
-    # One sample's saved activations, and one backward pass's gradients before their copy.
-    work_bytes = (p.activations + p.n_params) * p.itemsize
+    # One sample's saved activations, and its O-fold batched backward: cotangents and
+    # gradients before their copy.
+    work_bytes = (1 + p.n_out) * (p.activations + p.n_params) * p.itemsize
     return Cost(jac_flops + contract_flops, jac_bytes + work_bytes + p.output_bytes())
 
 
@@ -71,13 +73,17 @@ def per_sample_jacobians(fm, params: dict[str, torch.Tensor], x: _inputs.Inputs,
     """``(N, O, P)``: Jacobians of each sample's outputs w.r.t. ``params[names]``, flattened.
 
     Columns follow ``names``; the other entries of ``params`` are held fixed. Row ``a`` is
-    one forward of sample ``a`` alone and ``O`` backward passes through its graph.
+    one forward of sample ``a`` alone, then its ``O`` backward passes: all at once
+    (``is_grads_batched``: the backward graph vectorised over the ``O`` one-hot
+    cotangents, which runs even where the forward could not be vectorised), or one after
+    the other where that fails.
     """
     leaves = [params[n].detach().requires_grad_() for n in names]
     values = {**params, **dict(zip(names, leaves))}
     n = _inputs.batch_size(x)
     n_params = sum(t.numel() for t in leaves)
     jac = None
+    batched = True
     rng = _rng_state(leaves[0].device)
     with torch.enable_grad(), _rnn_backward(fm.module, leaves[0].device):
         for a in range(n):
@@ -87,11 +93,9 @@ def per_sample_jacobians(fm, params: dict[str, torch.Tensor], x: _inputs.Inputs,
             if not out.requires_grad:  # no selected parameter reaches this sample's outputs
                 jac[a].zero_()
                 continue
-            last = out.shape[0] - 1
-            for i in range(out.shape[0]):
-                grads = torch.autograd.grad(out[i], leaves, retain_graph=i < last,
-                                            allow_unused=True, materialize_grads=True)
-                torch.cat([g.reshape(-1) for g in grads], out=jac[a, i])
+            batched = batched and _batched_rows(out, leaves, jac[a])
+            if not batched:
+                _rows_one_by_one(out, leaves, jac[a])
     if not _same_state(rng, _rng_state(leaves[0].device)):
         raise RuntimeError(
             "`model` draws random numbers in its forward pass (Dropout in a custom module, or "
@@ -99,6 +103,32 @@ def per_sample_jacobians(fm, params: dict[str, torch.Tensor], x: _inputs.Inputs,
             "is undefined. Call model.eval() first, or remove the random operation."
         )
     return jac
+
+
+def _batched_rows(out: torch.Tensor, leaves: list[torch.Tensor], rows: torch.Tensor) -> bool:
+    """``rows (O, P)`` from one backward vectorised over outputs; False if it cannot run."""
+    basis = torch.eye(out.shape[0], dtype=out.dtype, device=out.device)
+    try:
+        with warnings.catch_warnings():  # torch's note on ops it batches slowly: not ours
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            grads = torch.autograd.grad(out, leaves, basis, retain_graph=True,
+                                        is_grads_batched=True, allow_unused=True)
+    except RuntimeError:  # a backward rule vmap cannot batch: one output at a time
+        return False
+    o = out.shape[0]
+    # Parameters this sample's outputs do not reach (a branch not taken) have no gradient.
+    torch.cat([out.new_zeros(o, t.numel()) if g is None else g.reshape(o, -1)
+               for g, t in zip(grads, leaves)], dim=1, out=rows)
+    return True
+
+
+def _rows_one_by_one(out: torch.Tensor, leaves: list[torch.Tensor], rows: torch.Tensor) -> None:
+    """``rows (O, P)`` from ``O`` backward passes, one per output."""
+    last = out.shape[0] - 1
+    for i in range(out.shape[0]):
+        grads = torch.autograd.grad(out[i], leaves, retain_graph=i < last, allow_unused=True,
+                                    materialize_grads=True)
+        torch.cat([g.reshape(-1) for g in grads], out=rows[i])
 
 
 def _rng_state(device: torch.device) -> list[torch.Tensor]:
