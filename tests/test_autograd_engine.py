@@ -12,7 +12,7 @@ import ntk_torch as nt
 from ntk_torch._engines import VMAP_ENGINES
 from tests.cases import CASES
 from tests.conftest import assert_close
-from tests.oracle import naive_ntk, owner_names
+from tests.oracle import naive_jacobian, naive_ntk, owner_names
 
 MODES = ["full", "diagonal", "trace"]
 
@@ -38,19 +38,22 @@ class RecurrentClassifier(nn.Module):
 
 
 class BranchOnData(nn.Module):
-    """Which head runs depends on the sign of the input's sum: Python control flow on data."""
+    """Python control flow on the values, as transformers' ``if mask.all():`` has.
+
+    Both branches compute the same function (so samples stay independent in a batch),
+    by different operations: which one runs depends on the data.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Linear(3, 4)
-        self.plus = nn.Linear(4, 2)
-        self.minus = nn.Linear(4, 2)
+        self.head = nn.Linear(4, 2)
 
     def forward(self, x):
         h = torch.tanh(self.body(x))
-        if x.sum() > 0:
-            return self.plus(h)
-        return 2.0 * self.minus(h) + h[:, :2]
+        if bool((x.sum(-1) > 0).all()):
+            return self.head(h)
+        return h @ self.head.weight.T + self.head.bias
 
 
 class ScaleByItem(nn.Module):
@@ -253,3 +256,30 @@ def test_backward_one_output_at_a_time_where_it_cannot_be_batched(name, monkeypa
     x = inputs(name, 4, seed=3)
     assert_close(nt.empirical_ntk(model, x, implementation="autograd"),
                  naive_ntk(model, x, None, "full"))
+
+
+class TwoHeads(nn.Module):
+    """A head chosen by the sign of the input's sum: per sample, one head is never reached."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plus, self.minus = nn.Linear(3, 2), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.plus(x) if x.sum() > 0 else 2.0 * self.minus(x)
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched backward", "one by one"])
+def test_parameters_a_sample_does_not_reach_get_zero_rows(batched, monkeypatch):
+    from ntk_torch._engines import autograd
+    from ntk_torch._functional import functionalize
+
+    if not batched:
+        monkeypatch.setattr(autograd, "_batched_rows", lambda *args: False)
+    model = TwoHeads().double()
+    fm = functionalize(model, None)
+    x = inputs("branch", 5, seed=1)  # sums of both signs
+    jac = autograd.per_sample_jacobians(fm, dict(model.named_parameters()), x, list(fm.names))
+    expected = torch.stack([naive_jacobian(model, x[a:a + 1], list(fm.names))[0]
+                            for a in range(5)])
+    assert_close(jac, expected)
