@@ -110,6 +110,7 @@ def tiled(kernel: Blockwise | BlockFn, x1: _inputs.Inputs, x2: _inputs.Inputs | 
     size = batch_size or max(n1, n2, 1)
     pairs = block_pairs(n1, None if symmetric else n2, size)
     out: dict[str, torch.Tensor] = {}
+
     def rows(span: Span) -> _inputs.Inputs:
         return _inputs.take(x1, *span)
 
