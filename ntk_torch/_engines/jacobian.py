@@ -112,15 +112,25 @@ def contract(ja, jb, fm, params, mode, groups, *, problem=None, memory_budget=No
     return out
 
 
+# Jacobians of x1 and x2 up to this size come from one vectorised pass over both: half the
+# fixed cost of the passes, most of the time on small models (1.7x on the tiny rows of
+# benchmarks/bench_overhead.py). Larger ones ran faster in two passes (1.2-1.6x on the CNN
+# and unrolled-LSTMCell rows of bench_empirical.py): the intermediates of one pass outgrow
+# the caches.
+JOINT_PASS_BYTES = 8 * 2**20
+
+
 def compute(fm, params, x1, x2, mode, groups, *, problem=None, memory_budget=None):
     """``{group: kernel block}``; ``x2=None`` reuses ``x1``'s Jacobians.
 
-    With ``x2`` the Jacobians of both come from one vectorised pass over ``x1`` and ``x2``
-    together: the same memory, half the passes' fixed cost (most of the time on small
-    models).
+    With ``x2``, small Jacobians of both come from one pass (``JOINT_PASS_BYTES``).
     """
     if x2 is None:
         return contract(per_sample_jacobians(fm, params, x1), None, fm, params, mode, groups)
+    p = problem
+    if p is None or (p.n1 + p.n2) * p.n_out * p.n_params * p.itemsize > JOINT_PASS_BYTES:
+        return contract(per_sample_jacobians(fm, params, x1), per_sample_jacobians(fm, params, x2),
+                        fm, params, mode, groups)
     n1 = _inputs.batch_size(x1)
     both = per_sample_jacobians(fm, params, _inputs.concat([x1, x2]))
     jac1 = {name: j[:n1] for name, j in both.items()}
