@@ -147,8 +147,10 @@ _VMAP_CONTROL_FLOW = "data-dependent control flow"
 def vmap_errors_explained(implementation: str):
     """Re-raise vmap's refusal of value-dependent control flow with what to do about it.
 
-    The engines run the model one sample at a time under ``torch.func.vmap``; a forward
-    that branches on its inputs' values (``if mask.all():``) cannot be batched that way.
+    The vmap engines run the model one sample at a time under ``torch.func.vmap``; a
+    forward that branches on its inputs' values (``if mask.all():``) cannot be batched that
+    way. The probe of ``implementation="auto"`` finds such models first and takes the
+    autograd engine; this is the guard for a branch the probe's sample did not reach.
     """
     try:
         yield
@@ -159,11 +161,10 @@ def vmap_errors_explained(implementation: str):
             f"implementation={implementation!r} runs the model one sample at a time under "
             "torch.func.vmap, and the model's forward branches on the values of its inputs "
             "(Python control flow on a tensor, such as `if mask.all():`), which vmap cannot "
-            "batch. Hugging Face models do this when they prepare a 2-D attention mask with "
-            "padding (transformers' masking_utils skips the mask when it is all ones): pass "
-            "the mask as a 4-D float mask (N, 1, 1, L), 0 where attended and the dtype's "
-            "minimum elsewhere, which they use as it is; causal language models also run with "
-            "attn_implementation='eager'. Otherwise write the branch with torch.where."
+            "batch. Use implementation='autograd' (plain autograd, one sample at a time), or "
+            "write the branch with torch.where. Hugging Face models branch so when they "
+            "prepare a 2-D attention mask; a 4-D float mask (N, 1, 1, L), 0 where attended and "
+            "the dtype's minimum elsewhere, is used as it is and runs on every engine."
         ) from error
 
 

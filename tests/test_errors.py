@@ -439,3 +439,14 @@ def test_a_model_without_forward_mode_derivatives_never_runs_ntk_vp():
     for _ in range(2):  # whatever auto would rank first, ntk_vp is not among its candidates
         assert_close(ntk(x), oracle(bag, x, None, "full"))
         assert ntk.last_implementation != "ntk_vp"
+
+
+def test_value_dependent_branch_under_vmap_names_the_autograd_engine():
+    from ntk_torch._functional import vmap_errors_explained
+
+    def branch(x):
+        return x if x.sum() > 0 else -x
+
+    with pytest.raises(RuntimeError, match=r"branches on the values.*implementation='autograd'"):
+        with vmap_errors_explained("jacobian"):
+            torch.func.vmap(branch)(torch.randn(3, 2))
