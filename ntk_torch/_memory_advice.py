@@ -15,6 +15,7 @@ from ntk_torch._checks import MODES
 from ntk_torch._engines import Problem
 from ntk_torch._store_compute import largest_tile
 from ntk_torch._store_files import size_text
+from ntk_torch._tiling import largest_size
 
 
 def result_bytes(problem: Problem, n1: int, n2: int) -> float:
@@ -107,10 +108,4 @@ def _largest_fitting_batch(engine: str, problem: Problem, budget: float, n: int)
         sub = replace(problem, n1=size, n2=size, symmetric=False)
         return _engines.estimate(engine, sub).bytes <= budget
 
-    if budget <= 0 or not fits(1):
-        return 0
-    lo, hi = 1, max(n, 1)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    return lo
+    return largest_size(fits, n) if budget > 0 else 0

@@ -37,7 +37,7 @@ from ntk_torch._store_files import (
     write_atomic,
     write_error,
 )
-from ntk_torch._tiling import Span, blocks, default_memory_budget
+from ntk_torch._tiling import Span, blocks, default_memory_budget, largest_size
 
 # Output tiles alive at once while computing: one being computed, one queued, one being
 # written.
@@ -177,13 +177,7 @@ def largest_tile(problem: Problem, budget: float, implementation: str, n: int) -
         out = (TILES_IN_FLIGHT - 1) * p.output_bytes()
         return any(_engines.estimate(e, p).bytes + out <= budget for e in names)
 
-    if not fits(1):
-        return 0
-    lo, hi = 1, max(n, 1)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    return lo
+    return largest_size(fits, n)
 
 
 

@@ -92,6 +92,17 @@ def blocks(kernel: Blockwise, rows: Callable[[Span], Any], cols: Callable[[Span]
         yield (r, c), result
 
 
+def largest_size(fits: Callable[[int], bool], n: int) -> int:
+    """The largest block size in ``1..n`` for which ``fits`` holds (monotone), or 0."""
+    if not fits(1):
+        return 0
+    lo, hi = 1, max(n, 1)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
 def tiled(kernel: Blockwise | BlockFn, x1: _inputs.Inputs, x2: _inputs.Inputs | None,
           batch_size: int | None, progress: bool = False) -> dict[str, torch.Tensor]:
     """Assemble ``{group: (N1, N2, ...)}`` from blocks of at most ``batch_size`` samples.
