@@ -32,6 +32,7 @@ from torch.func import jacrev, vmap
 from ntk_torch import _inputs
 from ntk_torch._engines import jacobian
 from ntk_torch._engines._cost import Cost, Problem
+from ntk_torch._model_checks import label
 
 # One small pass at a time: per-pass overheads and unbatched kernels, measured at about a
 # quarter of the structured engine's rate (benchmarks/bench_autograd.py).
@@ -193,7 +194,7 @@ def vmap_failure(problem: Problem | None) -> str | None:
 def _vmap_trial(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> str | None:
     for name, m in fm.module.named_modules():
         if isinstance(m, nn.RNNBase):
-            return f"{_label(name or 'the model', m)} is a fused RNN module"
+            return f"{label(name, m)} is a fused RNN module"
     running: list[tuple[str, nn.Module]] = []  # modules entered and not yet left
 
     def enter(name: str, m: nn.Module):
@@ -219,15 +220,11 @@ def _vmap_trial(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> st
         if "random" in text:
             return None
         text = text if len(text) <= 100 else text[:97] + "..."
-        return text + (f" in {_label(*running[-1])}" if running and running[-1][0] else "")
+        return text + (f" in {label(*running[-1])}" if running and running[-1][0] else "")
     finally:
         for h in handles:
             h.remove()
     return None
-
-
-def _label(name: str, module: nn.Module) -> str:
-    return f"{name} ({type(module).__name__})"
 
 
 __all__ = ["compute", "contract", "estimate", "per_sample_jacobians", "prepare", "vmap_failure"]

@@ -78,7 +78,7 @@ def _structure(problem: Problem | None) -> Structure | None:
 
 def estimate(problem: Problem) -> Cost:
     """FLOPs and peak bytes of one block (see the module docstring)."""
-    structured_flops, fallback_flops, nbytes = _cost_parts(problem)
+    structured_flops, fallback_flops, nbytes, _ = _cost_parts(problem)
     return Cost(structured_flops + fallback_flops, nbytes)
 
 
@@ -88,10 +88,8 @@ def predicted_seconds(problem: Problem, throughput: float) -> float:
     The fallback parameters' share is priced at the jacobian engine's rate: that is what
     they run as, so a model with nothing structured is never predicted faster than there.
     """
-    structured_flops, fallback_flops, _ = _cost_parts(problem)
+    structured_flops, fallback_flops, _, work = _cost_parts(problem)
     flops_at_reference_rate = structured_flops / EFFICIENCY + fallback_flops / jacobian.EFFICIENCY
-    work = problem.probe.analysis(("structured work", replace(problem, probe=None)),
-                                  lambda *_: _plan_work(problem)) if problem.probe else 0.0
     return flops_at_reference_rate / throughput + work * WORK_SECONDS + OVERHEAD_S
 
 
@@ -102,18 +100,8 @@ def predicted_seconds(problem: Problem, throughput: float) -> float:
 WORK_SECONDS = 5e-9
 
 
-def _plan_work(problem: Problem) -> float:
-    """Working elements of the plan's contractions, summed over its units."""
-    s = _structure(problem)
-    if s is None:
-        return 0.0
-    p = problem
-    plan = make_plan(s, p.n1, p.n2, p.symmetric, p.n_out, p.mode, None, WORK_BYTES / p.itemsize)
-    return float(sum(route.work for route in plan.routes))
-
-
-def _cost_parts(problem: Problem) -> tuple[float, float, float]:
-    """FLOPs of the structured part, FLOPs of the fallback part, peak bytes.
+def _cost_parts(problem: Problem) -> tuple[float, float, float, float]:
+    """Structured FLOPs, fallback FLOPs, peak bytes, the plan's contraction working elements.
 
     Kept with the probe per block size: ``auto`` asks for them on every call.
     """
@@ -123,12 +111,12 @@ def _cost_parts(problem: Problem) -> tuple[float, float, float]:
     return problem.probe.analysis(key, lambda *_: _priced_parts(problem))
 
 
-def _priced_parts(problem: Problem) -> tuple[float, float, float]:
+def _priced_parts(problem: Problem) -> tuple[float, float, float, float]:
     p = problem
     s = _structure(p)
     if s is None:  # no probe: every parameter would go through the fallback
         cost = jacobian.estimate(p)
-        return 0.0, cost.flops, cost.bytes
+        return 0.0, cost.flops, cost.bytes, 0.0
     samples = p.n1 if p.symmetric else p.n1 + p.n2
     o = p.n_out
     # Forward, then O backward passes computing input gradients only (about a forward
@@ -146,7 +134,7 @@ def _priced_parts(problem: Problem) -> tuple[float, float, float]:
     per_pair = o * o if p.mode == "full" else o
     fallback += 2.0 * p.n1 * p.n2 * per_pair * s.fallback_params
     nbytes = (kept + work) * p.itemsize + contraction_work + p.output_bytes()
-    return flops, fallback, nbytes
+    return flops, fallback, nbytes, float(sum(route.work for route in plan.routes))
 
 
 @dataclass(frozen=True)
