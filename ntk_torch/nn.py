@@ -174,7 +174,7 @@ class Dense(_Parameterized):
 
 
 class Conv2d(_Parameterized):
-    """2-d convolution with stride 1 and zero padding, with an explicit parameterization.
+    """2-d convolution with zero padding and a stride, with an explicit parameterization.
 
     ``z = m · (W ⋆ x) + m_b · b``, fan-in ``d = in_channels · kh · kw``; multipliers and
     init stds as in this module's table (for ``"mup"``, ``n = out_channels`` for the input
@@ -185,6 +185,8 @@ class Conv2d(_Parameterized):
         kernel_size: ``k`` or ``(kh, kw)``.
         parameterization, weight_std, bias_std, bias, role: as in :class:`Dense`.
         padding: ``"same"`` (default), ``"valid"``, an int or ``(ph, pw)``; zeros.
+            ``"same"`` needs ``stride`` 1.
+        stride: ``s`` or ``(sh, sw)``.
 
     Shapes: ``(N, in_channels, H, W) -> (N, out_channels, H', W')``.
 
@@ -198,7 +200,8 @@ class Conv2d(_Parameterized):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], *,
                  parameterization: Parameterization = "ntk", weight_std: float = 1.0,
                  bias_std: float = 0.0, bias: bool = True, role: Role = "hidden",
-                 padding: str | int | tuple[int, int] = "same") -> None:
+                 padding: str | int | tuple[int, int] = "same",
+                 stride: int | tuple[int, int] = 1) -> None:
         super().__init__()
         self.in_channels = check_int("in_channels", in_channels, low=1)
         self.out_channels = check_int("out_channels", out_channels, low=1)
@@ -209,8 +212,12 @@ class Conv2d(_Parameterized):
         else:
             padding = check_int_pair("padding", padding, low=0)  # type: ignore[assignment]
         self.padding = padding
+        self.stride = check_int_pair("stride", stride, low=1)
+        if padding == "same" and self.stride != (1, 1):
+            raise ValueError(f"padding='same' needs stride 1, got stride={stride!r}; give the "
+                             "padding as numbers")
         # Geometry in nn.Conv2d's terms, so code that reads convolutions can read this one.
-        self.stride, self.dilation, self.groups, self.padding_mode = (1, 1), (1, 1), 1, "zeros"
+        self.dilation, self.groups, self.padding_mode = (1, 1), 1, "zeros"
         fan_in = in_channels * ks[0] * ks[1]
         self._set_scales(fan_in, out_channels, parameterization, role, weight_std, bias_std)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *ks))
@@ -219,12 +226,13 @@ class Conv2d(_Parameterized):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``m · (W ⋆ x) + m_b · b``: ``(N, in_channels, H, W) -> (N, out_channels, H', W')``."""
-        return _scaled(self, F.conv2d(x, self.weight, padding=self.padding), 3)
+        return _scaled(self, F.conv2d(x, self.weight, stride=self.stride, padding=self.padding), 3)
 
     def extra_repr(self) -> str:
         """Sizes, padding, parameterization and stds."""
+        stride = "" if self.stride == (1, 1) else f"stride={self.stride}, "
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"padding={self.padding!r}, " + super().extra_repr())
+                f"padding={self.padding!r}, {stride}" + super().extra_repr())
 
 
 class MLP(nn.Sequential):

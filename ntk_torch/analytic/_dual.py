@@ -25,10 +25,15 @@ class Dual:
     Attributes:
         name: what it is, for messages and ``repr``.
         fn: ``(c, v1, v2, need_derivative) -> (T, T' or None)`` on broadcastable tensors.
+        phi: the activation itself, an elementwise tensor function, where known.
+        homogeneous: whether ``φ(a u) = a φ(u)`` for ``a > 0`` (ReLU-like), so that
+            ``u φ'(u) = φ(u)``.
     """
 
     name: str
     fn: Callable[[Tensor, Tensor, Tensor, bool], tuple[Tensor, Tensor | None]] = field(repr=False)
+    phi: Callable[[Tensor], Tensor] | None = field(default=None, repr=False)
+    homogeneous: bool = field(default=False, repr=False)
 
     def __call__(self, c: Tensor, v1: Tensor, v2: Tensor,
                  need_derivative: bool = True) -> tuple[Tensor, Tensor | None]:

@@ -20,7 +20,7 @@ __all__ = ["NamedLayer", "evaluate"]
 
 NamedLayer = tuple[str, nn.Module | None, L.Layer]
 """A layer map with the name and module it was read from (``None`` when described by
-hyper-parameters), for error messages."""
+hyper-parameters), for error messages; an empty name for a map that names its own parts."""
 
 # Elements of one block's state per array: 2^17 doubles, 1 MB, a 362 x 362 block of a dense
 # kernel. Blocks this small stay in cache through the dozens of elementwise passes of a
@@ -29,7 +29,7 @@ _BLOCK_ELEMENTS = 1 << 17
 
 
 def _default_batch(x: torch.Tensor) -> int:
-    pixels = math.prod(x.shape[2:]) if x.dim() == 4 else 1
+    pixels = math.prod(x.shape[2:])
     return max(1, math.isqrt(_BLOCK_ELEMENTS // (pixels * pixels)))
 
 
@@ -46,6 +46,8 @@ def evaluate(layers: list[NamedLayer], x1: torch.Tensor,
             try:
                 k = layer(k)
             except ValueError as err:
+                if not name:  # a whole graph, whose messages name their nodes
+                    raise
                 label = name if module is None else f"{name!r} ({type(module).__name__})"
                 raise ValueError(f"layer {label}: {err}") from None
         k = L.output(k)

@@ -31,6 +31,11 @@ class Kernel:
         spatial: ``(H, W)`` between convolutional layers, ``None`` for vectors.
         is_gaussian: whether the entries are jointly Gaussian pre-activations (after a dense
             or convolutional layer), which activations require.
+        ntk_product: ``g`` when each channel's tangent kernel is ``Θ₀ + g · z_i(x) z_i(x')``
+            with ``z`` the state itself (a trainable LayerNorm gain adds ``g = 1``): the
+            channel mean ``ntk = Θ₀ + g · nngp`` is all a linear layer needs, but an
+            activation weighs the product term by its own derivative. NaN when the term
+            is not of that form (after adding such a state to another branch).
 
     Example:
         >>> import torch
@@ -48,6 +53,7 @@ class Kernel:
     channels: int | None = None
     spatial: tuple[int, int] | None = None
     is_gaussian: bool = False
+    ntk_product: float = 0.0
 
     def replace(self, **changes: object) -> Kernel:
         """A copy with some fields changed."""

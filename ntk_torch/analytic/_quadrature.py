@@ -188,4 +188,4 @@ def quadrature(phi: Callable[[Tensor], Tensor], degree: int | None = DEFAULT_DEG
                                torch.sqrt(v2).expand(shape).reshape(-1), k, need_derivative)
         return t.reshape(shape), (dt.reshape(shape) if dt is not None else None)
 
-    return Dual(label, fn)
+    return Dual(label, fn, phi)

@@ -29,6 +29,7 @@ Numerics: ``c`` is clamped into ``[-√(v1 v2), √(v1 v2)]`` (so correlations s
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -40,7 +41,8 @@ from ntk_torch._activation_modules import Elementwise, activation_module
 from ntk_torch.analytic._dual import Dual, correlation
 from ntk_torch.analytic._quadrature import DEFAULT_DEGREE, DEGREES, QUADRATURE_RTOL, quadrature
 
-__all__ = ["Dual", "dual", "erf", "gelu", "identity", "leaky_relu", "quadrature", "relu",
+__all__ = ["Dual", "derivative_product", "dual", "erf", "gelu", "identity", "leaky_relu",
+           "quadrature", "relu",
            "ACTIVATION_TYPES", "DEFAULT_DEGREE", "DEGREES", "QUADRATURE_RTOL"]
 
 Tensor = torch.Tensor
@@ -67,10 +69,11 @@ def leaky_relu(slope: float) -> Dual:
         t.addcmul_(rho, dt).mul_(norms)
         return t, (dt if need_derivative else None)
 
-    return Dual(f"leaky_relu({slope:g})", fn)
+    return Dual(f"leaky_relu({slope:g})", fn,
+                functools.partial(F.leaky_relu, negative_slope=slope), homogeneous=True)
 
 
-relu = Dual("relu", leaky_relu(0.0).fn)
+relu = Dual("relu", leaky_relu(0.0).fn, torch.relu, homogeneous=True)
 
 
 def _identity(c: Tensor, v1: Tensor, v2: Tensor, need_derivative: bool):
@@ -78,7 +81,7 @@ def _identity(c: Tensor, v1: Tensor, v2: Tensor, need_derivative: bool):
     return rho.mul_(norms), (torch.ones_like(rho) if need_derivative else None)
 
 
-identity = Dual("identity", _identity)
+identity = Dual("identity", _identity, lambda t: t, homogeneous=True)
 
 
 def _erf(c: Tensor, v1: Tensor, v2: Tensor, need_derivative: bool):
@@ -93,7 +96,7 @@ def _erf(c: Tensor, v1: Tensor, v2: Tensor, need_derivative: bool):
     return t, dt
 
 
-erf = Dual("erf", _erf)
+erf = Dual("erf", _erf, torch.erf)
 
 
 def _gelu(c: Tensor, v1: Tensor, v2: Tensor, need_derivative: bool):
@@ -116,7 +119,7 @@ def _gelu(c: Tensor, v1: Tensor, v2: Tensor, need_derivative: bool):
     return t, dt
 
 
-gelu = Dual("gelu", _gelu)
+gelu = Dual("gelu", _gelu, F.gelu)
 
 
 # Modules accepted as elementwise activations; the named ones have closed forms.
@@ -175,3 +178,38 @@ def dual(activation: object, degree: int = DEFAULT_DEGREE) -> Dual:
         return quadrature(activation, degree)
     raise TypeError(f"`activation` must be a name, an nn.Module or a callable, "
                     f"got {type(activation).__name__}")
+
+
+def derivative_product(dual: Dual) -> Dual:
+    """The dual of ``ψ(u) = u φ'(u)``: ``E[u φ'(u) v φ'(v)]`` (and its derivative).
+
+    What a channel's tangent-kernel term ``z(x) z(x')`` (a LayerNorm gain's) becomes
+    through the activation. Homogeneous activations have ``ψ = φ``; the others go through
+    :func:`quadrature` with ``φ'`` from autograd.
+
+    Raises:
+        TypeError: when the dual does not carry its activation.
+
+    Example:
+        >>> import torch
+        >>> derivative_product(relu) is relu
+        True
+        >>> one = torch.tensor(1.0, dtype=torch.float64)
+        >>> t, _ = derivative_product(identity)(0.5 * one, one, one)
+        >>> float(t)  # E[u v] = c
+        0.5
+    """
+    if dual.homogeneous:
+        return dual
+    phi = dual.phi
+    if phi is None:
+        raise TypeError(f"the dual {dual.name} does not carry its activation, which "
+                        "u φ'(u) needs")
+
+    def psi(t: Tensor) -> Tensor:
+        with torch.enable_grad():
+            s = t if t.requires_grad else t.detach().requires_grad_()
+            (d,) = torch.autograd.grad(phi(s).sum(), s, create_graph=t.requires_grad)
+        return s * d if t.requires_grad else t * d.detach()
+
+    return quadrature(psi, name=f"u·{dual.name}'(u)")

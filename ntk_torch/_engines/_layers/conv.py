@@ -86,7 +86,7 @@ def _reversed_padding(module: nn.Module) -> list[int]:
     """Amounts ``[left, right]`` per spatial dimension, last dimension first, as torch pads."""
     if hasattr(module, "_reversed_padding_repeated_twice"):
         return list(module._reversed_padding_repeated_twice)
-    # ntk_torch.nn.Conv2d: stride and dilation 1; "same" pads k - 1 in all, the extra one
+    # ntk_torch.nn.Conv2d: dilation 1; "same" (stride 1) pads k - 1 in all, the extra one
     # on the right (torch's convention), "valid" nothing.
     pads: list[int] = []
     for i in reversed(range(len(module.kernel_size))):
