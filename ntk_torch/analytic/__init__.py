@@ -4,6 +4,9 @@
   dense/convolutional layers, activations, flatten, pooling, and :mod:`ntk_torch.nn` models.
 - :func:`mlp_kernel` ``(x1, x2=None, *, depth, ...)``: the same for an MLP described by
   its hyper-parameters.
+- :func:`monte_carlo_kernel` ``(build, x1, x2=None, *, n_samples, ...)``: the empirical
+  kernels of ``n_samples`` initialisations averaged, with standard errors
+  (:class:`MonteCarloKernel`): the finite-width estimate the two above are limits of.
 - :class:`Kernel`: ``nngp`` and ``ntk``, each ``(N1, N2)``; the per-output kernels that
   the mean over outputs (``mode="trace"``) of the empirical kernels converges to.
 - ``layers``: the ``Kernel -> Kernel`` maps; ``activations``: dual activations (closed
@@ -13,6 +16,7 @@
 from ntk_torch.analytic import activations, layers
 from ntk_torch.analytic._limit import Kernel
 from ntk_torch.analytic.mlp import mlp_kernel
+from ntk_torch.analytic.monte_carlo import MonteCarloKernel, monte_carlo_kernel
 from ntk_torch.analytic.read import kernel
 
 __all__ = [
@@ -20,6 +24,9 @@ __all__ = [
     "kernel",
     "mlp_kernel",
     "Kernel",
+    # their Monte Carlo estimate at a finite width
+    "monte_carlo_kernel",
+    "MonteCarloKernel",
     # building blocks
     "activations",
     "layers",
