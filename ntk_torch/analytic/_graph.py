@@ -215,6 +215,10 @@ class _Reader:
 
     def check_ops(self) -> None:
         """Refuse ops that have no rule whatever their shapes, before running anything."""
+        inputs = [n.name for n in self.graph.nodes if n.op == "placeholder"]
+        if len(inputs) != 1:
+            raise ValueError(f"analytic.kernel reads models of one input tensor, but the "
+                             f"forward of {type(self.model).__name__} takes {inputs}")
         for node in self.graph.nodes:
             why = _has_rule(node, self.model)
             if why is not None:
@@ -234,9 +238,6 @@ class _Reader:
     def _read(self, node: fx.Node) -> None:
         value = self.values.get(node.name)
         if node.op == "placeholder":
-            if self.input is not None:
-                raise _Refused("the model takes more than one input; the analytic kernel "
-                               "reads models of one tensor")
             self.input = node.name
             self.info[node.name] = _Info(value, True, None, frozenset())
             return
@@ -277,7 +278,7 @@ class _Reader:
                            "that has no rule")
         (first, *_) = states
         if target in _ADD or target in _SUB:
-            self._read_sum(node, states, negate=target in _SUB)
+            self._read_sum(node, negate=target in _SUB)
         elif target in _MUL or target in _DIV:
             factor = self._factor(node, first, target in _DIV)
             self._linear_step(node, first, _per_part(L.scale(factor)))
@@ -337,14 +338,15 @@ class _Reader:
 
         return fn
 
-    def _read_sum(self, node: fx.Node, states: list[fx.Node], negate: bool) -> None:
-        args = list(node.args) + list(node.kwargs.values())
-        if len(states) == 1:
+    def _read_sum(self, node: fx.Node, negate: bool) -> None:
+        operands = [node.args[0], node.kwargs.get("other", node.args[1:2] or None)]
+        operands[1] = operands[1][0] if isinstance(operands[1], tuple) else operands[1]
+        if not all(isinstance(a, fx.Node) and self.info[a.name].is_state for a in operands):
             raise _Refused("adding a constant to features shifts their mean, which the "
                            "kernel does not track")
-        a, b = states
+        a, b = operands
         alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
-        if len(args) > 3 or (len(states) == 2 and _constant(alpha) is None):
+        if _constant(alpha) is None:
             raise _Refused("this form of the sum has no rule")
         factor = (-1.0 if negate else 1.0) * float(alpha)
         second = L.scale(factor) if factor != 1.0 else L.identity()
