@@ -156,35 +156,37 @@ def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Struc
     aliases: dict[int, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), name)
-    # (layer, role) pairs holding each selected parameter, by canonical name.
-    holders: dict[str, list[tuple[str, str]]] = {}
+    # (layer, pair, role) holding each selected parameter, by canonical name; a layer's
+    # pairs (``LayerRule.parameters``) meet different inputs, so they count as layers apart.
+    holders: dict[str, list[tuple[str, int, str]]] = {}
     for lname, m in candidates.items():
-        for role, attribute in zip(("weight", "bias"), rules[lname].parameters):
-            p = m._parameters.get(attribute)
-            if p is not None and aliases[id(p)] in params:
-                holders.setdefault(aliases[id(p)], []).append((lname, role))
+        for pair, attributes in enumerate(rules[lname].parameters):
+            for role, attribute in zip(("weight", "bias"), attributes):
+                p = m._parameters.get(attribute)
+                if p is not None and aliases[id(p)] in params:
+                    holders.setdefault(aliases[id(p)], []).append((lname, pair, role))
 
-    owners = {id(params[n]): {id(candidates[layer]) for layer, _ in hs}
+    owners = {id(params[n]): {id(candidates[layer]) for layer, _, _ in hs}
               for n, hs in holders.items()}
     stack: list[nn.Module] = []
-    calls: list[tuple[str, tuple[int, ...], tuple[int, ...], torch.dtype]] = []
+    calls: list[tuple[str, int, tuple[int, ...], tuple[int, ...], torch.dtype]] = []
     unusable: set[str] = set()
 
-    def record(module, args, output):
+    def record(module, args, output, pair=0):
         name = names_of[id(module)]
         inp = args[0] if args else None
         if (isinstance(inp, torch.Tensor) and isinstance(output, torch.Tensor)
-                and rules[name].verify(module, inp, output)):
-            calls.append((name, tuple(inp.shape), tuple(output.shape), output.dtype))
+                and rules[name].verify(module, args, output, pair)):
+            calls.append((name, pair, tuple(inp.shape), tuple(output.shape), output.dtype))
         else:  # called in a way the rules do not cover: keyword input, tuple output
-            calls.append((name, (), (), torch.float32))
+            calls.append((name, pair, (), (), torch.float32))
             unusable.add(name)
         return output
 
     # Only layers that hold selected parameters are run through their rules. A rule's own
     # interception (attention's projections as layer calls) changes which calls other
     # layers see: the engine's passes intercept the same layers (``routed``).
-    holding = {layer for hs in holders.values() for layer, _ in hs}
+    holding = {layer for hs in holders.values() for layer, _, _ in hs}
     by_rule: dict[LayerRule, list[nn.Module]] = {}
     for name, m in candidates.items():
         if name in holding:
@@ -199,30 +201,31 @@ def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Struc
           _call_stack(list(candidates.values()), stack)):
         out = fm(params, sample)
 
-    structured: dict[str, list[tuple[str, str]]] = {}
+    called = {(name, pair) for name, pair, *_ in calls}
+    structured: dict[str, list[tuple[str, int, str]]] = {}
     for name, hs in holders.items():
-        kinds = {rules[layer] for layer, _ in hs}
-        roles = {r for _, r in hs}
-        multipliers = {rules[layer].scales(candidates[layer]) for layer, _ in hs}
+        kinds = {rules[layer] for layer, _, _ in hs}
+        roles = {r for _, _, r in hs}
+        multipliers = {rules[layer].scales(candidates[layer]) for layer, _, _ in hs}
         if (id(params[name]) in uses.foreign or len(kinds) > 1 or len(roles) > 1
                 or len(multipliers) > 1
-                or any(layer in unusable for layer, _ in hs)
-                or not any(c[0] == layer for c in calls for layer, _ in hs)):
+                or any(layer in unusable for layer, _, _ in hs)
+                or not any((layer, pair) in called for layer, pair, _ in hs)):
             continue  # mixed kinds, raw use, or never called: the generic engine is exact
         structured[name] = hs
 
-    # A weight and a bias held by exactly the same layers share their sites: one unit.
-    by_layers: dict[tuple[str, ...], dict[str, str]] = {}
+    # A weight and a bias held by exactly the same (layer, pair)s share their sites: one unit.
+    by_layers: dict[tuple[tuple[str, int], ...], dict[str, str]] = {}
     for name, hs in structured.items():
-        layers = tuple(sorted(layer for layer, _ in hs))
-        by_layers.setdefault(layers, {})[hs[0][1]] = name
+        layers = tuple(sorted((layer, pair) for layer, pair, _ in hs))
+        by_layers.setdefault(layers, {})[hs[0][2]] = name
     needed = {layer for layers in by_layers for layer in layers}
-    site_calls = [c for c in calls if c[0] in needed]
-    sites = tuple(Site(name, rules[name], i, o, d) for name, i, o, d in site_calls)
+    sites = tuple(Site(name, rules[name], i, o, d, pair)
+                  for name, pair, i, o, d in calls if (name, pair) in needed)
 
     units = []
     for layers, roles in by_layers.items():
-        idx = tuple(k for k, s in enumerate(sites) if s.module in layers)
+        idx = tuple(k for k, s in enumerate(sites) if (s.module, s.pair) in layers)
         units.append(_unit(candidates, sites, idx, roles.get("weight"), roles.get("bias")))
 
     done = {n for u in units for n in u.names}
