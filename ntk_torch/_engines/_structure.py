@@ -2,8 +2,9 @@
 
 A parameter is *structured* when every use of it is the standard forward of a layer with
 a rule (``_layers``: ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, GPT-2's
-``Conv1D``, the packed projections of ``nn.MultiheadAttention`` in self-attention, and the
-affine parameters of ``nn.LayerNorm``/``nn.GroupNorm``/``nn.BatchNorm*`` in eval mode). Its
+``Conv1D``, the packed projections of ``nn.MultiheadAttention`` in self-attention, the two
+weight pairs of ``nn.LSTMCell``/``nn.GRUCell``/``nn.RNNCell``, and the affine parameters
+of ``nn.LayerNorm``/``nn.GroupNorm``/``nn.BatchNorm*`` in eval mode). Its
 per-sample gradient is then ``Σ_t δ_t ⊗ a_t`` over the layer's positions ``t`` (and over
 all calls of the layer), with ``a_t`` the layer's input feature and ``δ_t`` the cotangent
 of one output at the layer's output. Everything else is *fallback* and goes through the
@@ -14,8 +15,9 @@ the candidate layers and a ``TorchFunctionMode`` that sees every operation touch
 parameter tensor: a use outside the owning layer's own call (a raw ``x @ lin.weight``,
 ``nn.MultiheadAttention``'s projections in cross-attention, a weight tied to a layer of
 another kind) sends the parameter to the fallback, so the kernel stays exact for any model.
-A rule whose layers are recognised by class name also checks, on the probe, that the call
-computed what it assumes (``LayerRule.verify``).
+A rule whose layers are recognised by class name, or whose interception replaces a fused
+computation, also checks on the probe that the call computed what it assumes
+(``LayerRule.verify``).
 """
 
 from __future__ import annotations
@@ -90,8 +92,9 @@ class Structure:
             factored rule.
         extra_flops: per sample, FLOPs that the rules' interceptions add to a forward pass
             (``LayerRule.extra_flops``).
-        routed: layers whose rule intercepts their calls (not a plain forward hook) and that
-            ran intercepted in the probe, sites or not: every pass intercepts them alike.
+        routed: layers whose rule intercepts their calls (not a plain forward hook), that
+            ran intercepted in the probe and passed ``verify``, sites or not: every pass
+            intercepts them alike.
     """
 
     sites: tuple[Site, ...]
@@ -191,8 +194,6 @@ def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Struc
     for name, m in candidates.items():
         if name in holding:
             by_rule.setdefault(rules[name], []).append(m)
-    routed = tuple(name for name in candidates
-                   if name in holding and type(rules[name]).calls is not LayerRule.calls)
     uses = _ParameterUses(owners, stack)
     # Entered in this order: a rule's own interception runs above the use check, whose
     # operations it may perform (in the layer's name), and ``record`` runs before the call
@@ -200,6 +201,11 @@ def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Struc
     with (torch.no_grad(), uses, layer_calls(by_rule, record),
           _call_stack(list(candidates.values()), stack)):
         out = fm(params, sample)
+    # A layer whose call failed ``verify`` is not intercepted again: its parameters fall
+    # back, computed by the module itself. (The interceptions that can fail ``verify``, the
+    # recurrent cells', leave the calls of other layers as they are.)
+    routed = tuple(name for name in candidates if name in holding and name not in unusable
+                   and type(rules[name]).calls is not LayerRule.calls)
 
     called = {(name, pair) for name, pair, *_ in calls}
     structured: dict[str, list[tuple[str, int, str]]] = {}
