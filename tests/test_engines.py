@@ -25,19 +25,27 @@ class _OverriddenForward(nn.Linear):
         return 2.0 * super().forward(x)
 
 
+class _OverriddenCell(nn.GRUCell):
+    def forward(self, x, hx=None):
+        return 2.0 * super().forward(x, hx)
+
+
 def test_every_supported_layer_has_its_rule_and_the_rest_none():
     ntk_dense, ntk_conv = nt.nn.Dense(3, 2), nt.nn.Conv2d(2, 3, 3)
     kinds = {nn.Linear(3, 2): "linear", ntk_dense: "linear", nn.Conv1d(2, 3, 3): "conv",
              nn.Conv2d(2, 3, 3): "conv", ntk_conv: "conv", nn.Embedding(5, 2): "embedding",
              nn.LayerNorm(4): "layernorm", nn.GroupNorm(2, 4): "groupnorm",
-             nn.BatchNorm1d(4).eval(): "batchnorm", nn.BatchNorm2d(4).eval(): "batchnorm"}
+             nn.BatchNorm1d(4).eval(): "batchnorm", nn.BatchNorm2d(4).eval(): "batchnorm",
+             nn.LSTMCell(3, 2): "recurrent cell", nn.GRUCell(3, 2): "recurrent cell",
+             nn.RNNCell(3, 2, nonlinearity="relu"): "recurrent cell"}
     for module, kind in kinds.items():
         assert rule_for(module).name == kind, module
     multipliers = (ntk_dense.multiplier, ntk_dense.bias_multiplier)
     assert rule_for(ntk_dense).scales(ntk_dense) == multipliers
     # Batch statistics, renormalised rows, an overridden forward, other layers: no rule.
     for module in (nn.BatchNorm2d(4).train(), nn.Embedding(5, 2, max_norm=1.0),
-                   _OverriddenForward(3, 2), nn.Bilinear(2, 2, 2), nn.Conv3d(2, 3, 3)):
+                   _OverriddenForward(3, 2), _OverriddenCell(3, 2), nn.Bilinear(2, 2, 2),
+                   nn.Conv3d(2, 3, 3), nn.LSTM(3, 2)):
         assert rule_for(module) is None, module
 
 
@@ -186,5 +194,7 @@ def test_structured_share_script_reports_every_model(monkeypatch, capsys):
     assert bench.main([]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
     assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == list(bench.MODELS)
-    # GPT-2's Conv1D and the packed attention projections have rules: nothing falls back.
+    # GPT-2's Conv1D, the packed attention projections and the LSTMCell's two weight pairs
+    # have rules: nothing falls back.
     assert rows[1].endswith("| 100.0% | nothing |")
+    assert rows[3].endswith("| 100.0% | nothing |")

@@ -1,7 +1,8 @@
-"""The structured engine's rules for the layers transformers are made of.
+"""The structured engine's rules for the layers transformers and recurrent nets are made of.
 
-GPT-2's ``Conv1D`` (a look-alike of the ``transformers`` class, recognised by its name)
-and the packed projections of ``nn.MultiheadAttention`` in self-attention. Oracle: the
+GPT-2's ``Conv1D`` (a look-alike of the ``transformers`` class, recognised by its name),
+the packed projections of ``nn.MultiheadAttention`` in self-attention, and the two weight
+pairs of ``nn.LSTMCell``/``nn.GRUCell``/``nn.RNNCell`` unrolled over time. Oracle: the
 naive per-sample ``torch.autograd.grad`` Jacobian in float64, in every mode, with ``x2``
 given and ``None``, tiled, layer by layer, with frozen parts and with each contraction
 strategy forced; what the probe sends to the fallback is inspected directly.
@@ -17,6 +18,7 @@ from torch import nn
 
 import ntk_torch as nt
 from ntk_torch._engines import _plan, structured
+from ntk_torch._engines._layers import recurrent_cell
 from ntk_torch._functional import functionalize
 from tests.cases import Case
 from tests.conftest import RTOL, assert_close
@@ -103,6 +105,41 @@ class CrossAttention(nn.Module):
         return self.head(self.attn(x, torch.tanh(x), torch.tanh(x))[0].mean(1))
 
 
+class UnrolledCell(nn.Module):
+    """A recurrent cell over ``(N, T, 3)`` sequences from a zero state given explicitly.
+
+    The last ``h`` is read out by a Linear.
+    """
+
+    def __init__(self, cell: nn.Module) -> None:
+        super().__init__()
+        self.cell, self.head = cell, nn.Linear(cell.hidden_size, 2)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], self.cell.hidden_size)
+        state = (h, torch.zeros_like(h)) if isinstance(self.cell, nn.LSTMCell) else h
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+        return self.head(state[0] if isinstance(state, tuple) else state)
+
+
+class UnbatchedCell(nn.Module):
+    """An ``nn.RNNCell`` (ReLU) run on each sequence alone, with one-dimensional inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cell, self.head = nn.RNNCell(3, 4, nonlinearity="relu"), nn.Linear(4, 2)
+
+    def forward(self, x):
+        outs = []
+        for sequence in x:
+            h = sequence.new_zeros(4)
+            for step in sequence:
+                h = self.cell(step, h)
+            outs.append(h)
+        return self.head(torch.stack(outs))
+
+
 def _normal(*shape: int):
     return lambda n, g: torch.randn(n, *shape, generator=g, dtype=torch.float64)
 
@@ -112,6 +149,11 @@ RULE_CASES = {c.name: c for c in [
     Case("attention_sequence_first", SequenceFirstAttention, _normal(4, 6)),
     Case("attention_bias_kv", BiasKVAttention, _normal(3, 6)),
     Case("cross_attention", CrossAttention, _normal(3, 6)),
+    Case("lstm_cell", lambda: UnrolledCell(nn.LSTMCell(3, 4)), _normal(5, 3)),
+    Case("gru_cell", lambda: UnrolledCell(nn.GRUCell(3, 4)), _normal(3, 3)),
+    Case("rnn_cell_without_bias", lambda: UnrolledCell(nn.RNNCell(3, 4, bias=False)),
+         _normal(3, 3)),
+    Case("rnn_cell_unbatched", UnbatchedCell, _normal(3, 3)),
 ]}
 _ORACLE: dict[tuple, torch.Tensor] = {}
 
@@ -196,10 +238,17 @@ def _split(model: nn.Module, x: torch.Tensor) -> tuple[set[str], set[str]]:
     ("attention_bias_kv", {"attn.bias_k", "attn.bias_v"}),
     ("cross_attention", {"attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
                          "attn.out_proj.bias"}),
+    ("lstm_cell", set()),
+    ("gru_cell", set()),
+    ("rnn_cell_without_bias", set()),
+    ("rnn_cell_unbatched", set()),
 ])
 def test_what_falls_back(name, fallback):
     case = RULE_CASES[name]
-    assert _split(case.build(), case.inputs(2))[1] == fallback
+    model = case.build()
+    structured_names, falls = _split(model, case.inputs(2))
+    assert falls == fallback
+    assert structured_names == {n for n, _ in model.named_parameters()} - fallback
 
 
 # Named like the layer it imitates (so the rule recognises it) but computing 2·(x @ W + b).
@@ -219,24 +268,70 @@ def test_a_conv1d_that_computes_something_else_falls_back_exactly():
                  naive_ntk(model, x, None, "full"))
 
 
-def test_lstm_cell_falls_back_exactly():
-    # nn.LSTMCell is one fused operation: its gate pre-activations are never a tensor.
+@pytest.mark.parametrize("names", [["cell.weight_hh"], ["cell.bias_ih", "cell.bias_hh"],
+                                   ["cell.bias_hh", "head.weight"]])
+def test_recurrent_cell_parameter_selections(names):
+    # One weight alone, the biases of both pairs (two units, with equal gradients in an
+    # LSTM), and parts of two layers: each exact, in total and per layer.
+    case = RULE_CASES["lstm_cell"]
+    model = case.build()
+    x1, x2 = case.inputs(4), case.inputs(3, seed=7)
+    full = naive_ntk(model, x1, x2, "full", names)
+    diagonal = full.diagonal(dim1=2, dim2=3)
+    for mode, expected in (("full", full), ("diagonal", diagonal), ("trace", diagonal.mean(-1))):
+        assert_close(nt.empirical_ntk(model, x1, x2, mode=mode, implementation="structured",
+                                      params=names), expected)
+    layers = nt.layerwise_ntk(model, x1, x2, mode="full", implementation="structured",
+                              params=names)
+    owners = {n.rpartition(".")[0] for n in names}
+    assert sorted(layers) == sorted(owners)
+    for owner in owners:
+        assert_close(layers[owner], naive_ntk(model, x1, x2, "full",
+                                              [n for n in names if n.startswith(owner + ".")]))
+
+
+class FromNoState(UnrolledCell):
+    """The cell's first step without a state: the cell makes the zeros itself."""
+
+    def forward(self, x):
+        state = None
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+        return self.head(state[0] if isinstance(state, tuple) else state)
+
+
+@pytest.mark.parametrize("cell", [nn.LSTMCell, nn.GRUCell])
+@pytest.mark.parametrize("strategy", ["gram", "explicit"])  # explicit also captures batched
+def test_recurrent_cell_without_a_state_is_exact(cell, strategy, monkeypatch):
+    # empirical_ntk sends such a model to the autograd engine (and refuses the others):
+    # its check finds that torch.func.vmap cannot run the cell's own fused first step (a
+    # batched product added in place to one of the unbatched zeros). The structured engine
+    # runs the unfused step instead, so it is called directly here.
+    monkeypatch.setattr(_plan, "choose_strategy", lambda *args, **kwargs: strategy)
     torch.manual_seed(0)
+    model = FromNoState(cell(3, 4)).double().eval()
+    fm = functionalize(model)
+    x1 = torch.randn(4, 3, 3, dtype=torch.float64)
+    x2 = torch.randn(3, 3, 3, dtype=torch.float64)
+    assert not structured.probe(fm, fm.params(), x1[:1]).fallback
+    out = structured.compute(fm, fm.params(), x1, x2, "full", {"": fm.names})
+    assert_close(out[""], naive_ntk(model, x1, x2, "full"))
 
-    class Unrolled(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.cell, self.head = nn.LSTMCell(3, 4), nn.Linear(4, 2)
 
-        def forward(self, x):
-            h = c = x.new_zeros(x.shape[0], 4)
-            for t in range(x.shape[1]):
-                h, c = self.cell(x[:, t], (h, c))
-            return self.head(h)
+def test_a_cell_whose_fused_step_differs_falls_back_exactly(monkeypatch):
+    # The probe compares torch's fused step with the unfused gates; here the unfused LSTM
+    # gates swap the input and forget gates, so the probe must refuse the rule and leave
+    # the cell computing as it is.
+    def swapped(gi, gh, hx):
+        i, f, g, o = (gh + gi).chunk(4, 1)
+        c = torch.sigmoid(i) * hx[1] + torch.sigmoid(f) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
 
-    model = Unrolled().double().eval()
-    x = torch.randn(4, 3, 3, dtype=torch.float64)
+    monkeypatch.setitem(recurrent_cell._GATES, torch.lstm_cell, swapped)
+    case = RULE_CASES["lstm_cell"]
+    model, x = case.build(), case.inputs(4)
     structured_names, fallback = _split(model, x)
     assert fallback == {"cell.weight_ih", "cell.weight_hh", "cell.bias_ih", "cell.bias_hh"}
+    assert structured_names == {"head.weight", "head.bias"}
     assert_close(nt.empirical_ntk(model, x, implementation="structured"),
                  naive_ntk(model, x, None, "full"))

@@ -34,13 +34,14 @@ def site_hooks(modules, structure: Structure, perturb, feats, inputs=None, outpu
     sites = structure.sites
     calls = iter(range(len(sites)))
     site_layers = {id(modules[s.module]) for s in sites}
+    site_pairs = {(id(modules[s.module]), s.pair) for s in sites}
 
-    def hook(module, args, output):
-        if id(module) not in site_layers:
+    def hook(module, args, output, pair=0):
+        if (id(module), pair) not in site_pairs:
             return output
         k = next(calls)
         site = sites[k]
-        if modules[site.module] is not module:
+        if modules[site.module] is not module or site.pair != pair:
             raise RuntimeError(
                 f"the structured engine saw layer calls in a different order than when it probed "
                 f"the model (expected {site.module!r}); the model's control flow depends on its "

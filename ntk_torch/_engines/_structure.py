@@ -2,8 +2,9 @@
 
 A parameter is *structured* when every use of it is the standard forward of a layer with
 a rule (``_layers``: ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, GPT-2's
-``Conv1D``, the packed projections of ``nn.MultiheadAttention`` in self-attention, and the
-affine parameters of ``nn.LayerNorm``/``nn.GroupNorm``/``nn.BatchNorm*`` in eval mode). Its
+``Conv1D``, the packed projections of ``nn.MultiheadAttention`` in self-attention, the two
+weight pairs of ``nn.LSTMCell``/``nn.GRUCell``/``nn.RNNCell``, and the affine parameters
+of ``nn.LayerNorm``/``nn.GroupNorm``/``nn.BatchNorm*`` in eval mode). Its
 per-sample gradient is then ``Σ_t δ_t ⊗ a_t`` over the layer's positions ``t`` (and over
 all calls of the layer), with ``a_t`` the layer's input feature and ``δ_t`` the cotangent
 of one output at the layer's output. Everything else is *fallback* and goes through the
@@ -14,8 +15,9 @@ the candidate layers and a ``TorchFunctionMode`` that sees every operation touch
 parameter tensor: a use outside the owning layer's own call (a raw ``x @ lin.weight``,
 ``nn.MultiheadAttention``'s projections in cross-attention, a weight tied to a layer of
 another kind) sends the parameter to the fallback, so the kernel stays exact for any model.
-A rule whose layers are recognised by class name also checks, on the probe, that the call
-computed what it assumes (``LayerRule.verify``).
+A rule whose layers are recognised by class name, or whose interception replaces a fused
+computation, also checks on the probe that the call computed what it assumes
+(``LayerRule.verify``).
 """
 
 from __future__ import annotations
@@ -90,8 +92,9 @@ class Structure:
             factored rule.
         extra_flops: per sample, FLOPs that the rules' interceptions add to a forward pass
             (``LayerRule.extra_flops``).
-        routed: layers whose rule intercepts their calls (not a plain forward hook) and that
-            ran intercepted in the probe, sites or not: every pass intercepts them alike.
+        routed: layers whose rule intercepts their calls (not a plain forward hook), that
+            ran intercepted in the probe and passed ``verify``, sites or not: every pass
+            intercepts them alike.
     """
 
     sites: tuple[Site, ...]
@@ -156,41 +159,41 @@ def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Struc
     aliases: dict[int, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), name)
-    # (layer, role) pairs holding each selected parameter, by canonical name.
-    holders: dict[str, list[tuple[str, str]]] = {}
+    # (layer, pair, role) holding each selected parameter, by canonical name; a layer's
+    # pairs (``LayerRule.parameters``) meet different inputs, so they count as layers apart.
+    holders: dict[str, list[tuple[str, int, str]]] = {}
     for lname, m in candidates.items():
-        for role, attribute in zip(("weight", "bias"), rules[lname].parameters):
-            p = m._parameters.get(attribute)
-            if p is not None and aliases[id(p)] in params:
-                holders.setdefault(aliases[id(p)], []).append((lname, role))
+        for pair, attributes in enumerate(rules[lname].parameters):
+            for role, attribute in zip(("weight", "bias"), attributes):
+                p = m._parameters.get(attribute)
+                if p is not None and aliases[id(p)] in params:
+                    holders.setdefault(aliases[id(p)], []).append((lname, pair, role))
 
-    owners = {id(params[n]): {id(candidates[layer]) for layer, _ in hs}
+    owners = {id(params[n]): {id(candidates[layer]) for layer, _, _ in hs}
               for n, hs in holders.items()}
     stack: list[nn.Module] = []
-    calls: list[tuple[str, tuple[int, ...], tuple[int, ...], torch.dtype]] = []
+    calls: list[tuple[str, int, tuple[int, ...], tuple[int, ...], torch.dtype]] = []
     unusable: set[str] = set()
 
-    def record(module, args, output):
+    def record(module, args, output, pair=0):
         name = names_of[id(module)]
         inp = args[0] if args else None
         if (isinstance(inp, torch.Tensor) and isinstance(output, torch.Tensor)
-                and rules[name].verify(module, inp, output)):
-            calls.append((name, tuple(inp.shape), tuple(output.shape), output.dtype))
+                and rules[name].verify(module, args, output, pair)):
+            calls.append((name, pair, tuple(inp.shape), tuple(output.shape), output.dtype))
         else:  # called in a way the rules do not cover: keyword input, tuple output
-            calls.append((name, (), (), torch.float32))
+            calls.append((name, pair, (), (), torch.float32))
             unusable.add(name)
         return output
 
     # Only layers that hold selected parameters are run through their rules. A rule's own
     # interception (attention's projections as layer calls) changes which calls other
     # layers see: the engine's passes intercept the same layers (``routed``).
-    holding = {layer for hs in holders.values() for layer, _ in hs}
+    holding = {layer for hs in holders.values() for layer, _, _ in hs}
     by_rule: dict[LayerRule, list[nn.Module]] = {}
     for name, m in candidates.items():
         if name in holding:
             by_rule.setdefault(rules[name], []).append(m)
-    routed = tuple(name for name in candidates
-                   if name in holding and type(rules[name]).calls is not LayerRule.calls)
     uses = _ParameterUses(owners, stack)
     # Entered in this order: a rule's own interception runs above the use check, whose
     # operations it may perform (in the layer's name), and ``record`` runs before the call
@@ -198,31 +201,37 @@ def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Struc
     with (torch.no_grad(), uses, layer_calls(by_rule, record),
           _call_stack(list(candidates.values()), stack)):
         out = fm(params, sample)
+    # A layer whose call failed ``verify`` is not intercepted again: its parameters fall
+    # back, computed by the module itself. (The interceptions that can fail ``verify``, the
+    # recurrent cells', leave the calls of other layers as they are.)
+    routed = tuple(name for name in candidates if name in holding and name not in unusable
+                   and type(rules[name]).calls is not LayerRule.calls)
 
-    structured: dict[str, list[tuple[str, str]]] = {}
+    called = {(name, pair) for name, pair, *_ in calls}
+    structured: dict[str, list[tuple[str, int, str]]] = {}
     for name, hs in holders.items():
-        kinds = {rules[layer] for layer, _ in hs}
-        roles = {r for _, r in hs}
-        multipliers = {rules[layer].scales(candidates[layer]) for layer, _ in hs}
+        kinds = {rules[layer] for layer, _, _ in hs}
+        roles = {r for _, _, r in hs}
+        multipliers = {rules[layer].scales(candidates[layer]) for layer, _, _ in hs}
         if (id(params[name]) in uses.foreign or len(kinds) > 1 or len(roles) > 1
                 or len(multipliers) > 1
-                or any(layer in unusable for layer, _ in hs)
-                or not any(c[0] == layer for c in calls for layer, _ in hs)):
+                or any(layer in unusable for layer, _, _ in hs)
+                or not any((layer, pair) in called for layer, pair, _ in hs)):
             continue  # mixed kinds, raw use, or never called: the generic engine is exact
         structured[name] = hs
 
-    # A weight and a bias held by exactly the same layers share their sites: one unit.
-    by_layers: dict[tuple[str, ...], dict[str, str]] = {}
+    # A weight and a bias held by exactly the same (layer, pair)s share their sites: one unit.
+    by_layers: dict[tuple[tuple[str, int], ...], dict[str, str]] = {}
     for name, hs in structured.items():
-        layers = tuple(sorted(layer for layer, _ in hs))
-        by_layers.setdefault(layers, {})[hs[0][1]] = name
+        layers = tuple(sorted((layer, pair) for layer, pair, _ in hs))
+        by_layers.setdefault(layers, {})[hs[0][2]] = name
     needed = {layer for layers in by_layers for layer in layers}
-    site_calls = [c for c in calls if c[0] in needed]
-    sites = tuple(Site(name, rules[name], i, o, d) for name, i, o, d in site_calls)
+    sites = tuple(Site(name, rules[name], i, o, d, pair)
+                  for name, pair, i, o, d in calls if (name, pair) in needed)
 
     units = []
     for layers, roles in by_layers.items():
-        idx = tuple(k for k, s in enumerate(sites) if s.module in layers)
+        idx = tuple(k for k, s in enumerate(sites) if (s.module, s.pair) in layers)
         units.append(_unit(candidates, sites, idx, roles.get("weight"), roles.get("bias")))
 
     done = {n for u in units for n in u.names}

@@ -1,10 +1,10 @@
 """``implementation="structured"``: Gram matrices of layer inputs and output cotangents.
 
 For the layers that hold almost all parameters (``nn.Linear``, ``nn.Conv1d/2d``,
-``nn.Embedding``, GPT-2's ``Conv1D``, ``nn.MultiheadAttention``'s projections, affine
-parameters of norm layers, their biases), the per-sample
-gradient of output ``i`` is ``Σ_t δ_{i,t} ⊗ a_t`` (cotangent at the layer's output times
-the layer's input, over positions ``t``), so their kernel block is
+``nn.Embedding``, GPT-2's ``Conv1D``, ``nn.MultiheadAttention``'s projections, the
+recurrent cells' two products per step, affine parameters of norm layers, their biases),
+the per-sample gradient of output ``i`` is ``Σ_t δ_{i,t} ⊗ a_t`` (cotangent at the layer's
+output times the layer's input, over positions ``t``), so their kernel block is
 
     Θ_W[a, b, i, j] = Σ_{t,s} (a_t(x_a) · a_s(x_b)) (δ_{i,t}(x_a) · δ_{j,s}(x_b))
 

@@ -12,6 +12,9 @@ size of a one-hot input). Rules register themselves with the module classes they
 A layer's *call* is where its weight meets its input: by default the module's own forward
 (a forward hook sees it), but a rule may find it inside another computation
 (:meth:`LayerRule.calls`, e.g. the packed projection inside ``nn.MultiheadAttention``).
+A layer may hold several (weight, bias) *pairs*, each meeting its own input (a recurrent
+cell's on the step's input and on the hidden state): each call then says which pair it is
+of, and the pairs are structured apart, like separate layers.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class Site:
         in_shape, out_shape: shapes of its input and output for one sample (as the layer
             sees them, with the model's batch dimension of size one where it has one).
         out_dtype: dtype of the output (the cotangent's dtype).
+        pair: index of the (weight, bias) pair of the call (:attr:`LayerRule.parameters`).
     """
 
     module: str
@@ -42,6 +46,7 @@ class Site:
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     out_dtype: torch.dtype
+    pair: int = 0
 
 
 class LayerRule:
@@ -55,7 +60,8 @@ class LayerRule:
         class_names: names of classes (``type(module).__name__``, subclasses excluded) the
             rule reads where the class cannot be imported; :meth:`accepts` and
             :meth:`verify` then check the instance.
-        parameters: attribute names of the weight and the bias on the module.
+        parameters: attribute names of the weight and the bias on the module, one pair for
+            each input a weight meets (most layers have one).
         factorable: its block may take the factored rule behind a separable head (the
             output has channels ``G·k_out`` on :meth:`channel_axis` and positions).
     """
@@ -63,7 +69,7 @@ class LayerRule:
     name: str = ""
     modules: tuple[tuple[type, tuple[str, ...]], ...] = ()
     class_names: tuple[str, ...] = ()
-    parameters: tuple[str, str] = ("weight", "bias")
+    parameters: tuple[tuple[str, str], ...] = (("weight", "bias"),)
     factorable: bool = False
 
     def __repr__(self) -> str:
@@ -73,17 +79,21 @@ class LayerRule:
         """Whether this instance's settings keep the rule exact (beyond its class)."""
         return True
 
-    def verify(self, module: nn.Module, inp: torch.Tensor, output: torch.Tensor) -> bool:
-        """Whether the probed call computed what the rule assumes (checked once, on the probe)."""
+    def verify(self, module: nn.Module, args: tuple, output: torch.Tensor, pair: int = 0) -> bool:
+        """Whether the probed call computed what the rule assumes (checked on the probe).
+
+        ``args``, ``output`` and ``pair`` as :meth:`calls` gives them to ``on_call``.
+        """
         return True
 
     @contextmanager
     def calls(self, modules: list[nn.Module], on_call: Callable) -> Iterator[None]:
-        """Run ``on_call(module, args, output) -> output`` at every call of ``modules``.
+        """Run ``on_call(module, args, output, pair=0) -> output`` at every call of ``modules``.
 
-        ``args[0]`` is the input the weight multiplies and ``output`` what the weight and
-        bias produce from it; what ``on_call`` returns replaces it. By default a forward
-        hook on each module.
+        ``args[0]`` is the input the weight of pair ``pair`` (:attr:`parameters`)
+        multiplies and ``output`` what that weight and bias produce from it; what
+        ``on_call`` returns replaces it. By default a forward hook on each module (which
+        passes no pair: the first).
         """
         with ExitStack() as stack:
             for m in modules:

@@ -37,7 +37,7 @@ _SIGNATURE = inspect.signature(_ATTENTION)
 class PackedAttentionRule(LayerRule):
     name = "packed attention projection"
     modules = ((nn.MultiheadAttention, ("forward",)),)
-    parameters = ("in_proj_weight", "in_proj_bias")
+    parameters = (("in_proj_weight", "in_proj_bias"),)
 
     def accepts(self, module: nn.Module) -> bool:
         out = module.out_proj

@@ -34,7 +34,8 @@ class TransposedLinearRule(LinearRule):
     def widths(self, module: nn.Module) -> tuple[int, int]:
         return module.weight.shape[0], module.nf
 
-    def verify(self, module: nn.Module, inp: torch.Tensor, output: torch.Tensor) -> bool:
+    def verify(self, module: nn.Module, args: tuple, output: torch.Tensor, pair: int = 0) -> bool:
+        inp = args[0]
         if (not isinstance(output, torch.Tensor) or inp.shape[-1] != module.weight.shape[0]
                 or output.shape != (*inp.shape[:-1], module.nf)):
             return False
