@@ -182,8 +182,11 @@ def _constant(value: object) -> float | None:
 def _has_rule(node: fx.Node, model: nn.Module) -> str | None:
     """Why the node's op has no rule at all, before any shape is known; None if it may."""
     if node.op == "call_module":
+        module = model.get_submodule(node.target)
+        if isinstance(module, nn.Unflatten):
+            return None  # of the input only, which reading checks
         try:
-            leaf_layer(node.target, model.get_submodule(node.target))
+            leaf_layer(node.target, module)
         except ValueError as err:
             return str(err)
         return None
@@ -205,6 +208,7 @@ class _Reader:
         self.steps: list[_Step] = []
         self.called: dict[str, str] = {}  # module with parameters -> first node calling it
         self.input: str | None = None
+        self.input_shape: tuple[int, ...] | None = None  # set when the input is reshaped
         self.output: str | None = None
 
     # -------------------------------------------------------------- reading
@@ -265,8 +269,31 @@ class _Reader:
                                 f"node {node.name!r} ({_op_name(node, self.model)})"
                                 f"{_where(node)}"))
 
+    def _reshapes_input(self, node: fx.Node, states: list[fx.Node]) -> bool:
+        """A reshape of the input that nothing else reads: the kernel starts from its result.
+
+        A model taking flat vectors may view them as images first (``x.view(-1, 1, 8, 8)``,
+        ``nn.Unflatten``); the input kernel is then that of the images.
+        """
+        placeholder = next(n for n in self.graph.nodes if n.name == self.input)
+        unflatten = node.op == "call_module" and isinstance(
+            self.model.get_submodule(node.target), nn.Unflatten)
+        # Other readers of the input may only take its shape.
+        features = [u for u in placeholder.users
+                    if u is not node and isinstance(self.values.get(u.name), torch.Tensor)]
+        if not (unflatten or node.target in _FLATTEN) or states != [placeholder] or features:
+            return False
+        before, after = self._shapes(node, placeholder)
+        if after[0] != before[0] or len(after) not in (2, 3, 4):
+            return False
+        self.input, self.input_shape = node.name, after[1:]
+        self.info[node.name] = _Info(self.values[node.name], True, None, frozenset())
+        return True
+
     def _read_state(self, node: fx.Node, states: list[fx.Node]) -> None:
         target = node.target
+        if self._reshapes_input(node, states):
+            return
         if node.op == "call_module":
             self._read_module(node, states)
             return
@@ -493,11 +520,14 @@ class _Recorder(fx.Interpreter):
         return result
 
 
-def read_graph(model: nn.Module, example: torch.Tensor) -> L.Layer:
+def read_graph(model: nn.Module, example: torch.Tensor
+               ) -> tuple[L.Layer, tuple[int, ...] | None]:
     """The ``Kernel -> Kernel`` map of ``model``'s whole forward, read through ``torch.fx``.
 
     ``example`` is one input sample with its batch dimension, ``(1, ...)``; the graph runs
-    on two copies of it, without gradients, to learn the shapes.
+    on two copies of it, without gradients, to learn the shapes. Also returns the shape
+    of one sample after the forward reshapes its input first (``None`` if it does not):
+    the input kernel is that of the reshaped inputs.
 
     Raises:
         ValueError: when tracing fails, or naming the first node without a rule (its op and
@@ -523,4 +553,4 @@ def read_graph(model: nn.Module, example: torch.Tensor) -> L.Layer:
                          f"first input {tuple(example.shape[1:])} to learn its shapes, and it "
                          f"failed: {type(err).__name__}: {str(err).splitlines()[0]}") from None
     reader.read(recorder.values)
-    return reader.program()
+    return reader.program(), reader.input_shape

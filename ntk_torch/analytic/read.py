@@ -92,5 +92,9 @@ def kernel(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, *
         example = x1[:1] if len(x1) else (x2[:1] if x2 is not None and len(x2) else None)
         if example is None:
             example = torch.zeros(1, *x1.shape[1:])
-        layers = [("", model, read_graph(model, example))]
+        program, input_shape = read_graph(model, example)
+        if input_shape is not None:
+            x1 = x1.reshape(len(x1), *input_shape)
+            x2 = None if x2 is None else x2.reshape(len(x2), *input_shape)
+        layers = [("", model, program)]
     return evaluate(layers, x1, x2, dtype, batch_size)
