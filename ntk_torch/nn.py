@@ -63,7 +63,7 @@ Role = Literal["input", "hidden", "readout"]
 PARAMETERIZATIONS = ("ntk", "standard", "mup")
 ROLES = ("input", "hidden", "readout")
 
-__all__ = ["Conv2d", "Dense", "Elementwise", "MLP", "activation_module"]
+__all__ = ["Conv2d", "Dense", "Elementwise", "MLP", "ResidualCNN", "activation_module"]
 
 
 def scales(parameterization: str, role: str, fan_in: int, fan_out: int, weight_std: float,
@@ -305,3 +305,61 @@ class MLP(nn.Sequential):
     def dense_layers(self) -> list[Dense]:
         """The dense layers in order: ``[hidden0, ..., readout]`` (``depth + 1`` of them)."""
         return [m for m in self if isinstance(m, Dense)]
+
+
+class ResidualCNN(nn.Module):
+    """A small residual CNN whose infinite-width limit :func:`ntk_torch.analytic.kernel` reads.
+
+    A stem convolution, ``blocks`` pre-activation residual blocks
+    ``h + conv2(φ(conv1(φ(h))))``, then ``φ``, 2x2 average pooling, the mean over pixels
+    and a dense readout; every convolution 3x3 with ``"same"`` padding and ``width``
+    channels. The forward views its input as images of ``image_shape``, so flat vectors
+    (e.g. the 8x8 digits as 64 features) work as they are. Roles for ``"mup"``: the stem
+    ``"input"``, the blocks ``"hidden"``, the readout ``"readout"``. Child names: ``stem``,
+    ``convs.0``, ``convs.1`` (block 0), ..., ``readout``.
+
+    Args:
+        image_shape: ``(C, H, W)`` of one input.
+        width: channels of every convolution.
+        blocks: number of residual blocks, ``>= 0``.
+        out_features: number of outputs ``O``.
+        activation, parameterization, weight_std, bias_std: as in :class:`MLP`.
+
+    Shapes: ``(N, C, H, W)`` or ``(N, C·H·W) -> (N, out_features)``.
+
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> net = ResidualCNN((1, 8, 8), 16, 1, 10)
+        >>> net(torch.randn(5, 64)).shape
+        torch.Size([5, 10])
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], width: int, blocks: int,
+                 out_features: int, *, activation: ActivationSpec = "relu",
+                 parameterization: Parameterization = "ntk", weight_std: float = 1.0,
+                 bias_std: float = 0.0) -> None:
+        super().__init__()
+        if (not isinstance(image_shape, (tuple, list)) or len(image_shape) != 3
+                or any(not isinstance(v, int) or v < 1 for v in image_shape)):
+            raise ValueError(f"`image_shape` must be (channels, height, width) of positive "
+                             f"ints, got {image_shape!r}")
+        check_int("width", width, low=1)
+        check_int("blocks", blocks, low=0)
+        check_int("out_features", out_features, low=1)
+        self.image_shape = tuple(image_shape)
+        common = {"parameterization": parameterization, "weight_std": weight_std,
+                  "bias_std": bias_std}
+        self.stem = Conv2d(image_shape[0], width, 3, role="input", **common)
+        self.convs = nn.ModuleList(Conv2d(width, width, 3, **common) for _ in range(2 * blocks))
+        self.activation = activation_module(activation)
+        self.pool = nn.AvgPool2d(2)
+        self.readout = Dense(width, out_features, role="readout", **common)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` or ``(N, C·H·W) -> (N, out_features)``."""
+        h = self.stem(x.reshape(x.shape[0], *self.image_shape))
+        for conv1, conv2 in zip(self.convs[0::2], self.convs[1::2]):
+            h = h + conv2(self.activation(conv1(self.activation(h))))
+        h = self.pool(self.activation(h))
+        return self.readout(h.mean((2, 3)))

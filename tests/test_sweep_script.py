@@ -70,6 +70,29 @@ def test_user_factory_from_a_file(tmp_path):
     assert not [r for r in records if r["metric"] == "test_accuracy"]
 
 
+@pytest.mark.slow
+def test_residual_cnn_against_its_read_limit(tmp_path):
+    out = tmp_path / "cnn"
+    code = app.main(["--model", "residual-cnn", "--widths", "8", "32", "--seeds", "2",
+                     "--probe", "4", "--no-progress", "--out", str(out)])
+    assert code == 0
+    records = nt.records.read_csv(out / "records.csv")
+    assert {r["parameterization"] for r in records} == {"ntk"}
+    errors = {w: [r["value"] for r in records if r["metric"] == "ntk_error" and r["width"] == w]
+              for w in (8, 32)}
+    assert all(len(e) == 2 for e in errors.values())
+    # The limit is the CNTK of this very architecture: the error shrinks with width.
+    assert max(errors[32]) < min(errors[8])
+    assert not [r for r in records if r["metric"] == "test_accuracy"]  # steps 0 by default
+
+
+def test_the_residual_cnn_run_reproduces_its_documented_run():
+    documented = json.loads((ROOT / "docs" / "width_sweep_cnn" / "config.json").read_text())
+    args = app.parse_args(["--model", "residual-cnn"])
+    for name in ("widths", "seeds", "probe", "steps", "parameterizations", "seed", "model"):
+        assert getattr(args, name) == documented[name], name
+
+
 @pytest.mark.parametrize("spec,message", [
     ("no_such_package.models:build", "cannot import 'no_such_package.models' (ModuleNotFoundError"),
     ("ntk_torch.nn:no_factory", "'ntk_torch.nn' has no callable 'no_factory'"),

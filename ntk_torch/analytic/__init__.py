@@ -1,7 +1,8 @@
 """Infinite-width NNGP and NTK kernels, read from the same PyTorch models.
 
-- :func:`kernel` ``(model, x1, x2=None) -> Kernel``: for ``nn.Sequential`` models of
-  dense/convolutional layers, activations, flatten, pooling, and :mod:`ntk_torch.nn` models.
+- :func:`kernel` ``(model, x1, x2=None) -> Kernel``: for ``nn.Sequential`` chains and any
+  module ``torch.fx`` can trace, made of dense and convolutional layers, activations,
+  residual sums, concatenation, pooling, LayerNorm and flattening.
 - :func:`mlp_kernel` ``(x1, x2=None, *, depth, ...)``: the same for an MLP described by
   its hyper-parameters.
 - :func:`monte_carlo_kernel` ``(build, x1, x2=None, *, n_samples, ...)``: the empirical

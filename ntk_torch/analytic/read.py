@@ -58,12 +58,16 @@ def kernel(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, *
     The per-output kernels: ``nngp[a, b] = E[f_o(x1_a) f_o(x2_b)]`` and ``ntk[a, b]`` the
     limit of ``empirical_ntk(model, x1, x2, mode="trace")`` (the mean over the ``O``
     outputs), both over random initialisations. Layers are read as described in this
-    module's docstring; the model is neither run nor changed.
+    module's docstring: an ``nn.Sequential`` of supported layers layer by layer, any other
+    module through ``torch.fx``, which runs it once, without gradients, on two copies of
+    the first input to learn its shapes. The model is not changed.
 
     Args:
-        model: an ``nn.Sequential`` (possibly nested) of supported layers, or an
-            :class:`ntk_torch.nn.MLP`.
-        x1: ``(N1, d)`` or ``(N1, C, H, W)`` inputs.
+        model: an ``nn.Sequential`` (possibly nested) of supported layers, an
+            :class:`ntk_torch.nn.MLP`, or any module whose forward ``torch.fx`` traces into
+            supported operations (docs: "Any module").
+        x1: ``(N1, d)``, ``(N1, C, L)`` or ``(N1, C, H, W)`` inputs (or what the model's
+            forward first reshapes into one of these).
         x2: same trailing shape, ``(N2, ...)``; ``None`` means ``x1`` (symmetric result).
         dtype: computation and result dtype; float64 by default.
         batch_size: samples per block of the ``(N1, N2)`` grid (memory bound); ``None``
@@ -74,7 +78,8 @@ def kernel(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor | None = None, *
         :class:`Kernel` with ``nngp`` and ``ntk`` of shape ``(N1, N2)``, on ``x1``'s device.
 
     Raises:
-        ValueError: for an unsupported layer (named) or inconsistent shapes.
+        ValueError: for an unsupported layer or operation (named, with its source line),
+            branches that are not independent, or inconsistent shapes.
 
     Example:
         >>> import torch, ntk_torch as nt

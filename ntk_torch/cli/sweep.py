@@ -1,4 +1,4 @@
-"""``ntk-torch sweep``: width sweep of ReLU MLPs on digits, the eNTK and what training moves.
+"""``ntk-torch sweep``: width sweep of ReLU networks on digits, the eNTK and what training moves.
 
 For every parameterization (ntk, standard, mup), width and seed, ``ntk_torch.width_sweep``
 measures on a probe batch of digits the trace-mode empirical NTK at initialisation against
@@ -54,14 +54,21 @@ from ntk_torch.training import GradientDescent
 COMMAND = "sweep"
 # Sizes of a run; options given on the command line take precedence.
 FULL = {"widths": [64, 128, 256, 512, 1024, 2048, 4096], "init_widths": [], "seeds": 5,
-        "probe": 64, "train": 128, "test": 512, "steps": 100}
+        "probe": 64, "train": 128, "test": 512, "steps": 100,
+        "parameterizations": list(nt.nn.PARAMETERIZATIONS)}
 # Minutes: training stops at 1024, where its cost takes over; the kernel at initialisation,
 # all the eNTK error needs, is still measured at every width of the full run, so its slope
 # is the full run's (with 5 seeds over 64-1024 alone its interval only just reaches -1/2).
 DEFAULT = {**FULL, "widths": FULL["widths"][:5], "init_widths": FULL["widths"][5:]}
+# The residual CNN's run (--model residual-cnn): widths 16-256 at initialisation, where
+# its eNTK costs seconds per seed; the eNTK error against the CNTK is what it shows.
+CNN = {"widths": [16, 32, 64, 128, 256], "init_widths": [], "seeds": 5, "probe": 32,
+       "train": 128, "test": 512, "steps": 0, "parameterizations": ["ntk"]}
+# Models by name for --model; any other value is MODULE:FACTORY.
+BUILT_IN = ("mlp", "residual-cnn")
 # Seconds: three widths to fit a slope, two seeds for an interval.
 QUICK = {"widths": [16, 32, 64], "init_widths": [], "seeds": 2, "probe": 12, "train": 24,
-         "test": 24, "steps": 5}
+         "test": 24, "steps": 5, "parameterizations": list(nt.nn.PARAMETERIZATIONS)}
 
 
 def build_parser() -> ArgumentParser:
@@ -83,12 +90,15 @@ def build_parser() -> ArgumentParser:
                              f"measured, not trained ({DEFAULT['init_widths']}; none with "
                              "--full)")
     parser.add_argument("--seeds", type=int, help=f"initialisations per width ({DEFAULT['seeds']})")
-    parser.add_argument("--parameterizations", nargs="+", default=list(nt.nn.PARAMETERIZATIONS),
-                        choices=nt.nn.PARAMETERIZATIONS)
+    parser.add_argument("--parameterizations", nargs="+", choices=nt.nn.PARAMETERIZATIONS,
+                        help="ntk standard mup (ntk only with --model residual-cnn)")
     parser.add_argument("--depth", type=int, default=2, help="hidden layers of the MLP")
-    parser.add_argument("--model", default=None, metavar="MODULE:FACTORY",
-                        help="sweep your own build(width, seed) -> nn.Module (64 inputs, 10 "
-                             "outputs) from an importable module or a .py file, instead of MLPs")
+    parser.add_argument("--model", default="mlp", metavar="MODEL",
+                        help="mlp (default: nt.nn.MLP of --depth hidden layers), residual-cnn "
+                             "(nt.nn.ResidualCNN on the digits as 8x8 images, one block; "
+                             "widths 16-256 at initialisation by default), or MODULE:FACTORY: "
+                             "your own build(width, seed) -> nn.Module (64 inputs, 10 outputs) "
+                             "from an importable module or a .py file")
     parser.add_argument("--probe", type=int, help=f"digits in the probe batch ({DEFAULT['probe']})")
     parser.add_argument("--train", type=int, help=f"training digits ({DEFAULT['train']})")
     parser.add_argument("--test", type=int, help=f"test digits ({DEFAULT['test']})")
@@ -107,7 +117,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.quick and args.full:
         raise UsageError("--quick and --full exclude each other")
-    fill_preset(args, QUICK if args.quick else FULL if args.full else DEFAULT)
+    fill_preset(args, QUICK if args.quick else FULL if args.full else
+                CNN if args.model == "residual-cnn" else DEFAULT)
     check_at_least(args, 1, "seeds", "train", "test", "depth")
     check_at_least(args, 2, "probe")
     check_at_least(args, 0, "steps")
@@ -124,18 +135,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def mlp_builder(parameterization: str, depth: int, device: torch.device
-                ) -> Callable[[int, int], nn.Module]:
-    """``(width, seed) -> nt.nn.MLP`` on the digits (64 -> 10), seeded inside."""
+def builder(model: str, parameterization: str, depth: int, device: torch.device
+            ) -> Callable[[int, int], nn.Module]:
+    """``(width, seed) -> nt.nn.MLP`` or ``nt.nn.ResidualCNN`` on the digits (64 -> 10)."""
     def build(width: int, seed: int) -> nn.Module:
         torch.manual_seed(seed)
-        return nt.nn.MLP(64, width, depth, 10, parameterization=parameterization).to(device)
+        if model == "residual-cnn":
+            net = nt.nn.ResidualCNN((1, 8, 8), width, 1, 10, parameterization=parameterization)
+        else:
+            net = nt.nn.MLP(64, width, depth, 10, parameterization=parameterization)
+        return net.to(device)
     return build
 
 
 def sweep(args: argparse.Namespace) -> list[rec.Record]:
     """Every run's records, then the accuracy gaps derived from them."""
-    factory = load_factory(args.model) if args.model else None
+    factory = None if args.model in BUILT_IN else load_factory(args.model)
     x, y = nt.data.load_digits(args.probe + args.train + args.test, seed=args.seed)
     x, targets = x.to(args.device), nt.data.one_hot(y).to(args.device)
     probe, probe_y = x[: args.probe], y[: args.probe].to(args.device)
@@ -146,7 +161,8 @@ def sweep(args: argparse.Namespace) -> list[rec.Record]:
                                   steps=args.steps, lr_factor=args.lr_factor,
                                   implementation=args.implementation)
     runs = ([(args.model, factory)] if factory else
-            [(p, mlp_builder(p, args.depth, args.device)) for p in args.parameterizations])
+            [(p, builder(args.model, p, args.depth, args.device))
+             for p in args.parameterizations])
     records: list[rec.Record] = []
     for name, build in runs:
         for widths, train in ((args.widths, trainer), (args.init_widths, None)):
