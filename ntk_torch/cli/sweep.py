@@ -62,7 +62,7 @@ FULL = {"widths": [64, 128, 256, 512, 1024, 2048, 4096], "init_widths": [], "see
 DEFAULT = {**FULL, "widths": FULL["widths"][:5], "init_widths": FULL["widths"][5:]}
 # The residual CNN's run (--model residual-cnn): widths 16-256 at initialisation, where
 # its eNTK costs seconds per seed; the eNTK error against the CNTK is what it shows.
-CNN = {"widths": [16, 32, 64, 128, 256], "init_widths": [], "seeds": 5, "probe": 32,
+CNN = {"widths": [16, 32, 64, 128, 256], "init_widths": [], "seeds": 8, "probe": 32,
        "train": 128, "test": 512, "steps": 0, "parameterizations": ["ntk"]}
 # Models by name for --model; any other value is MODULE:FACTORY.
 BUILT_IN = ("mlp", "residual-cnn")
