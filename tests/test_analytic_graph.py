@@ -412,6 +412,7 @@ REFUSED = [
      "max_pool2d"),
     (lambda s, x: s.bn(s.conv(x)).flatten(1), "BatchNorm2d", "bn"),
     (lambda s, x: s.conv(x).view(x.size(0), 4, 4), "only flattening", "view"),
+    (lambda s, x: s.lin(x) * s.lin2.bias[0], "trainable scalar", "mul"),
 ]
 
 

@@ -399,6 +399,9 @@ class _Reader:
             raise _Refused("this form of the product has no rule")
         (other,) = others
         value = self.values[other.name] if isinstance(other, fx.Node) else other
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            raise _Refused("a trainable scalar factor adds its own tangent term, which has no "
+                           "rule here")
         factor = _constant(value)
         if factor is None:
             raise _Refused("only multiplication by a constant number has a rule; products "
