@@ -366,12 +366,11 @@ class _Reader:
         return fn
 
     def _read_sum(self, node: fx.Node, negate: bool) -> None:
-        operands = [node.args[0], node.kwargs.get("other", node.args[1:2] or None)]
-        operands[1] = operands[1][0] if isinstance(operands[1], tuple) else operands[1]
-        if not all(isinstance(a, fx.Node) and self.info[a.name].is_state for a in operands):
+        a = node.args[0]
+        b = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+        if not all(isinstance(t, fx.Node) and self.info[t.name].is_state for t in (a, b)):
             raise _Refused("adding a constant to features shifts their mean, which the "
                            "kernel does not track")
-        a, b = operands
         alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
         if _constant(alpha) is None:
             raise _Refused("this form of the sum has no rule")
@@ -453,12 +452,10 @@ class _Reader:
             self._linear_step(node, source, _per_part(pool))
 
     def _read_pool(self, node: fx.Node, source: fx.Node) -> None:
-        before, after = self._shapes(node, source)
         rest = [self.values[a.name] if isinstance(a, fx.Node) else a for a in node.args[1:]]
-        kwargs = dict(node.kwargs)
-        pool = _with_arguments(node.target, rest, kwargs)
+        pool = _with_arguments(node.target, rest, dict(node.kwargs))
         # Sequences are images of height one.
-        fn = functools.partial(_as_2d, pool) if len(before) == 3 else pool
+        fn = functools.partial(_as_2d, pool) if self.values[source.name].dim() == 3 else pool
         self._linear_step(node, source, _per_part(L.pixel_linear(fn, "average pooling")))
 
     def _read_activation(self, node: fx.Node, source: fx.Node) -> None:
