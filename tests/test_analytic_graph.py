@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import inspect
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -491,3 +493,68 @@ def test_a_model_that_views_flat_inputs_as_images_reads_the_images(reshape):
     a, b = analytic.kernel(Flat(), x), analytic.kernel(Images(), x.view(3, 2, 3, 3))
     assert_close(a.ntk, b.ntk, rtol=1e-14)
     assert_close(a.nngp, b.nngp, rtol=1e-14)
+
+
+# ------------------------------------------------------------------ neural-tangents
+
+
+def _stax_models() -> dict[str, nn.Module]:
+    """The architectures of tests/data/make_stax_references.py, as PyTorch modules."""
+    ntk = {"weight_std": 1.5, "bias_std": 0.2}
+
+    class StridedCNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = Conv2d(2, 8, 3, stride=2, padding="valid", **ntk)
+            self.c2 = Conv2d(8, 8, 2, padding="valid", **ntk)
+            self.pool, self.out = nn.AvgPool2d(2, stride=1), Dense(8, 1, **ntk)
+
+        def forward(self, x):
+            h = torch.erf(self.c2(self.pool(F.relu(self.c1(x)))))
+            return self.out(h.mean((2, 3)))
+
+    class Concatenation(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = Conv2d(2, 8, 3, **ntk), Conv2d(2, 8, 1, **ntk)
+            self.c, self.out = Conv2d(16, 8, 3, padding="valid", **ntk), Dense(8 * 9, 1, **ntk)
+
+        def forward(self, x):
+            h = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1)
+            return self.out(self.c(h).flatten(1))
+
+    class ResidualLayerNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = Dense(5, 16, **ntk)
+            self.f1, self.f2 = Dense(16, 16, **ntk), Dense(16, 16, **ntk)
+            self.ln = nn.LayerNorm(16, eps=1e-12, elementwise_affine=False)
+            self.d, self.out = Dense(16, 16, **ntk), Dense(16, 1, **ntk)
+
+        def forward(self, x):
+            h = self.stem(x)
+            h = h + self.f2(torch.erf(self.f1(F.relu(h))))
+            return self.out(torch.erf(self.d(self.ln(h))))
+
+    return {"strided_cnn": StridedCNN(), "concatenation": Concatenation(),
+            "residual_layer_norm": ResidualLayerNorm()}
+
+
+@pytest.mark.parametrize("name", ["strided_cnn", "concatenation", "residual_layer_norm"])
+def test_agreement_with_neural_tangents(name):
+    # stax's kernels of the same architectures (NTK parameterization, σ_w = 1.5, β = 0.2),
+    # computed by tests/data/make_stax_references.py: an independent implementation.
+    reference = json.loads((Path(__file__).parent / "data" / "stax_references.json")
+                           .read_text())[name]
+    x = torch.tensor(reference["x"], dtype=DT)
+    if x.dim() == 4:
+        x = x.permute(0, 3, 1, 2)  # stax's images are (N, H, W, C)
+    k = analytic.kernel(_stax_models()[name], x)
+    for field in ("nngp", "ntk"):
+        expected = torch.tensor(reference[field], dtype=DT)
+        diff = (getattr(k, field) - expected).abs() / expected.abs().max()
+        # Off the diagonal: rounding. On it (correlation 1), stax's arccos(1 - ε) carries
+        # its rounding into ReLU's derivative kernel as √(2ε) ≈ 2e-8, which this package
+        # snaps away.
+        assert float(diff.diagonal().max()) < 1e-7, field
+        assert float(diff.fill_diagonal_(0).max()) < 1e-12, field
