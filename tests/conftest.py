@@ -33,6 +33,33 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float | Non
         raise AssertionError(f"relative error {err:.3g} > {rtol:.1g}; largest differences:\n{rows}")
 
 
+def assert_within_standard_errors(mean: torch.Tensor, stderr: torch.Tensor,
+                                  expected: torch.Tensor, z: float = 5.0) -> None:
+    """Every entry of a Monte Carlo ``mean`` within ``z`` of its standard errors of ``expected``.
+
+    With 32 draws, |t| > 5 has probability 2e-5 per entry for Gaussian draws (t with 31
+    degrees of freedom). The NNGP's draws are skewed, ``K_s`` being a mean of products of
+    outputs: with 8 outputs a diagonal entry is like χ²₈/8, for which simulation gives
+    |t| > 5 a probability of 2e-4 (1 output: 5e-3). The mean kernel of a finite network
+    differs from the limit by O(1/width) while the standard error is O(1/√(width·S)), so
+    with S <= width/4 draws the bias stays within about one standard error.
+    """
+    stderr = stderr.clamp_min(1e-12 * float(expected.abs().max()))  # deterministic entries
+    scores = (mean - expected).abs() / stderr
+    if float(scores.max()) > z:
+        worst = scores.flatten().topk(min(5, scores.numel())).indices
+        rows = "\n".join(f"  entry {int(i)}: mean {mean.flatten()[i]:.6g} ± "
+                         f"{stderr.flatten()[i]:.2g}, expected {expected.flatten()[i]:.6g}"
+                         for i in worst)
+        raise AssertionError(f"{float(scores.max()):.2f} standard errors off:\n{rows}")
+
+
+def assert_kernels_within_standard_errors(mc, expected, z: float = 5.0) -> None:
+    """Both kernels of a ``MonteCarloKernel`` against a ``Kernel``."""
+    assert_within_standard_errors(mc.nngp, mc.nngp_stderr, expected.nngp, z)
+    assert_within_standard_errors(mc.ntk, mc.ntk_stderr, expected.ntk, z)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     # The suite is mostly tiny tensor operations; on a 2-core machine shared with other

@@ -5,8 +5,9 @@
 - The adaptive Gauss–Hermite fallback against the same oracle: 1e-6 on smooth functions.
 - Identities between activations and between ``kernel(MLP)`` and ``mlp_kernel``.
 - Exactness on models linear in their parameters, whose empirical NTK is deterministic.
-- Monte Carlo: the mean over seeds of the empirical kernels of wide networks converges to
-  the analytic kernel, within a few standard errors estimated from the seed-to-seed spread.
+- Monte Carlo (``analytic.monte_carlo_kernel``): the mean over seeds of the empirical
+  kernels of wide networks converges to the analytic kernel, within a few standard errors
+  estimated from the seed-to-seed spread.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import ntk_torch as nt
 from ntk_torch import analytic
 from ntk_torch.analytic import activations as A
 from ntk_torch.nn import MLP, Conv2d, Dense, Elementwise
-from tests.conftest import assert_close
+from tests.conftest import assert_close, assert_kernels_within_standard_errors
 
 DT = torch.float64
 
@@ -425,41 +426,6 @@ def test_model_is_not_changed():
 # ------------------------------------------------------------------ Monte Carlo
 
 
-def monte_carlo(build, x: torch.Tensor, seeds: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Empirical NTK and NNGP (``mode="trace"``) of ``seeds`` independent initialisations."""
-    ntks, nngps = [], []
-    for seed in range(seeds):
-        torch.manual_seed(seed)
-        model = build().double().eval()
-        ntks.append(nt.empirical_ntk(model, x, mode="trace"))
-        nngps.append(nt.empirical_nngp(model, x, mode="trace"))
-    return torch.stack(ntks), torch.stack(nngps)
-
-
-def assert_within_standard_errors(samples: torch.Tensor, expected: torch.Tensor,
-                                  z: float = 5.0) -> None:
-    """Every entry of the sample mean within ``z`` standard errors of ``expected``.
-
-    The standard error is the seed-to-seed standard deviation over √S. With S = 32 the
-    t-distribution (31 degrees of freedom) gives |t| > 5 a probability of 2e-5 per entry. The mean
-    kernel of a finite network differs from the limit by O(1/width) (exactly 0 for one
-    hidden layer and Gaussian weights) while SE ~ 1/√(width·S), so with S <= width/4 the
-    bias stays within one SE. At width 256 and S = 32 the SE is about 1% of the kernel, so
-    a wrong factor of width, variance or bias term (tens of percent) cannot pass; the
-    closed forms themselves are pinned to 1e-10 by the tests above.
-    """
-    s = samples.shape[0]
-    mean = samples.mean(0)
-    se = samples.std(0) / math.sqrt(s)
-    se = se.clamp_min(1e-12 * float(expected.abs().max()))
-    scores = (mean - expected).abs() / se
-    if float(scores.max()) > z:
-        worst = scores.flatten().topk(min(5, scores.numel())).indices
-        rows = "\n".join(f"  entry {int(i)}: mean {mean.flatten()[i]:.6g} ± {se.flatten()[i]:.2g}, "
-                         f"analytic {expected.flatten()[i]:.6g}" for i in worst)
-        raise AssertionError(f"{float(scores.max()):.2f} standard errors off:\n{rows}")
-
-
 MC_SEEDS = 32
 
 
@@ -471,10 +437,9 @@ def test_monte_carlo_mlp(parameterization, activation, depth):
     x = _x(5, 4, seed=5)
     build = lambda: MLP(4, 256, depth, 2, activation=activation, parameterization=parameterization,  # noqa: E731
                         weight_std=1.2, bias_std=0.3)
-    ntks, nngps = monte_carlo(build, x, MC_SEEDS)
-    k = analytic.kernel(build(), x)
-    assert_within_standard_errors(ntks, k.ntk)
-    assert_within_standard_errors(nngps, k.nngp)
+    mc = analytic.monte_carlo_kernel(lambda seed: build(), x, n_samples=MC_SEEDS,
+                                     progress=False)
+    assert_kernels_within_standard_errors(mc, analytic.kernel(build(), x))
 
 
 @pytest.mark.slow
@@ -485,10 +450,9 @@ def test_monte_carlo_plain_sequential_with_default_init():
     x = _x(5, 128, seed=6)
     build = lambda: nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Dropout(0.2),  # noqa: E731
                                   nn.Linear(256, 256), nn.Tanh(), nn.Identity(), nn.Linear(256, 1))
-    ntks, nngps = monte_carlo(build, x, MC_SEEDS)
-    k = analytic.kernel(build(), x)
-    assert_within_standard_errors(ntks, k.ntk)
-    assert_within_standard_errors(nngps, k.nngp)
+    mc = analytic.monte_carlo_kernel(lambda seed: build(), x, n_samples=MC_SEEDS,
+                                     progress=False)
+    assert_kernels_within_standard_errors(mc, analytic.kernel(build(), x))
 
 
 @pytest.mark.slow
@@ -503,10 +467,9 @@ def test_monte_carlo_small_cnn(head):
         build = lambda: nn.Sequential(  # noqa: E731
             Conv2d(2, 128, 3, bias_std=0.2), nn.ReLU(), Conv2d(128, 64, 2, padding="same"),
             nn.SiLU(), nn.Flatten(), Dense(64 * 25, 1, parameterization="standard"))
-    ntks, nngps = monte_carlo(build, x, MC_SEEDS)
-    k = analytic.kernel(build(), x)
-    assert_within_standard_errors(ntks, k.ntk)
-    assert_within_standard_errors(nngps, k.nngp)
+    mc = analytic.monte_carlo_kernel(lambda seed: build(), x, n_samples=MC_SEEDS,
+                                     progress=False)
+    assert_kernels_within_standard_errors(mc, analytic.kernel(build(), x))
 
 
 # ------------------------------------------------------------------ errors

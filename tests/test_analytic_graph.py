@@ -26,7 +26,7 @@ import ntk_torch as nt
 from ntk_torch import analytic
 from ntk_torch.analytic import layers as L
 from ntk_torch.nn import Conv2d, Dense
-from tests.conftest import assert_close
+from tests.conftest import assert_close, assert_kernels_within_standard_errors
 
 DT = torch.float64
 
@@ -50,20 +50,6 @@ def gaussian(model: nn.Module) -> nn.Module:
                 if m.bias is not None:
                     m.bias.normal_(0.0, std)
     return model
-
-
-def assert_within_standard_errors(mc, expected, z: float = 5.0) -> None:
-    """Monte Carlo means within ``z`` standard errors, both kernels.
-
-    32 draws: |t_31| > 5 has probability 2e-5 per entry for Gaussian draws (NNGP draws are
-    skewed, which several outputs temper). Widths of 128+ keep the O(1/width) bias of the
-    finite networks' mean kernels below one standard error.
-    """
-    for name in ("nngp", "ntk"):
-        mean, se = getattr(mc, name), getattr(mc, f"{name}_stderr")
-        target = getattr(expected, name)
-        scores = (mean - target).abs() / se.clamp_min(1e-12 * float(target.abs().max()))
-        assert float(scores.max()) <= z, (name, float(scores.max()), mean, target)
 
 
 # ------------------------------------------------------------------ models
@@ -180,7 +166,7 @@ def test_monte_carlo(name):
     expected = analytic.kernel(build(), x)
     mc = analytic.monte_carlo_kernel(lambda seed: gaussian(build()), x, n_samples=32,
                                      progress=False)
-    assert_within_standard_errors(mc, expected)
+    assert_kernels_within_standard_errors(mc, expected)
 
 
 # ------------------------------------------------------------------ exact cases

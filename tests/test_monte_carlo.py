@@ -18,28 +18,13 @@ from torch import nn
 
 import ntk_torch as nt
 from ntk_torch.analytic import monte_carlo_kernel
-from tests.conftest import assert_close
+from tests.conftest import assert_close, assert_within_standard_errors
 
 DT = torch.float64
 
 
 def _x(n: int, d: int, seed: int, dtype: torch.dtype = DT) -> torch.Tensor:
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-def assert_within_standard_errors(mean: torch.Tensor, stderr: torch.Tensor,
-                                  expected: torch.Tensor, z: float = 5.0) -> None:
-    """Every entry of ``mean`` within ``z`` of its standard errors of ``expected``.
-
-    With 32 draws, |t| > 5 has probability 2e-5 per entry for Gaussian draws (t with 31
-    degrees of freedom). The NNGP's draws are skewed, ``K_s`` being a mean of products of
-    outputs: with 8 outputs a diagonal entry is like χ²₈/8, for which simulation gives
-    |t| > 5 a probability of 2e-4 (1 output: 5e-3, hence the 8 outputs below).
-    """
-    scores = (mean - expected).abs() / stderr
-    assert float(scores.max()) <= z, (
-        f"{float(scores.max()):.2f} standard errors off: mean\n{mean}\n± {stderr}\n"
-        f"expected\n{expected}")
 
 
 # The mean kernel of a finite network differs from the limit by O(1/width) relatively, by
