@@ -1,5 +1,7 @@
 """The engine without vmap against the bare autograd work it does, on an LSTM classifier.
 
+And the structured engine, which runs the LSTM unrolled under vmap, on the same model.
+
 The model: ``nn.LSTM`` (``--input`` 16 features, ``--hidden`` 64, ``--layers`` 2,
 batch-first) over ``--steps`` 20 time steps, its last step read by a Linear head to
 ``--outputs`` O = 10; ``--n`` N = 32 float32 samples. Timed:
@@ -7,6 +9,8 @@ batch-first) over ``--steps`` 20 time steps, its last step read by a Linear head
 - ``engine full`` / ``engine trace``: ``empirical_ntk_fn(model, mode=...,
   implementation="autograd")(x)``, the ``(N, N, O, O)`` or ``(N, N)`` kernel with everything
   it does (profiling, checks, the per-sample Jacobians, their contraction);
+- ``structured full`` / ``structured trace``: the same with ``implementation="structured"``
+  (layer inputs and output cotangents of the unrolled LSTM, batched over samples);
 - ``bare loop``: for each sample a forward of that sample alone and ``O`` calls of
   ``torch.autograd.grad(out[i], params, retain_graph=True)``, results dropped: the passes
   the engine needs, with no bookkeeping;
@@ -16,10 +20,10 @@ batch-first) over ``--steps`` 20 time steps, its last step read by a Linear head
   passes' ``N·O``).
 
 Method: one untimed warm-up call of each, then ``--rounds`` rounds alternating them
-(A B C D A B C D ...); the table gives the medians and the ratios. The command, date,
-machine, torch version and thread count are printed with it, and the engine's kernel is
-checked against the bare loop's (vmap, and with it every other engine, cannot run this
-model).
+(A B C D E F A B ...); the table gives the medians and the ratios. The command, date,
+machine, torch version and thread count are printed with it, and both engines' kernels
+are checked against the bare loop's (vmap, and with it the jacobian and ntk_vp engines,
+cannot run this model).
 
 Usage:
     python benchmarks/bench_autograd.py [--rounds 7] [--threads 1] [--quick]
@@ -112,12 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.n, args.steps, args.input)
     full = nt.empirical_ntk_fn(model, mode="full", implementation="autograd")
     trace = nt.empirical_ntk_fn(model, mode="trace", implementation="autograd")
+    s_full = nt.empirical_ntk_fn(model, mode="full", implementation="structured")
+    s_trace = nt.empirical_ntk_fn(model, mode="trace", implementation="structured")
 
     n, o = args.n, args.outputs
     reference = bare_kernel(model, x).view(n, o, n, o).permute(0, 2, 1, 3)
     error = float((full(x) - reference).abs().max() / reference.abs().max())
+    s_error = float((s_full(x) - reference).abs().max() / reference.abs().max())
 
     methods = {"engine full": lambda: full(x), "engine trace": lambda: trace(x),
+               "structured full": lambda: s_full(x), "structured trace": lambda: s_trace(x),
                "bare loop": lambda: bare_loop(model, x),
                "bare loop + J Jᵀ": lambda: bare_kernel(model, x)}
     samples = _timing.alternate(methods, repeats=args.rounds, budget_s=float("inf"))
@@ -128,14 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine()}")
     print(f"model:   LSTM {args.input}->{args.hidden} x{args.layers}, T={args.steps}, "
           f"O={o}, N={n}, P={n_params:,}, float32, x2=None")
-    print(f"full kernel vs the bare loop's gradients: relative difference {error:.1e}")
+    print(f"full kernel vs the bare loop's gradients: relative difference {error:.1e} "
+          f"(autograd), {s_error:.1e} (structured)")
     print()
     print("| timed | median s | rounds |")
     print("|---|---|---|")
     for name, s in samples.items():
         print(f"| {name} | {s.median:.3f} | {len(s.seconds)} |")
     for engine, baseline in (("engine full", "bare loop + J Jᵀ"), ("engine full", "bare loop"),
-                             ("engine trace", "bare loop")):
+                             ("engine trace", "bare loop"), ("structured full", "engine full"),
+                             ("structured trace", "engine trace"),
+                             ("structured full", "bare loop + J Jᵀ")):
         print(f"| ratio {engine} / {baseline} | {median[engine] / median[baseline]:.2f} | |")
     return 0
 

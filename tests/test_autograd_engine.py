@@ -24,12 +24,13 @@ class RecurrentClassifier(nn.Module):
     """
 
     def __init__(self, kind: str, layers: int, bidirectional: bool, batch_first: bool,
-                 pool: str, d: int = 3, hidden: int = 4, out: int = 2) -> None:
+                 pool: str, d: int = 3, hidden: int = 4, out: int = 2, **settings) -> None:
         super().__init__()
         self.batch_first, self.pool = batch_first, pool
         self.rnn = getattr(nn, kind)(d, hidden, num_layers=layers, bidirectional=bidirectional,
-                                     batch_first=batch_first)
-        self.head = nn.Linear(hidden * (2 if bidirectional else 1), out)
+                                     batch_first=batch_first, **settings)
+        width = settings.get("proj_size") or hidden
+        self.head = nn.Linear(width * (2 if bidirectional else 1), out)
 
     def forward(self, x):
         h, _ = self.rnn(x if self.batch_first else x.transpose(0, 1))
@@ -75,7 +76,10 @@ RECURRENT = {
     for name, config in {"2layers-bidirectional-batchfirst-last": (2, True, True, "last"),
                          "1layer-timefirst-mean": (1, False, False, "mean")}.items()
 }
-NO_VMAP = {**RECURRENT, "branch": BranchOnData, "item": ScaleByItem}
+# The structured engine runs the modules above unrolled; not a projected LSTM.
+PROJECTED = "LSTM-projected"
+NO_VMAP = {**RECURRENT, "branch": BranchOnData, "item": ScaleByItem,
+           PROJECTED: lambda: RecurrentClassifier("LSTM", 1, False, True, "last", proj_size=2)}
 
 
 def build(name: str) -> nn.Module:
@@ -126,8 +130,7 @@ def test_parameter_selection(mode):
     assert_close(k, naive_ntk(model, x, None, mode, names))
 
 
-@pytest.mark.parametrize("name", ["LSTM-1layer-timefirst-mean", "RNN-1layer-timefirst-mean",
-                                  "branch", "item"])
+@pytest.mark.parametrize("name", [PROJECTED, "branch", "item"])
 def test_auto_takes_autograd_with_one_warning(name):
     model = build(name)
     x1, x2 = inputs(name, 4, seed=1), inputs(name, 2, seed=2)
@@ -144,19 +147,32 @@ def test_auto_takes_autograd_with_one_warning(name):
 
 
 def test_the_warning_names_the_fused_rnn_module():
-    model = build("GRU-1layer-timefirst-mean")
-    with pytest.warns(UserWarning, match=r"rnn \(GRU\) is a fused RNN module"):
-        nt.empirical_ntk(model, inputs("GRU", 2, seed=1))
+    with pytest.warns(UserWarning, match=r"rnn \(LSTM\) is a fused RNN module"):
+        nt.empirical_ntk(build(PROJECTED), inputs(PROJECTED, 2, seed=1))
+
+
+@pytest.mark.parametrize("name", sorted(RECURRENT))
+def test_auto_runs_fused_rnns_structured_without_a_warning(name):
+    # The structured engine runs them unrolled, which vmap can batch: no fallback.
+    model = build(name)
+    x1, x2 = inputs(name, 4, seed=1), inputs(name, 2, seed=2)
+    ntk = nt.empirical_ntk_fn(model, mode="trace")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        k = ntk(x1, x2)
+    assert ntk.last_implementation == "structured"
+    assert_close(k, naive_ntk(model, x1, x2, "trace"))
 
 
 @pytest.mark.parametrize("implementation", VMAP_ENGINES)
 def test_a_vmap_engine_named_on_an_lstm_is_a_clear_error(implementation):
-    model = build("LSTM-1layer-timefirst-mean")
+    # The other engines cannot run any fused LSTM; the structured engine a projected one.
+    name = PROJECTED if implementation == "structured" else "LSTM-1layer-timefirst-mean"
     message = (rf"implementation='{implementation}' batches samples with torch.func.vmap, which "
                r"cannot run this model: rnn \(LSTM\) is a fused RNN module. Use "
                r"implementation='autograd'")
     with pytest.raises(RuntimeError, match=message):
-        nt.empirical_ntk(model, inputs("LSTM", 3, seed=1), implementation=implementation)
+        nt.empirical_ntk(build(name), inputs(name, 3, seed=1), implementation=implementation)
 
 
 @pytest.mark.parametrize("name", ["branch", "item"])
@@ -221,11 +237,11 @@ class Last(nn.Module):
 
 
 def test_memory_budget_suggests_autograd_blocks():
-    model = build("LSTM-1layer-timefirst-mean")
-    x = inputs("LSTM", 5, seed=1)
-    # 20 kB: a block of two samples (their Jacobians, 2·O·P·8 = 4.9 kB, beside one sample's
+    model = build(PROJECTED)
+    x = inputs(PROJECTED, 5, seed=1)
+    # 18 kB: a block of two samples (their Jacobians, 2·O·P·8 = 4 kB, beside one sample's
     # O-fold backward) fits, five do not.
-    budget = 20_000
+    budget = 18_000
     with pytest.raises(MemoryError, match=r"implementation='autograd' with batch_size=\d") as err:
         nt.empirical_ntk(model, x, memory_budget=budget)
     assert "jacobian" not in str(err.value)
@@ -236,8 +252,8 @@ def test_memory_budget_suggests_autograd_blocks():
 
 def test_kernel_store_takes_autograd_and_refuses_a_named_vmap_engine(tmp_path):
     pytest.importorskip("zarr")
-    model = build("GRU-2layers-bidirectional-batchfirst-last")
-    x = inputs("GRU", 5, seed=1)
+    model = build(PROJECTED)
+    x = inputs(PROJECTED, 5, seed=1)
     with pytest.warns(UserWarning, match="using implementation='autograd'"):
         store = nt.compute_kernel(model, x, store=tmp_path / "k", mode="trace", tile=2,
                                   progress=False)

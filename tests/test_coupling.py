@@ -127,9 +127,7 @@ def test_float32_models_of_moderate_size_are_not_refused(make):
     """Batched and one-sample float32 forwards differ by rounding only: that is per-sample."""
     torch.manual_seed(0)
     model, x = make()
-    # vmap cannot run the fused LSTM: the engine without vmap.
-    implementation = "autograd" if make is _lstm else "structured"
-    k = nt.empirical_ntk(model, x[:2], x[2:3], mode="trace", implementation=implementation)
+    k = nt.empirical_ntk(model, x[:2], x[2:3], mode="trace", implementation="structured")
     assert k.shape == (2, 1) and torch.isfinite(k).all()
 
 

@@ -30,6 +30,12 @@ class _OverriddenCell(nn.GRUCell):
         return 2.0 * super().forward(x, hx)
 
 
+class _OverriddenLSTM(nn.LSTM):
+    def forward(self, x, hx=None):
+        output, state = super().forward(x, hx)
+        return 2.0 * output, state
+
+
 def test_every_supported_layer_has_its_rule_and_the_rest_none():
     ntk_dense, ntk_conv = nt.nn.Dense(3, 2), nt.nn.Conv2d(2, 3, 3)
     kinds = {nn.Linear(3, 2): "linear", ntk_dense: "linear", nn.Conv1d(2, 3, 3): "conv",
@@ -37,15 +43,18 @@ def test_every_supported_layer_has_its_rule_and_the_rest_none():
              nn.LayerNorm(4): "layernorm", nn.GroupNorm(2, 4): "groupnorm",
              nn.BatchNorm1d(4).eval(): "batchnorm", nn.BatchNorm2d(4).eval(): "batchnorm",
              nn.LSTMCell(3, 2): "recurrent cell", nn.GRUCell(3, 2): "recurrent cell",
-             nn.RNNCell(3, 2, nonlinearity="relu"): "recurrent cell"}
+             nn.RNNCell(3, 2, nonlinearity="relu"): "recurrent cell", nn.LSTM(3, 2): "recurrent",
+             nn.GRU(3, 2, num_layers=2): "recurrent",
+             nn.RNN(3, 2, nonlinearity="relu", bidirectional=True): "recurrent"}
     for module, kind in kinds.items():
         assert rule_for(module).name == kind, module
     multipliers = (ntk_dense.multiplier, ntk_dense.bias_multiplier)
     assert rule_for(ntk_dense).scales(ntk_dense) == multipliers
-    # Batch statistics, renormalised rows, an overridden forward, other layers: no rule.
+    # Batch statistics, renormalised rows, a projected state, an overridden forward, other
+    # layers: no rule.
     for module in (nn.BatchNorm2d(4).train(), nn.Embedding(5, 2, max_norm=1.0),
-                   _OverriddenForward(3, 2), _OverriddenCell(3, 2), nn.Bilinear(2, 2, 2),
-                   nn.Conv3d(2, 3, 3), nn.LSTM(3, 2)):
+                   nn.LSTM(3, 2, proj_size=1), _OverriddenForward(3, 2), _OverriddenCell(3, 2),
+                   _OverriddenLSTM(3, 2), nn.Bilinear(2, 2, 2), nn.Conv3d(2, 3, 3)):
         assert rule_for(module) is None, module
 
 

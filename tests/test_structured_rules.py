@@ -1,8 +1,9 @@
 """The structured engine's rules for the layers transformers and recurrent nets are made of.
 
 GPT-2's ``Conv1D`` (a look-alike of the ``transformers`` class, recognised by its name),
-the packed projections of ``nn.MultiheadAttention`` in self-attention, and the two weight
-pairs of ``nn.LSTMCell``/``nn.GRUCell``/``nn.RNNCell`` unrolled over time. Oracle: the
+the packed projections of ``nn.MultiheadAttention`` in self-attention, the two weight
+pairs of ``nn.LSTMCell``/``nn.GRUCell``/``nn.RNNCell`` unrolled over time, and those of
+every layer and direction of ``nn.LSTM``/``nn.GRU``/``nn.RNN``. Oracle: the
 naive per-sample ``torch.autograd.grad`` Jacobian in float64, in every mode, with ``x2``
 given and ``None``, tiled, layer by layer, with frozen parts and with each contraction
 strategy forced; what the probe sends to the fallback is inspected directly.
@@ -11,6 +12,7 @@ strategy forced; what the probe sends to the fallback is inspected directly.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from torch import nn
 
 import ntk_torch as nt
 from ntk_torch._engines import _plan, structured
-from ntk_torch._engines._layers import recurrent_cell
+from ntk_torch._engines._layers import _recurrence
 from ntk_torch._functional import functionalize
 from tests.cases import Case
 from tests.conftest import RTOL, assert_close
@@ -140,6 +142,38 @@ class UnbatchedCell(nn.Module):
         return self.head(torch.stack(outs))
 
 
+class FusedRecurrent(nn.Module):
+    """A fused RNN module over ``(N, T, 3)`` sequences (moved to time first if it is).
+
+    ``read="last"``: a Linear on the last step's output; ``"all"``: every step's output,
+    flattened. ``state``: None (the module's zeros), ``"constant"`` (buffers) or
+    ``"learned"`` (parameters), expanded to the batch.
+    """
+
+    def __init__(self, rnn: nn.RNNBase, read: str = "last", state: str | None = None) -> None:
+        super().__init__()
+        self.rnn, self.read, self.state = rnn, read, state
+        directions = 2 if rnn.bidirectional else 1
+        width = directions * (rnn.proj_size or rnn.hidden_size)
+        self.head = nn.Linear(width, 2) if read == "last" else None
+        shape = (rnn.num_layers * directions, 1, rnn.hidden_size)
+        for name in ("h0", "c0") if isinstance(rnn, nn.LSTM) else ("h0",):
+            if state == "constant":
+                self.register_buffer(name, 0.5 * torch.randn(shape))
+            elif state == "learned":
+                setattr(self, name, nn.Parameter(0.5 * torch.randn(shape)))
+
+    def forward(self, x):
+        hx = None
+        if self.state is not None:
+            states = [s.expand(-1, x.shape[0], -1) for s in (self.h0, getattr(self, "c0", None))
+                      if s is not None]
+            hx = tuple(states) if isinstance(self.rnn, nn.LSTM) else states[0]
+        h, _ = self.rnn(x if self.rnn.batch_first else x.transpose(0, 1), hx)
+        h = h if self.rnn.batch_first else h.transpose(0, 1)
+        return self.head(h[:, -1]) if self.read == "last" else h.flatten(1)
+
+
 def _normal(*shape: int):
     return lambda n, g: torch.randn(n, *shape, generator=g, dtype=torch.float64)
 
@@ -154,6 +188,20 @@ RULE_CASES = {c.name: c for c in [
     Case("rnn_cell_without_bias", lambda: UnrolledCell(nn.RNNCell(3, 4, bias=False)),
          _normal(3, 3)),
     Case("rnn_cell_unbatched", UnbatchedCell, _normal(3, 3)),
+    Case("lstm", lambda: FusedRecurrent(nn.LSTM(3, 4, batch_first=True)), _normal(4, 3)),
+    Case("lstm_2layers_bidirectional_timefirst",
+         lambda: FusedRecurrent(nn.LSTM(3, 3, num_layers=2, bidirectional=True)), _normal(3, 3)),
+    Case("lstm_all_steps_constant_state",
+         lambda: FusedRecurrent(nn.LSTM(3, 2, batch_first=True), "all", "constant"),
+         _normal(3, 3)),
+    Case("gru_2layers_learned_state",
+         lambda: FusedRecurrent(nn.GRU(3, 4, num_layers=2, batch_first=True), state="learned"),
+         _normal(3, 3)),
+    Case("rnn_tanh_bidirectional_timefirst",
+         lambda: FusedRecurrent(nn.RNN(3, 4, bidirectional=True)), _normal(4, 3)),
+    Case("rnn_relu_without_bias",
+         lambda: FusedRecurrent(nn.RNN(3, 4, nonlinearity="relu", bias=False, batch_first=True)),
+         _normal(4, 3)),
 ]}
 _ORACLE: dict[tuple, torch.Tensor] = {}
 
@@ -218,10 +266,12 @@ def test_layerwise_matches_oracle_per_owner(rule_case):
         assert_close(layers[owner], naive_ntk(model, x1, x2, "full", names))
 
 
-def test_float32_agrees_with_jacobian_engine(rule_case):
+def test_float32_agrees_with_a_per_sample_jacobian_engine(rule_case):
     model = rule_case.build(torch.float32)
     x1, x2 = rule_case.inputs(4, torch.float32), rule_case.inputs(3, torch.float32, seed=7)
-    expected = nt.empirical_ntk(model, x1, x2, implementation="jacobian")
+    # The jacobian engine's vmap cannot run a fused RNN module: the same Jacobians unbatched.
+    fused = any(isinstance(m, nn.RNNBase) for m in model.modules())
+    expected = nt.empirical_ntk(model, x1, x2, implementation="autograd" if fused else "jacobian")
     assert_close(nt.empirical_ntk(model, x1, x2, implementation="structured"), expected,
                  RTOL[torch.float32])
 
@@ -242,6 +292,12 @@ def _split(model: nn.Module, x: torch.Tensor) -> tuple[set[str], set[str]]:
     ("gru_cell", set()),
     ("rnn_cell_without_bias", set()),
     ("rnn_cell_unbatched", set()),
+    ("lstm", set()),
+    ("lstm_2layers_bidirectional_timefirst", set()),
+    ("lstm_all_steps_constant_state", set()),
+    ("gru_2layers_learned_state", {"h0"}),  # used outside any layer's call
+    ("rnn_tanh_bidirectional_timefirst", set()),
+    ("rnn_relu_without_bias", set()),
 ])
 def test_what_falls_back(name, fallback):
     case = RULE_CASES[name]
@@ -303,10 +359,9 @@ class FromNoState(UnrolledCell):
 @pytest.mark.parametrize("cell", [nn.LSTMCell, nn.GRUCell])
 @pytest.mark.parametrize("strategy", ["gram", "explicit"])  # explicit also captures batched
 def test_recurrent_cell_without_a_state_is_exact(cell, strategy, monkeypatch):
-    # empirical_ntk sends such a model to the autograd engine (and refuses the others):
-    # its check finds that torch.func.vmap cannot run the cell's own fused first step (a
-    # batched product added in place to one of the unbatched zeros). The structured engine
-    # runs the unfused step instead, so it is called directly here.
+    # torch.func.vmap cannot run the cell's own fused first step (a batched product added
+    # in place to one of the unbatched zeros), so the other engines refuse such a model;
+    # the structured engine runs the unfused step instead, and auto takes it.
     monkeypatch.setattr(_plan, "choose_strategy", lambda *args, **kwargs: strategy)
     torch.manual_seed(0)
     model = FromNoState(cell(3, 4)).double().eval()
@@ -314,20 +369,24 @@ def test_recurrent_cell_without_a_state_is_exact(cell, strategy, monkeypatch):
     x1 = torch.randn(4, 3, 3, dtype=torch.float64)
     x2 = torch.randn(3, 3, 3, dtype=torch.float64)
     assert not structured.probe(fm, fm.params(), x1[:1]).fallback
-    out = structured.compute(fm, fm.params(), x1, x2, "full", {"": fm.names})
-    assert_close(out[""], naive_ntk(model, x1, x2, "full"))
+    ntk = nt.empirical_ntk_fn(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the autograd engine
+        assert_close(ntk(x1, x2), naive_ntk(model, x1, x2, "full"))
+    assert ntk.last_implementation == "structured"
+
+
+def _swapped_lstm(gi, gh, hx):
+    """LSTM gates with the input and forget gates swapped: not what torch computes."""
+    i, f, g, o = (gh + gi).chunk(4, -1)
+    c = torch.sigmoid(i) * hx[1] + torch.sigmoid(f) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
 
 
 def test_a_cell_whose_fused_step_differs_falls_back_exactly(monkeypatch):
-    # The probe compares torch's fused step with the unfused gates; here the unfused LSTM
-    # gates swap the input and forget gates, so the probe must refuse the rule and leave
-    # the cell computing as it is.
-    def swapped(gi, gh, hx):
-        i, f, g, o = (gh + gi).chunk(4, 1)
-        c = torch.sigmoid(i) * hx[1] + torch.sigmoid(f) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
-
-    monkeypatch.setitem(recurrent_cell._GATES, torch.lstm_cell, swapped)
+    # The probe compares torch's fused step with the unfused gates; with wrong gates it
+    # must refuse the rule and leave the cell computing as it is.
+    monkeypatch.setitem(_recurrence.GATES, "lstm", _swapped_lstm)
     case = RULE_CASES["lstm_cell"]
     model, x = case.build(), case.inputs(4)
     structured_names, fallback = _split(model, x)
@@ -335,3 +394,70 @@ def test_a_cell_whose_fused_step_differs_falls_back_exactly(monkeypatch):
     assert structured_names == {"head.weight", "head.bias"}
     assert_close(nt.empirical_ntk(model, x, implementation="structured"),
                  naive_ntk(model, x, None, "full"))
+
+
+def test_an_lstm_whose_fused_call_differs_falls_back_exactly(monkeypatch):
+    # The same check for the whole fused call of an nn.LSTM, on the probe.
+    monkeypatch.setitem(_recurrence.GATES, "lstm", _swapped_lstm)
+    case = RULE_CASES["lstm"]
+    model, x = case.build(), case.inputs(4)
+    structured_names, fallback = _split(model, x)
+    assert fallback == {n for n, _ in model.rnn.named_parameters(prefix="rnn")}
+    assert structured_names == {"head.weight", "head.bias"}
+    # Every vmap engine then meets the fused module: the autograd engine computes it.
+    assert_close(nt.empirical_ntk(model, x, implementation="autograd"),
+                 naive_ntk(model, x, None, "full"))
+    with pytest.raises(RuntimeError, match=r"rnn \(LSTM\) is a fused RNN module"):
+        nt.empirical_ntk(model, x, implementation="structured")
+
+
+@pytest.mark.parametrize("names", [["rnn.weight_hh_l1"], ["rnn.weight_ih_l1_reverse"],
+                                   ["rnn.bias_hh_l0_reverse", "head.weight"]])
+def test_fused_rnn_parameter_selections(names):
+    # One recurrent weight of the second layer, an input weight of the reverse direction,
+    # and parts of two layers: each exact, in total and per layer.
+    case = RULE_CASES["lstm_2layers_bidirectional_timefirst"]
+    model = case.build()
+    x1, x2 = case.inputs(4), case.inputs(3, seed=7)
+    full = naive_ntk(model, x1, x2, "full", names)
+    diagonal = full.diagonal(dim1=2, dim2=3)
+    for mode, expected in (("full", full), ("diagonal", diagonal), ("trace", diagonal.mean(-1))):
+        assert_close(nt.empirical_ntk(model, x1, x2, mode=mode, implementation="structured",
+                                      params=names), expected)
+    layers = nt.layerwise_ntk(model, x1, x2, mode="full", implementation="structured",
+                              params=names)
+    owners = {n.rpartition(".")[0] for n in names}
+    assert sorted(layers) == sorted(owners)
+    for owner in owners:
+        assert_close(layers[owner], naive_ntk(model, x1, x2, "full",
+                                              [n for n in names if n.startswith(owner + ".")]))
+
+
+class Packed(nn.Module):
+    """An ``nn.GRU`` on packed sequences of two lengths, its last valid step read out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x):
+        lengths = torch.full((x.shape[0],), x.shape[1])
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True)
+        return self.head(self.rnn(packed)[1][-1])
+
+
+@pytest.mark.parametrize("model", [Packed, lambda: FusedRecurrent(nn.LSTM(3, 4, proj_size=2))],
+                         ids=["packed", "projected"])
+def test_fused_rnns_without_the_rule_are_left_to_the_module(model):
+    # A packed input (the fused functions' other signature) and a projected LSTM are not
+    # unrolled: their parameters take the fallback, and auto the autograd engine.
+    torch.manual_seed(0)
+    model = model().double().eval()
+    x = torch.randn(4, 3, 3, dtype=torch.float64)
+    _, fallback = _split(model, x)
+    assert fallback == {n for n, _ in model.rnn.named_parameters(prefix="rnn")}
+    ntk = nt.empirical_ntk_fn(model, mode="trace")
+    with pytest.warns(UserWarning, match=r"rnn \((GRU|LSTM)\) is a fused RNN module"):
+        k = ntk(x)
+    assert ntk.last_implementation == "autograd"
+    assert_close(k, naive_ntk(model, x, None, "trace"))

@@ -26,10 +26,12 @@ structured engine's). An engine may instead price its parts itself with
 ``predicted_seconds(problem, throughput)``. Ties go to the earlier engine in ``ENGINES``.
 
 Every engine but ``autograd`` batches samples with ``torch.func.vmap``. ``auto`` chooses
-among those (:data:`VMAP_ENGINES`) where vmap can run the model, and takes ``autograd``
-(the same per-sample Jacobians, one plain forward and ``O`` backward passes per sample)
-where it cannot: fused RNN modules, data-dependent control flow, ``.item()``
-(``autograd.vmap_failure``, once per probe). Where vmap runs, ``jacobian`` does
+among those (:data:`VMAP_ENGINES`) that vmap can run the model with (:func:`vmap_failure`,
+once per probe), and takes ``autograd`` (the same per-sample Jacobians, one plain forward
+and ``O`` backward passes per sample) where none can: data-dependent control flow,
+``.item()``, fused RNN modules without a structured rule (``proj_size``, packed
+sequences). The structured engine runs ``nn.LSTM``/``nn.GRU``/``nn.RNN`` unrolled, so it
+alone is left where those make vmap fail for the others. Where ``jacobian`` runs, it does
 ``autograd``'s work batched, so ``auto`` has no reason to compare them.
 """
 
@@ -77,22 +79,38 @@ ENGINES: dict[str, Engine] = {"jacobian": jacobian, "ntk_vp": ntk_vp, "structure
 VMAP_ENGINES = ("jacobian", "ntk_vp", "structured")
 
 
-def candidates(problem: Problem) -> tuple[str, ...]:
-    """The engines ``auto`` chooses among: :data:`VMAP_ENGINES`, or ``("autograd",)``.
+def vmap_failure(name: str, problem: Problem) -> str | None:
+    """Why engine ``name`` cannot batch ``problem``'s model with vmap; None if it can.
 
-    The latter where vmap cannot run ``problem``'s model (see the module docstring);
-    ``ntk_vp`` only where the model has forward-mode derivatives.
+    The structured engine runs the fused RNN modules it has a rule for unrolled, so it is
+    tried apart where the others cannot run (``structured.vmap_failure``).
     """
-    if autograd.vmap_failure(problem):
-        return ("autograd",)
-    return tuple(n for n in VMAP_ENGINES if n != "ntk_vp" or not ntk_vp.forward_ad_failure(problem))
+    if name not in VMAP_ENGINES:
+        return None
+    reason = autograd.vmap_failure(problem)
+    if reason is not None and name == "structured":
+        return structured.vmap_failure(problem)
+    return reason
+
+
+def candidates(problem: Problem) -> tuple[str, ...]:
+    """The engines ``auto`` chooses among: of :data:`VMAP_ENGINES`, those vmap runs with.
+
+    ``ntk_vp`` only where the model has forward-mode derivatives; ``("autograd",)`` where
+    none runs.
+    """
+    runs = tuple(n for n in VMAP_ENGINES if vmap_failure(n, problem) is None
+                 and (n != "ntk_vp" or not ntk_vp.forward_ad_failure(problem)))
+    return runs or ("autograd",)
 
 
 def fallback_warning(problem: Problem) -> str | None:
-    """The one-line warning for ``auto`` taking ``autograd``; None where vmap runs the model."""
-    reason = autograd.vmap_failure(problem)
-    if reason is None:
+    """The one-line warning for ``auto`` taking ``autograd``; None where a vmap engine runs."""
+    if candidates(problem) != ("autograd",):
         return None
+    # The structured engine's trial runs the model furthest (fused RNNs it has a rule for
+    # unrolled): its reason is the one that remains.
+    reason = vmap_failure("structured", problem)
     return f"vmap cannot run this model ({reason}); using implementation='autograd'"
 
 
@@ -102,7 +120,7 @@ def check_runs(name: str, problem: Problem) -> None:
     Raises:
         RuntimeError: naming the reason (and the module, where found) and the engine to use.
     """
-    reason = autograd.vmap_failure(problem) if name in VMAP_ENGINES else None
+    reason = vmap_failure(name, problem)
     if reason is not None:
         raise RuntimeError(
             f"implementation={name!r} batches samples with torch.func.vmap, which cannot run "
@@ -173,4 +191,4 @@ class Bound:
 
 __all__ = ["ENGINES", "THROUGHPUT", "VMAP_ENGINES", "Bound", "Cost", "Engine", "Probe", "Problem",
            "candidates", "check_runs", "choose", "estimate", "fallback_warning",
-           "predicted_seconds", "profile_forward"]
+           "predicted_seconds", "profile_forward", "vmap_failure"]

@@ -9,7 +9,7 @@ whole batch this way (:class:`Run`); the per-sample capture uses :func:`site_hoo
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +66,14 @@ def site_hooks(modules, structure: Structure, perturb, feats, inputs=None, outpu
             by_rule.setdefault(rule_for(modules[name]), []).append(modules[name])
     with layer_calls(by_rule, hook):
         yield
+
+
+def routed_calls(modules: dict, names) -> AbstractContextManager:
+    """The routed layers ``names``' calls intercepted as in every pass, outputs left as is."""
+    by_rule: dict = {}
+    for name in names:
+        by_rule.setdefault(rule_for(modules[name]), []).append(modules[name])
+    return layer_calls(by_rule, lambda module, args, output, pair=0: output)
 
 
 def fast_layout(t: torch.Tensor) -> torch.Tensor:

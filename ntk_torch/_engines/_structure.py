@@ -3,7 +3,8 @@
 A parameter is *structured* when every use of it is the standard forward of a layer with
 a rule (``_layers``: ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, GPT-2's
 ``Conv1D``, the packed projections of ``nn.MultiheadAttention`` in self-attention, the two
-weight pairs of ``nn.LSTMCell``/``nn.GRUCell``/``nn.RNNCell``, and the affine parameters
+weight pairs of ``nn.LSTMCell``/``nn.GRUCell``/``nn.RNNCell`` and of every layer and
+direction of ``nn.LSTM``/``nn.GRU``/``nn.RNN``, and the affine parameters
 of ``nn.LayerNorm``/``nn.GroupNorm``/``nn.BatchNorm*`` in eval mode). Its
 per-sample gradient is then ``Σ_t δ_t ⊗ a_t`` over the layer's positions ``t`` (and over
 all calls of the layer), with ``a_t`` the layer's input feature and ``δ_t`` the cotangent
@@ -160,10 +161,10 @@ def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Struc
     for name, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), name)
     # (layer, pair, role) holding each selected parameter, by canonical name; a layer's
-    # pairs (``LayerRule.parameters``) meet different inputs, so they count as layers apart.
+    # pairs (``LayerRule.pairs``) meet different inputs, so they count as layers apart.
     holders: dict[str, list[tuple[str, int, str]]] = {}
     for lname, m in candidates.items():
-        for pair, attributes in enumerate(rules[lname].parameters):
+        for pair, attributes in enumerate(rules[lname].pairs(m)):
             for role, attribute in zip(("weight", "bias"), attributes):
                 p = m._parameters.get(attribute)
                 if p is not None and aliases[id(p)] in params:
@@ -203,11 +204,13 @@ def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Struc
         out = fm(params, sample)
     # A layer whose call failed ``verify`` is not intercepted again: its parameters fall
     # back, computed by the module itself. (The interceptions that can fail ``verify``, the
-    # recurrent cells', leave the calls of other layers as they are.)
+    # recurrent ones', leave the calls of other layers as they are.) Nor is a layer whose
+    # calls the rule never intercepted (an RNN on packed sequences).
+    called = {(name, pair) for name, pair, *_ in calls}
     routed = tuple(name for name in candidates if name in holding and name not in unusable
+                   and any(layer == name for layer, _ in called)
                    and type(rules[name]).calls is not LayerRule.calls)
 
-    called = {(name, pair) for name, pair, *_ in calls}
     structured: dict[str, list[tuple[str, int, str]]] = {}
     for name, hs in holders.items():
         kinds = {rules[layer] for layer, _, _ in hs}

@@ -6,9 +6,10 @@ For each sample ``a``, one forward pass of that sample alone (a batch of one), t
 ``J[a, i] (P,)`` of the per-sample Jacobian ``(N, O, P)``; the kernel is the same
 contraction ``J1 J2ᵀ`` as ``"jacobian"``'s, per group of parameters. The forward pass is
 never vectorised, so it runs every model whose forward and backward run in plain
-PyTorch, including what ``torch.func.vmap`` (every other engine) cannot batch: fused
-``nn.LSTM``/``nn.GRU``/``nn.RNN``, control flow that depends on the data, ``.item()``.
-``auto`` takes it exactly there (:func:`vmap_failure`).
+PyTorch, including what ``torch.func.vmap`` (every other engine) cannot batch: control
+flow that depends on the data, ``.item()``, fused ``nn.LSTM``/``nn.GRU``/``nn.RNN`` (which
+the structured engine runs unrolled where it has their rule). ``auto`` takes it exactly
+where no other engine runs (``_engines.vmap_failure``).
 
 Cost: ``N`` one-sample forward passes and ``N·O`` one-sample backward passes (the FLOPs of
 ``"jacobian"``'s Jacobians, run one small pass at a time), plus ``2·N1·N2·O²·P`` FLOPs
@@ -23,6 +24,7 @@ dropout between layers in train mode) would make the kernel random: it is refuse
 from __future__ import annotations
 
 import warnings
+from collections.abc import Collection
 from contextlib import nullcontext
 
 import torch
@@ -192,9 +194,19 @@ def vmap_failure(problem: Problem | None) -> str | None:
 
 
 def _vmap_trial(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> str | None:
-    for name, m in fm.module.named_modules():
-        if isinstance(m, nn.RNNBase):
+    return fused_rnn(fm.module) or vmap_run(fm, params, sample)
+
+
+def fused_rnn(model: nn.Module, unrolled: Collection[str] = ()) -> str | None:
+    """The reason naming ``model``'s first fused RNN module not in ``unrolled``, or None."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.RNNBase) and name not in unrolled:
             return f"{label(name, m)} is a fused RNN module"
+    return None
+
+
+def vmap_run(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> str | None:
+    """Why per-sample Jacobians of two outputs fail under vmap on ``sample``, or None."""
     running: list[tuple[str, nn.Module]] = []  # modules entered and not yet left
 
     def enter(name: str, m: nn.Module):
@@ -227,4 +239,5 @@ def _vmap_trial(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> st
     return None
 
 
-__all__ = ["compute", "contract", "estimate", "per_sample_jacobians", "prepare", "vmap_failure"]
+__all__ = ["compute", "contract", "estimate", "fused_rnn", "per_sample_jacobians", "prepare",
+           "vmap_failure", "vmap_run"]

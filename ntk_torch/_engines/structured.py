@@ -2,7 +2,8 @@
 
 For the layers that hold almost all parameters (``nn.Linear``, ``nn.Conv1d/2d``,
 ``nn.Embedding``, GPT-2's ``Conv1D``, ``nn.MultiheadAttention``'s projections, the
-recurrent cells' two products per step, affine parameters of norm layers, their biases),
+recurrent cells' two products per step, the same in every layer and direction of
+``nn.LSTM``/``nn.GRU``/``nn.RNN``, affine parameters of norm layers, their biases),
 the per-sample gradient of output ``i`` is ``Σ_t δ_{i,t} ⊗ a_t`` (cotangent at the layer's
 output times the layer's input, over positions ``t``), so their kernel block is
 
@@ -35,7 +36,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ntk_torch import _inputs
-from ntk_torch._engines import jacobian
+from ntk_torch._engines import autograd, jacobian
 from ntk_torch._engines._capture import Captured, capture_batched, capture_per_sample
 from ntk_torch._engines._contractions import (
     factored_blocks,
@@ -44,6 +45,7 @@ from ntk_torch._engines._contractions import (
     unit_tensors,
 )
 from ntk_torch._engines._cost import Cost, Problem
+from ntk_torch._engines._forward import routed_calls
 from ntk_torch._engines._heads import probe_heads
 from ntk_torch._engines._plan import Plan, make_plan
 from ntk_torch._engines._structure import Structure, discover
@@ -74,6 +76,27 @@ def _structure(problem: Problem | None) -> Structure | None:
     if problem is None or problem.probe is None:
         return None
     return problem.probe.analysis("structured", probe)
+
+
+def vmap_failure(problem: Problem | None) -> str | None:
+    """Why ``torch.func.vmap`` cannot run this engine's passes on the model, or None.
+
+    ``autograd.vmap_failure``'s trial, with the calls of the layers the probe routes
+    through their rules intercepted as every pass of this engine intercepts them: fused
+    RNN modules then run unrolled, which vmap can batch. Found once per ``problem.probe``.
+    """
+    structure = _structure(problem)
+    if structure is None:
+        return None
+
+    def trial(fm, params, sample):
+        reason = autograd.fused_rnn(fm.module, structure.routed)
+        if reason is not None:
+            return reason
+        with routed_calls(dict(fm.module.named_modules()), structure.routed):
+            return autograd.vmap_run(fm, params, sample)
+
+    return problem.probe.analysis("structured vmap", trial)
 
 
 def estimate(problem: Problem) -> Cost:

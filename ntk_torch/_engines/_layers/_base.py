@@ -38,7 +38,7 @@ class Site:
         in_shape, out_shape: shapes of its input and output for one sample (as the layer
             sees them, with the model's batch dimension of size one where it has one).
         out_dtype: dtype of the output (the cotangent's dtype).
-        pair: index of the (weight, bias) pair of the call (:attr:`LayerRule.parameters`).
+        pair: index of the (weight, bias) pair of the call (:meth:`LayerRule.pairs`).
     """
 
     module: str
@@ -61,7 +61,8 @@ class LayerRule:
             rule reads where the class cannot be imported; :meth:`accepts` and
             :meth:`verify` then check the instance.
         parameters: attribute names of the weight and the bias on the module, one pair for
-            each input a weight meets (most layers have one).
+            each input a weight meets (most layers have one); :meth:`pairs` gives them per
+            instance where their number depends on the module's settings.
         factorable: its block may take the factored rule behind a separable head (the
             output has channels ``G·k_out`` on :meth:`channel_axis` and positions).
     """
@@ -78,6 +79,10 @@ class LayerRule:
     def accepts(self, module: nn.Module) -> bool:
         """Whether this instance's settings keep the rule exact (beyond its class)."""
         return True
+
+    def pairs(self, module: nn.Module) -> tuple[tuple[str, str], ...]:
+        """The module's (weight, bias) attribute pairs, indexed by a call's ``pair``."""
+        return self.parameters
 
     def verify(self, module: nn.Module, args: tuple, output: torch.Tensor, pair: int = 0) -> bool:
         """Whether the probed call computed what the rule assumes (checked on the probe).

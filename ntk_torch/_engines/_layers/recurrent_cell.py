@@ -31,6 +31,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from ntk_torch._engines._layers._base import LayerRule, Site, register
+from ntk_torch._engines._layers._recurrence import GATES, tensors
 
 # The fused functions' parameter arguments, in their order (after the input and the state).
 _ARGUMENTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
@@ -40,27 +41,9 @@ _ARGUMENTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 _RTOL_ULPS = 64
 
 
-def _lstm(gi: torch.Tensor, gh: torch.Tensor, hx) -> tuple[torch.Tensor, torch.Tensor]:
-    i, f, g, o = (gh + gi).chunk(4, 1)
-    c = torch.sigmoid(f) * hx[1] + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c), c
-
-
-def _gru(gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    i_r, i_z, i_n = gi.chunk(3, 1)
-    h_r, h_z, h_n = gh.chunk(3, 1)
-    z = torch.sigmoid(h_z + i_z)
-    n = torch.tanh(i_n + torch.sigmoid(h_r + i_r) * h_n)
-    return (h - n) * z + n
-
-
-# The gates of each fused function, from ``gi``, ``gh`` and the state as it was given.
-_GATES: dict[Callable, Callable] = {
-    torch.lstm_cell: _lstm,
-    torch.gru_cell: _gru,
-    torch.rnn_tanh_cell: lambda gi, gh, h: torch.tanh(gh + gi),
-    torch.rnn_relu_cell: lambda gi, gh, h: torch.relu(gh + gi),
-}
+# The kind of step (``_recurrence.GATES``) of each fused function.
+_KIND: dict[Callable, str] = {torch.lstm_cell: "lstm", torch.gru_cell: "gru",
+                              torch.rnn_tanh_cell: "rnn_tanh", torch.rnn_relu_cell: "rnn_relu"}
 
 
 def _fused(module: nn.Module) -> Callable:
@@ -70,11 +53,6 @@ def _fused(module: nn.Module) -> Callable:
     if isinstance(module, nn.GRUCell):
         return torch.gru_cell
     return torch.rnn_tanh_cell if module.nonlinearity == "tanh" else torch.rnn_relu_cell
-
-
-def _tensors(t) -> tuple[torch.Tensor, ...]:
-    """A state or a step's result as a tuple: the LSTM's is ``(h, c)``, the others' ``h``."""
-    return tuple(t) if isinstance(t, (tuple, list)) else (t,)
 
 
 class RecurrentCellRule(LayerRule):
@@ -98,8 +76,8 @@ class RecurrentCellRule(LayerRule):
         x, hx = args
         w_ih, w_hh, b_ih, b_hh = (getattr(module, a) for a in _ARGUMENTS)
         fused = _fused(module)
-        h = _tensors(hx)[0]
-        unfused = _GATES[fused](F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh), hx)
+        h = tensors(hx)[0]
+        unfused = GATES[_KIND[fused]](F.linear(x, w_ih, b_ih), F.linear(h, w_hh, b_hh), hx)
         expected = fused(x, hx, w_ih, w_hh, b_ih, b_hh)
         # Pre-activations are rounded to about eps times this bound; the gates have slope
         # at most 1 and multiply one another, a pre-activation (the GRU's r ⊙ gh_n) or the
@@ -108,11 +86,11 @@ class RecurrentCellRule(LayerRule):
         bound = bound + h.abs().amax() * w_hh.abs().amax() * h.shape[-1]
         for b in (b_ih, b_hh):
             bound = bound + (b.abs().amax() if b is not None else 0.0)
-        state = max(s.abs().amax() for s in _tensors(hx))
+        state = max(s.abs().amax() for s in tensors(hx))
         scale = (1.0 + bound) * (1.0 + bound + state)
         tol = _RTOL_ULPS * torch.finfo(x.dtype).eps * scale
         return all(a.shape == b.shape and bool(((a - b).abs() <= tol).all())
-                   for a, b in zip(_tensors(unfused), _tensors(expected), strict=True))
+                   for a, b in zip(tensors(unfused), tensors(expected), strict=True))
 
     @contextmanager
     def calls(self, modules: list[nn.Module], on_call: Callable) -> Iterator[None]:
@@ -128,8 +106,7 @@ class _UnfusedSteps(TorchFunctionMode):
         self.modules, self.on_call = modules, on_call
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        gates = _GATES.get(func)
-        if gates is not None and not kwargs and len(args) == 6:
+        if func in _KIND and not kwargs and len(args) == 6:
             x, hx, w_ih, w_hh, b_ih, b_hh = args
             # Found by all four tensors (as functional_call has set them at this call), so
             # that each product is attributed to the parameters it is made of.
@@ -137,10 +114,10 @@ class _UnfusedSteps(TorchFunctionMode):
                            and all(t is getattr(m, a) for t, a in zip(args[2:], _ARGUMENTS))),
                           None)
             if module is not None:
-                h = _tensors(hx)[0]
+                h = tensors(hx)[0]
                 gi = self.on_call(module, (x, hx), F.linear(x, w_ih, b_ih), 0)
                 gh = self.on_call(module, (h,), F.linear(h, w_hh, b_hh), 1)
-                return gates(gi, gh, hx)
+                return GATES[_KIND[func]](gi, gh, hx)
         return func(*args, **(kwargs or {}))
 
 
