@@ -58,13 +58,21 @@ _GRID = tuple(float(z) for z in range(-9, 10, 2))
 # ±0.63 ± 2.75i for GELU's tanh approximation), outwards until the grid's panels are no
 # longer than their distance to that zero.
 _GRADING_START = 1.0
-# Time of one panel-rule node relative to one Gauss–Hermite node (measured: each node of
-# the panel rule also builds its abscissa and Gaussian weight).
+# Time of one panel-rule node relative to one Gauss–Hermite node, which does not build its
+# abscissa and Gaussian weight (measured 1.0-1.8 on tanh, softplus and GELU's tanh
+# approximation).
 _PANEL_COST = 1.5
 
 # Nodes evaluated at once; chunk memory is about 16 (Gauss–Hermite) or 40 (panels) bytes
-# a node.
-_QUADRATURE_ELEMENTS = 1 << 23
+# a node. On CPU, whole calls run 1.4-1.9 times as fast with chunks of 2^19 nodes as with
+# chunks of 2^23, whose fresh 64 MB temporaries fault their pages in at every operation;
+# accelerators keep large chunks, which amortise kernel launches.
+_CHUNK_NODES = {"cpu": 1 << 19}
+_CHUNK_NODES_ACCELERATOR = 1 << 23
+
+
+def _pairs_per_chunk(device: torch.device, nodes_per_pair: int) -> int:
+    return max(1, _CHUNK_NODES.get(device.type, _CHUNK_NODES_ACCELERATOR) // nodes_per_pair)
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,7 +118,7 @@ def _gauss_hermite(phi: Callable[[Tensor], Tensor], rho: Tensor, s1: Tensor, s2:
     z, w = _rule_tensors(_hermite_numpy(degree), rho.dtype, rho.device)
     t = torch.empty_like(rho)
     dt = torch.empty_like(rho) if need_derivative else None
-    chunk = max(1, _QUADRATURE_ELEMENTS // (degree * degree))
+    chunk = _pairs_per_chunk(rho.device, degree * degree)
     for start in range(0, rho.numel(), chunk):
         sl = slice(start, start + chunk)
         r = rho[sl, None, None]
@@ -173,7 +181,7 @@ def _gauss_legendre_panels(phi: Callable[[Tensor], Tensor], rho: Tensor, s1: Ten
     t = torch.empty_like(rho)
     dt = torch.empty_like(rho) if need_derivative else None
     m = nodes * (len(_GRID) + 2 * levels)
-    chunk = max(1, _QUADRATURE_ELEMENTS // (m * m))
+    chunk = _pairs_per_chunk(rho.device, m * m)
     for start in range(0, rho.numel(), chunk):
         sl = slice(start, start + chunk)
         r = rho[sl]
