@@ -11,7 +11,7 @@
 - :class:`Kernel`: ``nngp`` and ``ntk``, each ``(N1, N2)``; the per-output kernels that
   the mean over outputs (``mode="trace"``) of the empirical kernels converges to.
 - ``layers``: the ``Kernel -> Kernel`` maps; ``activations``: dual activations (closed
-  forms and Gauss–Hermite quadrature); ``read``: how a module's layers become those maps.
+  forms and quadrature); ``read``: how a module's layers become those maps.
 """
 
 from ntk_torch.analytic import activations, layers

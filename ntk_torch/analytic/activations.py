@@ -19,8 +19,9 @@ elementwise over broadcastable tensors ``c, v1, v2`` (any shape, e.g. ``(N1, N2)
   ``T = c/4 + (c ψ + (c² + v1 v2 δ²)/(p δ))/(2π)``,
   ``T' = ∂T/∂c = 1/4 + (ψ + c (2 + v1 + v2)/(p δ) + c/δ³)/(2π)``.
 
-Any other elementwise function goes through :func:`quadrature`, a tensor-product
-Gauss–Hermite rule over the bivariate normal with derivatives from autograd.
+Any other elementwise function goes through :func:`quadrature` over the bivariate normal
+(Gauss–Hermite, or nested Gauss–Legendre panels where large variances make the activation's
+features narrow), with derivatives from autograd.
 
 Numerics: ``c`` is clamped into ``[-√(v1 v2), √(v1 v2)]`` (so correlations stay in
 ``[-1, 1]``), zero variances give ``ρ = 0`` rather than ``0/0``, and correlations within
