@@ -93,9 +93,8 @@ class _Tracer(fx.Tracer):
 
 @dataclass(frozen=True)
 class _Info:
-    """What reading needs to know of a node: its value on the example and its lineage."""
+    """Whether a node's value is features (depends on the input), and its lineage."""
 
-    value: object
     is_state: bool           # depends on the input
     ends_in: frozenset[str] | None  # linear layers the value is a fresh image of
     uses: frozenset[str]     # every layer with parameters it depends on
@@ -243,7 +242,7 @@ class _Reader:
         value = self.values.get(node.name)
         if node.op == "placeholder":
             self.input = node.name
-            self.info[node.name] = _Info(value, True, None, frozenset())
+            self.info[node.name] = _Info(True, None, frozenset())
             return
         if node.op == "output":
             (result,) = node.args
@@ -257,14 +256,14 @@ class _Reader:
             # Constants (parameters read directly, tensors built in forward) and shapes:
             # no kernel, only values other nodes may read.
             uses = frozenset().union(*(self.info[a.name].uses for a in node.all_input_nodes))
-            self.info[node.name] = _Info(value, False, None, uses)
+            self.info[node.name] = _Info(False, None, uses)
             return
         self._read_state(node, states)
 
     def _add_step(self, node: fx.Node, inputs: Sequence[fx.Node], fn: Callable[..., State],
                   ends_in: frozenset[str] | None, own: frozenset[str] = frozenset()) -> None:
         uses = own.union(*(self.info[a.name].uses for a in inputs))
-        self.info[node.name] = _Info(self.values[node.name], True, ends_in, uses)
+        self.info[node.name] = _Info(True, ends_in, uses)
         self.steps.append(_Step(node.name, tuple(a.name for a in inputs), fn,
                                 f"node {node.name!r} ({_op_name(node, self.model)})"
                                 f"{_where(node)}"))
@@ -287,7 +286,7 @@ class _Reader:
         if after[0] != before[0] or len(after) not in (2, 3, 4):
             return False
         self.input, self.input_shape = node.name, after[1:]
-        self.info[node.name] = _Info(self.values[node.name], True, None, frozenset())
+        self.info[node.name] = _Info(True, None, frozenset())
         return True
 
     def _read_state(self, node: fx.Node, states: list[fx.Node]) -> None:
