@@ -3,8 +3,9 @@
 A torch.distributed group when the job runs under ``torchrun``, and atomic per-tile claim
 files in every case.
 
-A claim is a file created with ``O_CREAT | O_EXCL`` (atomic on local and NFS v3+ file
-systems): whoever creates it computes the tile. A worker refreshes the modification time
+A claim is a file written aside and hard-linked into place (``os.link`` creates it only if
+absent, atomically on local and NFS file systems), so it is never seen half written:
+whoever creates it computes the tile. A worker refreshes the modification time
 of the claims it holds every ``HEARTBEAT_S`` seconds; a claim is stale (its worker died)
 when its process is gone from this host, or when it has not been refreshed for
 ``STALE_AFTER_S`` seconds. Stale claims are taken over. Two workers that both take over
@@ -123,13 +124,17 @@ class Claims:
     def take(self, key: str) -> bool:
         """Claim ``key``; False if a live worker holds it."""
         path = self.directory / key
+        # The claim appears whole or not at all: written aside, then linked into place (an
+        # atomic create-if-absent). A worker killed between creating the file and writing
+        # it would otherwise leave an empty claim that no one could tell from a live one.
+        tmp = path.with_name(f".{key}.{os.getpid()}.tmp")
+        tmp.write_bytes(self._identity())
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(tmp, path)
         except FileExistsError:
             if not self._stale(path):
+                tmp.unlink()
                 return False
-            tmp = path.with_name(f".{key}.{os.getpid()}.tmp")
-            tmp.write_bytes(self._identity())
             os.replace(tmp, path)
             try:  # another worker may have taken it over at the same moment
                 if json.loads(path.read_bytes()).get("pid") != os.getpid():
@@ -137,8 +142,7 @@ class Claims:
             except (OSError, ValueError):
                 return False
         else:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self._identity())
+            tmp.unlink()
         with self._lock:
             self.held.add(path)
         self._start_heartbeat()

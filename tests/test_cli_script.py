@@ -60,7 +60,8 @@ def test_help_lists_commands_and_examples(capsys):
         assert cli.main([command, "--help"]) == 0
         text = capsys.readouterr().out
         assert text.startswith(f"usage: ntk-torch {command}") and "--device DEVICE" in text
-    assert "--model MODULE:FACTORY" in (cli.main(["sweep", "--help"]), capsys.readouterr().out)[1]
+    sweep_help = (cli.main(["sweep", "--help"]), capsys.readouterr().out)[1]
+    assert "--model MODEL" in sweep_help and "residual-cnn" in sweep_help
 
 
 def test_device_auto_is_cuda_when_available():

@@ -316,6 +316,18 @@ def test_stale_claims_are_taken_over_and_live_ones_respected(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0.1", "0.2"]
 
 
+def test_a_claim_is_never_seen_half_written(tmp_path):
+    # A worker killed while claiming leaves at most its file written aside, never an empty
+    # claim that would look held for STALE_AFTER_S: the tile stays free.
+    (tmp_path / ".0.0.999999.tmp").write_bytes(b"")
+    claims = _workers.Claims(tmp_path)
+    try:
+        assert claims.take("0.0")
+        assert json.loads((tmp_path / "0.0").read_bytes())["pid"] == os.getpid()
+    finally:
+        claims.close()
+
+
 def test_block_products_and_memory_budget(tmp_path):
     model, x1, x2 = _mlp()
     g = torch.Generator().manual_seed(3)
