@@ -324,12 +324,20 @@ def test_a_conv1d_that_computes_something_else_falls_back_exactly():
                  naive_ntk(model, x, None, "full"))
 
 
-@pytest.mark.parametrize("names", [["cell.weight_hh"], ["cell.bias_ih", "cell.bias_hh"],
-                                   ["cell.bias_hh", "head.weight"]])
-def test_recurrent_cell_parameter_selections(names):
+@pytest.mark.parametrize("case, names", [
     # One weight alone, the biases of both pairs (two units, with equal gradients in an
-    # LSTM), and parts of two layers: each exact, in total and per layer.
-    case = RULE_CASES["lstm_cell"]
+    # LSTM), and parts of two layers.
+    ("lstm_cell", ["cell.weight_hh"]), ("lstm_cell", ["cell.bias_ih", "cell.bias_hh"]),
+    ("lstm_cell", ["cell.bias_hh", "head.weight"]),
+    # One recurrent weight of the second layer, an input weight of the reverse direction,
+    # and parts of two layers.
+    ("lstm_2layers_bidirectional_timefirst", ["rnn.weight_hh_l1"]),
+    ("lstm_2layers_bidirectional_timefirst", ["rnn.weight_ih_l1_reverse"]),
+    ("lstm_2layers_bidirectional_timefirst", ["rnn.bias_hh_l0_reverse", "head.weight"]),
+])
+def test_recurrent_parameter_selections(case, names):
+    # Each selection exact, in total and per layer.
+    case = RULE_CASES[case]
     model = case.build()
     x1, x2 = case.inputs(4), case.inputs(3, seed=7)
     full = naive_ntk(model, x1, x2, "full", names)
@@ -409,28 +417,6 @@ def test_an_lstm_whose_fused_call_differs_falls_back_exactly(monkeypatch):
                  naive_ntk(model, x, None, "full"))
     with pytest.raises(RuntimeError, match=r"rnn \(LSTM\) is a fused RNN module"):
         nt.empirical_ntk(model, x, implementation="structured")
-
-
-@pytest.mark.parametrize("names", [["rnn.weight_hh_l1"], ["rnn.weight_ih_l1_reverse"],
-                                   ["rnn.bias_hh_l0_reverse", "head.weight"]])
-def test_fused_rnn_parameter_selections(names):
-    # One recurrent weight of the second layer, an input weight of the reverse direction,
-    # and parts of two layers: each exact, in total and per layer.
-    case = RULE_CASES["lstm_2layers_bidirectional_timefirst"]
-    model = case.build()
-    x1, x2 = case.inputs(4), case.inputs(3, seed=7)
-    full = naive_ntk(model, x1, x2, "full", names)
-    diagonal = full.diagonal(dim1=2, dim2=3)
-    for mode, expected in (("full", full), ("diagonal", diagonal), ("trace", diagonal.mean(-1))):
-        assert_close(nt.empirical_ntk(model, x1, x2, mode=mode, implementation="structured",
-                                      params=names), expected)
-    layers = nt.layerwise_ntk(model, x1, x2, mode="full", implementation="structured",
-                              params=names)
-    owners = {n.rpartition(".")[0] for n in names}
-    assert sorted(layers) == sorted(owners)
-    for owner in owners:
-        assert_close(layers[owner], naive_ntk(model, x1, x2, "full",
-                                              [n for n in names if n.startswith(owner + ".")]))
 
 
 class Packed(nn.Module):
