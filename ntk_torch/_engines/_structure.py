@@ -209,7 +209,7 @@ def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Struc
     called = {(name, pair) for name, pair, *_ in calls}
     routed = tuple(name for name in candidates if name in holding and name not in unusable
                    and any(layer == name for layer, _ in called)
-                   and type(rules[name]).calls is not LayerRule.calls)
+                   and rules[name].mode is not None)
 
     structured: dict[str, list[tuple[str, int, str]]] = {}
     for name, hs in holders.items():

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,17 @@ class Site:
     pair: int = 0
 
 
+class CallsMode(TorchFunctionMode):
+    """Finds the calls of a rule's ``modules`` inside another computation as the model runs.
+
+    Each call goes to ``on_call`` as :meth:`LayerRule.calls` describes.
+    """
+
+    def __init__(self, modules: list[nn.Module], on_call: Callable) -> None:
+        super().__init__()
+        self.modules, self.on_call = modules, on_call
+
+
 class LayerRule:
     """The structured gradient of one kind of layer (subclasses override what differs).
 
@@ -65,6 +77,8 @@ class LayerRule:
             instance where their number depends on the module's settings.
         factorable: its block may take the factored rule behind a separable head (the
             output has channels ``G·k_out`` on :meth:`channel_axis` and positions).
+        mode: for a rule whose calls sit inside another computation, the
+            :class:`CallsMode` that finds them while the model runs; ``None``: forward hooks.
     """
 
     name: str = ""
@@ -72,6 +86,7 @@ class LayerRule:
     class_names: tuple[str, ...] = ()
     parameters: tuple[tuple[str, str], ...] = (("weight", "bias"),)
     factorable: bool = False
+    mode: type[CallsMode] | None = None
 
     def __repr__(self) -> str:
         return f"<{self.name} rule>"
@@ -98,8 +113,12 @@ class LayerRule:
         ``args[0]`` is the input the weight of pair ``pair`` (:attr:`parameters`)
         multiplies and ``output`` what that weight and bias produce from it; what
         ``on_call`` returns replaces it. By default a forward hook on each module (which
-        passes no pair: the first).
+        passes no pair: the first); with a :attr:`mode`, that mode while the model runs.
         """
+        if self.mode is not None:
+            with self.mode(modules, on_call):
+                yield
+            return
         with ExitStack() as stack:
             for m in modules:
                 stack.callback(m.register_forward_hook(on_call).remove)

@@ -20,21 +20,35 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.overrides import TorchFunctionMode
 
-from ntk_torch._engines._layers._base import LayerRule, Site, register
+from ntk_torch._engines._layers._base import CallsMode, LayerRule, Site, register
 
 _ATTENTION = F.multi_head_attention_forward
 _SIGNATURE = inspect.signature(_ATTENTION)
 
 
+class _PackedProjections(CallsMode):
+    """Computes the attention of ``modules`` with their projections done outside (above)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _ATTENTION:
+            call = _SIGNATURE.bind(*args, **kwargs).arguments
+            weight, x = call["in_proj_weight"], call["query"]
+            module = next((m for m in self.modules if m.in_proj_weight is weight), None)
+            if (module is not None and not call.get("use_separate_proj_weight", False)
+                    and x is call["key"] and x is call["value"] and x.dim() == 3):
+                return _self_attention(module, call, self.on_call)
+        return func(*args, **kwargs)
+
+
 class PackedAttentionRule(LayerRule):
+    mode = _PackedProjections
     name = "packed attention projection"
     modules = ((nn.MultiheadAttention, ("forward",)),)
     parameters = (("in_proj_weight", "in_proj_bias"),)
@@ -53,29 +67,6 @@ class PackedAttentionRule(LayerRule):
         positions, _, e, _ = self.sizes(module, site)
         return 2.0 * positions * 4 * e * e  # the identity projections
 
-    @contextmanager
-    def calls(self, modules: list[nn.Module], on_call: Callable) -> Iterator[None]:
-        with _PackedProjections(modules, on_call):
-            yield
-
-
-class _PackedProjections(TorchFunctionMode):
-    """Computes the attention of ``modules`` with their projections done outside (above)."""
-
-    def __init__(self, modules: list[nn.Module], on_call: Callable) -> None:
-        super().__init__()
-        self.modules, self.on_call = modules, on_call
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is _ATTENTION:
-            call = _SIGNATURE.bind(*args, **kwargs).arguments
-            weight, x = call["in_proj_weight"], call["query"]
-            module = next((m for m in self.modules if m.in_proj_weight is weight), None)
-            if (module is not None and not call.get("use_separate_proj_weight", False)
-                    and x is call["key"] and x is call["value"] and x.dim() == 3):
-                return _self_attention(module, call, self.on_call)
-        return func(*args, **kwargs)
 
 
 def _self_attention(module: nn.Module, call: dict, on_call: Callable):

@@ -23,16 +23,14 @@ layers (train mode), and modules with ``proj_size > 0`` are left to the module t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from ntk_torch._engines._layers._base import LayerRule, Site, register
+from ntk_torch._engines._layers._base import CallsMode, LayerRule, Site, register
 from ntk_torch._engines._layers._recurrence import GATES, tensors
 
 # The kind of step (``_recurrence.GATES``) of each fused function.
@@ -87,7 +85,27 @@ def _unrolled(kind: str, args: tuple, linear: Callable) -> tuple[torch.Tensor, .
             *(torch.stack(parts) for parts in zip(*finals)))
 
 
+class _UnrolledCalls(CallsMode):
+    """Computes the fused calls of ``modules`` unrolled, their products as layer calls."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kind = _KIND.get(func)
+        # The unpacked signature, without dropout applied (args[5] the rate, args[6] train).
+        if (kind is not None and not kwargs and len(args) == 9
+                and isinstance(args[2], (list, tuple)) and (args[5] == 0 or not args[6])):
+            module = next((m for m in self.modules if _kind(m) == kind and _own(m, args[2])),
+                          None)
+            if module is not None:
+                def linear(pair, x, weight, bias):
+                    inputs = (x, (func, args)) if pair == 0 else (x,)
+                    return self.on_call(module, inputs, F.linear(x, weight, bias), pair)
+
+                return _unrolled(kind, args, linear)
+        return func(*args, **(kwargs or {}))
+
+
 class RecurrentRule(LayerRule):
+    mode = _UnrolledCalls
     name = "recurrent"
     modules = ((nn.LSTM, ("forward",)), (nn.GRU, ("forward",)), (nn.RNN, ("forward",)))
 
@@ -120,33 +138,6 @@ class RecurrentRule(LayerRule):
         return all(a.shape == b.shape and bool(((a - b).abs() <= tol).all())
                    for a, b in zip(unrolled, expected, strict=True))
 
-    @contextmanager
-    def calls(self, modules: list[nn.Module], on_call: Callable) -> Iterator[None]:
-        with _UnrolledCalls(modules, on_call):
-            yield
-
-
-class _UnrolledCalls(TorchFunctionMode):
-    """Computes the fused calls of ``modules`` unrolled, their products as layer calls."""
-
-    def __init__(self, modules: list[nn.Module], on_call: Callable) -> None:
-        super().__init__()
-        self.modules, self.on_call = modules, on_call
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kind = _KIND.get(func)
-        # The unpacked signature, without dropout applied (args[5] the rate, args[6] train).
-        if (kind is not None and not kwargs and len(args) == 9
-                and isinstance(args[2], (list, tuple)) and (args[5] == 0 or not args[6])):
-            module = next((m for m in self.modules if _kind(m) == kind and _own(m, args[2])),
-                          None)
-            if module is not None:
-                def linear(pair, x, weight, bias):
-                    inputs = (x, (func, args)) if pair == 0 else (x,)
-                    return self.on_call(module, inputs, F.linear(x, weight, bias), pair)
-
-                return _unrolled(kind, args, linear)
-        return func(*args, **(kwargs or {}))
 
 
 def _own(module: nn.Module, weights) -> bool:

@@ -22,15 +22,13 @@ it does not, the cell's parameters take the fallback and the module computes as 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.overrides import TorchFunctionMode
 
-from ntk_torch._engines._layers._base import LayerRule, Site, register
+from ntk_torch._engines._layers._base import CallsMode, LayerRule, Site, register
 from ntk_torch._engines._layers._recurrence import GATES, tensors
 
 # The fused functions' parameter arguments, in their order (after the input and the state).
@@ -55,7 +53,27 @@ def _fused(module: nn.Module) -> Callable:
     return torch.rnn_tanh_cell if module.nonlinearity == "tanh" else torch.rnn_relu_cell
 
 
+class _UnfusedSteps(CallsMode):
+    """Computes the fused steps of ``modules`` with their two products as layer calls."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _KIND and not kwargs and len(args) == 6:
+            x, hx, w_ih, w_hh, b_ih, b_hh = args
+            # Found by all four tensors (as functional_call has set them at this call), so
+            # that each product is attributed to the parameters it is made of.
+            module = next((m for m in self.modules if _fused(m) is func
+                           and all(t is getattr(m, a) for t, a in zip(args[2:], _ARGUMENTS))),
+                          None)
+            if module is not None:
+                h = tensors(hx)[0]
+                gi = self.on_call(module, (x, hx), F.linear(x, w_ih, b_ih), 0)
+                gh = self.on_call(module, (h,), F.linear(h, w_hh, b_hh), 1)
+                return GATES[_KIND[func]](gi, gh, hx)
+        return func(*args, **(kwargs or {}))
+
+
 class RecurrentCellRule(LayerRule):
+    mode = _UnfusedSteps
     name = "recurrent cell"
     modules = ((nn.LSTMCell, ("forward",)), (nn.GRUCell, ("forward",)),
                (nn.RNNCell, ("forward",)))
@@ -92,33 +110,6 @@ class RecurrentCellRule(LayerRule):
         return all(a.shape == b.shape and bool(((a - b).abs() <= tol).all())
                    for a, b in zip(tensors(unfused), tensors(expected), strict=True))
 
-    @contextmanager
-    def calls(self, modules: list[nn.Module], on_call: Callable) -> Iterator[None]:
-        with _UnfusedSteps(modules, on_call):
-            yield
-
-
-class _UnfusedSteps(TorchFunctionMode):
-    """Computes the fused steps of ``modules`` with their two products as layer calls."""
-
-    def __init__(self, modules: list[nn.Module], on_call: Callable) -> None:
-        super().__init__()
-        self.modules, self.on_call = modules, on_call
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _KIND and not kwargs and len(args) == 6:
-            x, hx, w_ih, w_hh, b_ih, b_hh = args
-            # Found by all four tensors (as functional_call has set them at this call), so
-            # that each product is attributed to the parameters it is made of.
-            module = next((m for m in self.modules if _fused(m) is func
-                           and all(t is getattr(m, a) for t, a in zip(args[2:], _ARGUMENTS))),
-                          None)
-            if module is not None:
-                h = tensors(hx)[0]
-                gi = self.on_call(module, (x, hx), F.linear(x, w_ih, b_ih), 0)
-                gh = self.on_call(module, (h,), F.linear(h, w_hh, b_hh), 1)
-                return GATES[_KIND[func]](gi, gh, hx)
-        return func(*args, **(kwargs or {}))
 
 
 RECURRENT_CELL = register(RecurrentCellRule())
