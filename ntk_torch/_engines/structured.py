@@ -111,20 +111,23 @@ def predicted_seconds(problem: Problem, throughput: float) -> float:
     The fallback parameters' share is priced at the jacobian engine's rate: that is what
     they run as, so a model with nothing structured is never predicted faster than there.
     """
-    structured_flops, fallback_flops, _, work = _cost_parts(problem)
+    structured_flops, fallback_flops, _, work_seconds = _cost_parts(problem)
     flops_at_reference_rate = structured_flops / EFFICIENCY + fallback_flops / jacobian.EFFICIENCY
-    return flops_at_reference_rate / throughput + work * WORK_SECONDS + OVERHEAD_S
+    return flops_at_reference_rate / throughput + work_seconds + OVERHEAD_S
 
 
 # Seconds per working element of the contractions (written and read a few times, with
 # little arithmetic each): what makes the Gram route of token layers in full mode
-# (``N1·N2·T·(T + O·k_out)`` elements) slower than its FLOPs say (transformer rows of
-# benchmarks/bench_empirical.py).
+# (``N1·N2·T·(T + O·k_out)`` elements) slower than its FLOPs say. Explicit per-sample
+# gradients are written once by a batched product and read once by the contraction, at
+# about 2.5x less per element. Both fitted on the transformer rows of
+# benchmarks/bench_empirical.py, where the two engines are within 1.5x of each other.
 WORK_SECONDS = 5e-9
+EXPLICIT_WORK_SECONDS = 2e-9
 
 
 def _cost_parts(problem: Problem) -> tuple[float, float, float, float]:
-    """Structured FLOPs, fallback FLOPs, peak bytes, the plan's contraction working elements.
+    """Structured FLOPs, fallback FLOPs, peak bytes, seconds of the contractions' working elements.
 
     Kept with the probe per block size: ``auto`` asks for them on every call.
     """
@@ -157,7 +160,9 @@ def _priced_parts(problem: Problem) -> tuple[float, float, float, float]:
     per_pair = o * o if p.mode == "full" else o
     fallback += 2.0 * p.n1 * p.n2 * per_pair * s.fallback_params
     nbytes = (kept + work) * p.itemsize + contraction_work + p.output_bytes()
-    return flops, fallback, nbytes, float(sum(route.work for route in plan.routes))
+    work_seconds = sum(route.work * (EXPLICIT_WORK_SECONDS if route.strategy == "explicit"
+                                     else WORK_SECONDS) for route in plan.routes)
+    return flops, fallback, nbytes, float(work_seconds)
 
 
 @dataclass(frozen=True)
