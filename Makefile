@@ -32,6 +32,7 @@ test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/bench_overhead.py --out results/benchmarks
 	$(BIN)/python benchmarks/bench_empirical.py --out results/benchmarks
 
 # The documentation site (mkdocs-material, API reference by mkdocstrings) into site/;

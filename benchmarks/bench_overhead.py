@@ -21,16 +21,20 @@ Methods per row: ``tutorial`` (the recipe); ``engine`` (the jacobian engine's
 ``fn_jacobian`` (``empirical_ntk_fn(model)`` made once, then called). The fixed cost of a
 call is ``empirical_ntk_jac - engine`` and ``fn_jacobian - engine``. Methods are timed in
 turns (A B C A B C ...) after one warm-up call each; the table gives medians in ms and
-``tutorial / method`` (above 1: faster than the tutorial).
+``tutorial / method`` (above 1: faster than the tutorial). The targets checked at the end:
+a fixed cost of at most 2 ms per call on the MLP, and ``empirical_ntk`` at least as fast as
+the tutorial on every row. ``--out DIR`` also writes ``DIR/bench_overhead.csv``.
 
 Usage:
-    python benchmarks/bench_overhead.py [--repeats 200] [--threads 1] [--profile mlp]
+    python benchmarks/bench_overhead.py [--repeats 200] [--threads 1] [--out DIR]
+    python benchmarks/bench_overhead.py --profile mlp
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import csv
 import pstats
 import sys
 from collections.abc import Callable
@@ -137,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=200, help="timed calls per method")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--rows", nargs="*", choices=sorted(ROWS), default=list(ROWS))
+    parser.add_argument("--out", help="folder for bench_overhead.csv")
     parser.add_argument("--profile", choices=sorted(ROWS),
                         help="instead of timing, print cProfile's top functions of one-shot "
                              "calls on this row")
@@ -159,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"date: {stamp}; machine: {_timing.cpu_name()}, "
           f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}")
     print(f"{'row':6} {'method':14} {'median ms':>10} {'tutorial/method':>16}")
+    records, checks = [], []
     for row in args.rows:
         model, x1, x2 = ROWS[row]()
         error = check_agreement(model, x1, x2)
@@ -166,12 +172,29 @@ def main(argv: list[str] | None = None) -> int:
         base = samples["tutorial"].median
         for name, s in samples.items():
             print(f"{row:6} {name:14} {1e3 * s.median:10.3f} {base / s.median:16.2f}")
+            records.append({"row": row, "method": name, "median_ms": 1e3 * s.median,
+                            "tutorial_over_method": base / s.median, "max_rel_diff": error})
         engine = samples["engine"].median
         one_shot = samples["empirical_ntk_jac"].median - engine
         reused = samples["fn_jacobian"].median - engine
         print(f"{row:6} fixed cost per call beyond the jacobian engine's work: "
               f"empirical_ntk {1e3 * one_shot:.3f} ms, fn {1e3 * reused:.3f} ms; "
               f"kernels agree with the tutorial's to {error:.1e}")
+        speed = base / samples["empirical_ntk"].median
+        checks.append((speed >= 1, f"{row}: empirical_ntk at {speed:.2f}x the tutorial's speed "
+                                   "(>= 1)"))
+        if row == "mlp":
+            checks.append((one_shot <= 2e-3, f"{row}: fixed cost per call {1e3 * one_shot:.2f} ms "
+                                             "(<= 2)"))
+    print()
+    for ok, text in checks:
+        print(f"- {'PASS' if ok else 'FAIL'}: {text}")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        with open(Path(args.out) / "bench_overhead.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(records[0]))
+            writer.writeheader()
+            writer.writerows(records)
     return 0
 
 
