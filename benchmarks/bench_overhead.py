@@ -14,8 +14,8 @@ Rows, all in float32, ``x2`` given (the tutorial has no symmetric path), ``mode=
   with a causal mask, the last token's 4 logits; ``N = 4`` sequences of 8 token ids;
 - ``lstm``: an ``nn.LSTMCell(4, 16)`` unrolled over 6 steps, a 2-way readout; ``N = 4``.
 
-Methods per row: ``tutorial`` (the recipe); ``engine`` (the jacobian engine's
-``compute`` called directly: the kernel work without any of a call's checks);
+Methods per row: ``tutorial`` (the recipe); ``engine`` (the jacobian engine's ``compute``
+called directly with the block's sizes: the kernel work without any of a call's checks);
 ``empirical_ntk`` (one-shot, a new call each time, as in a training loop) and
 ``empirical_ntk_jac`` (the same with ``implementation="jacobian"``); ``fn`` and
 ``fn_jacobian`` (``empirical_ntk_fn(model)`` made once, then called). The fixed cost of a
@@ -47,6 +47,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _timing  # noqa: E402  (sibling helper modules of this script)
 from _tutorial import tutorial_jacrev  # noqa: E402
+from bench_empirical import library_problem  # noqa: E402
 
 import ntk_torch as nt  # noqa: E402
 from ntk_torch._engines import jacobian  # noqa: E402
@@ -113,10 +114,11 @@ def methods(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor) -> dict[str, C
     fn_jacobian = nt.empirical_ntk_fn(model, mode="full", implementation="jacobian")
     fm = functionalize(model)
     groups = fm.groups(False)
+    problem = library_problem(model, x1, x2, "full")  # the block sizes a call passes on
 
     def engine():
         with torch.no_grad():
-            return jacobian.compute(fm, fm.params(), x1, x2, "full", groups)
+            return jacobian.compute(fm, fm.params(), x1, x2, "full", groups, problem=problem)
 
     return {
         "tutorial": lambda: tutorial_jacrev(model, x1, x2, "full"),
