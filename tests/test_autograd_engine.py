@@ -164,6 +164,26 @@ def test_auto_runs_fused_rnns_structured_without_a_warning(name):
     assert_close(k, naive_ntk(model, x1, x2, "trace"))
 
 
+@pytest.mark.parametrize("selection", ["frozen", "head", "head-and-one-rnn-weight"])
+@pytest.mark.parametrize("name", ["LSTM-2layers-bidirectional-batchfirst-last",
+                                  "GRU-1layer-timefirst-mean"])
+def test_fused_rnns_holding_no_selected_parameter_run_structured(name, selection):
+    # A frozen encoder under a trained head: the RNN is still run unrolled, so vmap can batch
+    # the passes for the head's kernel.
+    model = build(name)
+    names = {"frozen": None, "head": ["head.weight", "head.bias"],
+             "head-and-one-rnn-weight": ["head.weight", "rnn.weight_hh_l0"]}[selection]
+    if selection == "frozen":
+        model.rnn.requires_grad_(False)
+    x1, x2 = inputs(name, 4, seed=1), inputs(name, 3, seed=2)
+    ntk = nt.empirical_ntk_fn(model, mode="full", params=names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        k = ntk(x1, x2)
+    assert ntk.last_implementation == "structured"
+    assert_close(k, naive_ntk(model, x1, x2, "full", names or ["head.weight", "head.bias"]))
+
+
 @pytest.mark.parametrize("implementation", VMAP_ENGINES)
 def test_a_vmap_engine_named_on_an_lstm_is_a_clear_error(implementation):
     # The other engines cannot run any fused LSTM; the structured engine a projected one.

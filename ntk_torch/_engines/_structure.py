@@ -187,10 +187,12 @@ def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Struc
             unusable.add(name)
         return output
 
-    # Only layers that hold selected parameters are run through their rules. A rule's own
+    # Only layers that hold selected parameters are run through their rules, and fused RNN
+    # modules (unrolled, which vmap can batch and their fused call it cannot). A rule's own
     # interception (attention's projections as layer calls) changes which calls other
     # layers see: the engine's passes intercept the same layers (``routed``).
     holding = {layer for hs in holders.values() for layer, _, _ in hs}
+    holding |= {name for name, m in candidates.items() if isinstance(m, nn.RNNBase)}
     by_rule: dict[LayerRule, list[nn.Module]] = {}
     for name, m in candidates.items():
         if name in holding:
