@@ -188,7 +188,7 @@ def discover(fm, params: dict[str, torch.Tensor], sample: torch.Tensor) -> Struc
         return output
 
     # Only layers that hold selected parameters are run through their rules, and fused RNN
-    # modules (unrolled, which vmap can batch and their fused call it cannot). A rule's own
+    # modules whatever they hold: vmap can batch them unrolled, not their fused call. A rule's own
     # interception (attention's projections as layer calls) changes which calls other
     # layers see: the engine's passes intercept the same layers (``routed``).
     holding = {layer for hs in holders.values() for layer, _, _ in hs}
