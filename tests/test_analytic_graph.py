@@ -35,6 +35,12 @@ def _x(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=DT)
 
 
+def _assert_same_kernel(a, b, rtol: float = 1e-14) -> None:
+    """Both parts of two ``Kernel`` results agree (two ways of writing one model)."""
+    assert_close(a.nngp, b.nngp, rtol=rtol)
+    assert_close(a.ntk, b.ntk, rtol=rtol)
+
+
 def gaussian(model: nn.Module) -> nn.Module:
     """PyTorch's layers with Gaussian weights and biases of their default variance.
 
@@ -238,8 +244,7 @@ def test_a_frozen_zero_branch_is_the_identity():
             return self.head(self.pool(self.stem(x)).mean((2, 3)))
 
     without = analytic.kernel(Plain(4), x)
-    assert_close(with_block.nngp, without.nngp, rtol=1e-13)
-    assert_close(with_block.ntk, without.ntk, rtol=1e-13)
+    _assert_same_kernel(with_block, without, rtol=1e-13)
 
 
 def test_a_zero_branch_that_trains_adds_only_its_last_weights_term():
@@ -265,8 +270,7 @@ def test_one_by_one_pooling_does_nothing(pool):
     head = [nn.Flatten(), nn.Linear(200, 1)]
     a = analytic.kernel(nn.Sequential(*body, pool, *head), x)
     b = analytic.kernel(nn.Sequential(*body, *head), x)
-    assert_close(a.nngp, b.nngp, rtol=1e-14)
-    assert_close(a.ntk, b.ntk, rtol=1e-14)
+    _assert_same_kernel(a, b)
 
 
 def test_layer_norm_nngp_diagonal_is_one():
@@ -318,8 +322,7 @@ def test_sequential_and_graph_paths_agree(layers):
         _x(3, 3, 10) if isinstance(chain.layers[0], nn.Conv1d) else _x(3, 3))
     a = analytic.kernel(nn.Sequential(*chain.layers), x)
     b = analytic.kernel(chain, x)
-    assert_close(a.nngp, b.nngp, rtol=1e-14)
-    assert_close(a.ntk, b.ntk, rtol=1e-14)
+    _assert_same_kernel(a, b)
 
 
 def test_sum_of_a_branch_with_itself_is_twice_it():
@@ -334,8 +337,7 @@ def test_sum_of_a_branch_with_itself_is_twice_it():
 
     x = _x(4, 3)
     a, b = analytic.kernel(Twice("sum"), x), analytic.kernel(Twice("scale"), x)
-    assert_close(a.nngp, b.nngp, rtol=1e-14)
-    assert_close(a.ntk, b.ntk, rtol=1e-14)
+    _assert_same_kernel(a, b)
 
 
 def test_global_pooling_three_ways_agree():
@@ -357,8 +359,7 @@ def test_global_pooling_three_ways_agree():
     x = _x(3, 2, 5, 5)
     ks = [analytic.kernel(Pool(how), x) for how in ("mean", "adaptive", "avg")]
     for k in ks[1:]:
-        assert_close(k.ntk, ks[0].ntk, rtol=1e-14)
-        assert_close(k.nngp, ks[0].nngp, rtol=1e-14)
+        _assert_same_kernel(k, ks[0])
 
 
 def test_conv2d_of_this_package_takes_a_stride():
@@ -477,8 +478,7 @@ def test_a_model_that_views_flat_inputs_as_images_reads_the_images(reshape):
 
     x = _x(3, 18)
     a, b = analytic.kernel(Flat(), x), analytic.kernel(Images(), x.view(3, 2, 3, 3))
-    assert_close(a.ntk, b.ntk, rtol=1e-14)
-    assert_close(a.nngp, b.nngp, rtol=1e-14)
+    _assert_same_kernel(a, b)
 
 
 # ------------------------------------------------------------------ neural-tangents
